@@ -1,0 +1,270 @@
+"""Typed configs: frozen dataclass trees loaded from YAML plus `--set key=value` overrides."""
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid config file, override or value."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-5` as a float (YAML 1.1 alone reads it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+class ConfigData(dict):
+    """A plain config dict that remembers which dotted keys were set by `--set` (key -> raw value)."""
+
+    def __init__(self, *args: Any, set_by: Mapping[str, str] = (), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.set_by = dict(set_by)
+
+
+def _is_related(key: str, path: str) -> bool:
+    """True if one dotted key is the other or an ancestor of it."""
+    return not path or (key + ".").startswith(path + ".") or (path + ".").startswith(key + ".")
+
+
+@dataclasses.dataclass
+class _Ctx:
+    source: str
+    set_by: Mapping[str, str]
+
+    def error(self, path: str, msg: str, section: bool = False) -> ConfigError:
+        sets = [f"--set {k}={v}" for k, v in self.set_by.items() if _is_related(k, path)]
+        # A bad leaf value came wholly from its override; a section check also involves the file.
+        where = sets if sets and not section else [self.source, *sets]
+        return ConfigError(f"{path or '<top level>'}: {msg} (in {', '.join(where)})")
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None):
+        return "None"
+    if origin is Literal:
+        return " | ".join(map(repr, args))
+    if origin in (Union, types.UnionType):
+        return " | ".join(map(_type_name, args))
+    if origin in (tuple, dict):
+        inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
+        return f"{origin.__name__}[{inner}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _suggest(word: Any, options: Sequence[Any]) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _got(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _convert(tp: Any, value: Any, path: str, ctx: _Ctx) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, ctx)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return _convert(option, value, path, ctx)
+            except ConfigError:
+                if len(options) == 1:
+                    raise
+        raise ctx.error(path, f"expected {_type_name(tp)}, got {_got(value)}")
+    # `--set name=123` means the string "123" when the field is a string.
+    wants_str = tp is str or (origin is Literal and all(isinstance(a, str) for a in args))
+    if wants_str and not isinstance(value, str) and path in ctx.set_by:
+        value = ctx.set_by[path]
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        choices = ", ".join(map(repr, args))
+        raise ctx.error(path, f"invalid choice {value!r}; valid choices: {choices}{_suggest(value, args)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ctx.error(path, f"expected a list ({_type_name(tp)}), got {_got(value)}")
+        items = list(args[:1]) * len(value) if args[1:] == (Ellipsis,) else list(args)
+        if len(items) != len(value):
+            raise ctx.error(path, f"expected {len(items)} items ({_type_name(tp)}), got {len(value)}: {value!r}")
+        return tuple(_convert(t, v, f"{path}[{i}]", ctx) for i, (t, v) in enumerate(zip(items, value)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ctx.error(path, f"expected a mapping ({_type_name(tp)}), got {_got(value)}")
+        for k in value:
+            if not isinstance(k, str):
+                raise ctx.error(path, f"keys must be strings, got {_got(k)}")
+        return {k: _convert(args[1], v, f"{path}.{k}", ctx) for k, v in value.items()}
+    if tp in (int, float, bool, str):
+        allowed = (int, float) if tp is float else tp  # ints are fine where floats are expected
+        # bool subclasses int, so it is checked both ways: True is not an int, 1 is not a bool.
+        if isinstance(value, bool) != (tp is bool) or not isinstance(value, allowed):
+            hint = " (strings are not converted)" if tp is not str and isinstance(value, str) else ""
+            raise ctx.error(path, f"expected {tp.__name__}, got {_got(value)}{hint}")
+        return float(value) if tp is float else value
+    raise TypeError(f"{path}: unsupported config field type {tp!r}")
+
+
+def _build(cls: type, data: Any, path: str, ctx: _Ctx) -> Any:
+    if not isinstance(data, Mapping):
+        raise ctx.error(path, f"expected a mapping for section {cls.__name__}, got {_got(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if key not in fields:
+            valid = f"valid keys here: {', '.join(fields)}{_suggest(key, list(fields))}"
+            raise ctx.error(f"{prefix}{key}", f"unknown key; {valid}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], prefix + name, ctx)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ctx.error(prefix + name, f"missing required key ({_type_name(hints[name])})", section=True)
+    obj = cls(**kwargs)
+    if callable(getattr(obj, "validate", None)):
+        try:
+            obj.validate()
+        except ValueError as e:
+            raise ctx.error(path, str(e), section=True) from e
+    return obj
+
+
+def from_dict(cls: type, data: Mapping, *, source: str = "<dict>") -> Any:
+    """Build and validate the config `cls` from nested plain data; missing keys take defaults."""
+    return _build(cls, data, "", _Ctx(source, getattr(data, "set_by", {})))
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain, YAML-serialisable data for a config (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _parse_override(text: str) -> tuple[str, Any, str]:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not all(key.split(".")):
+        raise ConfigError(f"malformed override {text!r}: expected --set key=value "
+                          "(dotted key, YAML value), e.g. --set model.num_heads=8")
+    try:
+        value = yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text}: value is not valid YAML ({getattr(e, 'problem', e)})") from e
+    if isinstance(value, str):
+        try:  # catch float spellings YAML leaves as strings (inf, nan, 1_0.5)
+            value = float(value)
+        except ValueError:
+            pass
+    return key, value, raw.strip()
+
+
+def apply_overrides(data: Mapping, overrides: Sequence[str]) -> ConfigData:
+    """Return a copy of `data` with each `a.b.c=value` override applied (values parsed as YAML)."""
+    out = ConfigData(copy.deepcopy(dict(data)), set_by=getattr(data, "set_by", {}))
+    for text in overrides:
+        key, value, raw = _parse_override(text)
+        parts = key.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"--set {text}: cannot set {key}, {where} is {node[part]!r}, not a section")
+            node = node[part]
+        node[parts[-1]] = value
+        out.set_by = {k: v for k, v in out.set_by.items() if not k.startswith(key + ".")}
+        out.set_by[key] = raw
+    return out
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_Loader)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = ": ".join(filter(None, [getattr(e, "context", None), getattr(e, "problem", None)]))
+        raise ConfigError(f"{path}{at}: invalid YAML: {problem or e}") from e
+    if data is None:  # empty file
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def load(cls: type, path: str | None, overrides: Sequence[str] = ()) -> Any:
+    """Load `cls` from a YAML file (None: defaults only), then apply `--set` overrides."""
+    data = _read_yaml(path) if path is not None else {}
+    return from_dict(cls, apply_overrides(data, overrides), source=path or "<defaults>")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--config FILE` and repeatable `--set KEY=VALUE` to `parser`."""
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML config file; keys not given take their defaults")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override one config key, e.g. --set model.num_heads=8 (value is YAML: "
+                             "3, 1e-5, true, null, [1,2]); repeatable, applied after --config")
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Load `cls` from the `--config`/`--set` arguments parsed by `add_config_arguments`."""
+    return load(cls, args.config, args.overrides)
+
+
+def _describe_rows(cls: type, prefix: str) -> list[tuple[str, str, str]]:
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += _describe_rows(tp, key + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = json.dumps(to_dict(f.default))  # JSON is valid YAML, so it can be pasted into --set
+        elif f.default_factory is not dataclasses.MISSING:
+            default = json.dumps(to_dict(f.default_factory()))
+        else:
+            default = "(required)"
+        help_lines = str(f.metadata.get("help", "")).strip().splitlines()
+        rows.append((key, f"{_type_name(tp)} = {default}", help_lines[0] if help_lines else ""))
+    return rows
+
+
+def describe(cls: type) -> str:
+    """One line per dotted key: type, default and the first line of the field's help."""
+    rows = _describe_rows(cls, "")
+    wk, wt = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
+    return "\n".join(f"  {k:<{wk}}  {t:<{wt}}  {h}".rstrip() for k, t, h in rows)

@@ -1,0 +1,7 @@
+"""Hugging Face ⇄ fusion_jax model conversion and the `load` API."""
+
+from fusion_jax.convert.architectures import UnsupportedModelError, architecture
+from fusion_jax.convert.checkpoint import load, save, save_hf, source_info
+from fusion_jax.convert.hf import CheckpointError
+
+__all__ = ["CheckpointError", "UnsupportedModelError", "architecture", "load", "save", "save_hf", "source_info"]
