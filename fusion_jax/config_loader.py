@@ -244,27 +244,40 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     return load(cls, args.config, args.overrides)
 
 
-def _describe_rows(cls: type, prefix: str) -> list[tuple[str, str, str]]:
+def _describe_rows(cls: type, prefix: str, defaults: Any = None) -> list[tuple[str, str, str]]:
+    """Rows of (key, type = default, help); `defaults` is the parent's default instance of `cls`, if any."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key, tp = prefix + f.name, hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows += _describe_rows(tp, key + ".")
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = json.dumps(to_dict(f.default))  # JSON is valid YAML, so it can be pasted into --set
+        if defaults is not None:
+            value = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            default = json.dumps(to_dict(f.default_factory()))
+            value = f.default_factory()
         else:
-            default = "(required)"
+            value = dataclasses.MISSING
+        if dataclasses.is_dataclass(tp):
+            rows += _describe_rows(tp, key + ".", None if value is dataclasses.MISSING else value)
+            continue
+        # JSON is valid YAML, so a default can be pasted into --set.
+        default = "(required)" if value is dataclasses.MISSING else json.dumps(to_dict(value))
         help_lines = str(f.metadata.get("help", "")).strip().splitlines()
         rows.append((key, f"{_type_name(tp)} = {default}", help_lines[0] if help_lines else ""))
     return rows
 
 
 def describe(cls: type) -> str:
-    """One line per dotted key: type, default and the first line of the field's help."""
+    """One line per dotted key: type, default and the first line of the field's help (on its own line when the
+    default is long)."""
     rows = _describe_rows(cls, "")
-    wk, wt = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
-    return "\n".join(f"  {k:<{wk}}  {t:<{wt}}  {h}".rstrip() for k, t, h in rows)
+    wk = max((len(r[0]) for r in rows), default=0)
+    wt = min(max((len(r[1]) for r in rows), default=0), 44)
+    lines = []
+    for k, t, h in rows:
+        if len(t) > wt and h:
+            lines += [f"  {k:<{wk}}  {t}", f"  {'':<{wk}}  {'':<{wt}}  {h}"]
+        else:
+            lines.append(f"  {k:<{wk}}  {t:<{wt}}  {h}".rstrip())
+    return "\n".join(lines)

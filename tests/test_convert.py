@@ -31,6 +31,17 @@ HF_CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(**LLAMA_LIKE, num_key_value_heads=2),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**LLAMA_LIKE),
     "mpt": lambda: transformers.MptConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4),
+    # Variants that exercise the rest of the config maps: Llama-3.1 RoPE scaling + tied embeddings; sequential
+    # residual, rotary_pct 0.5 and linear RoPE scaling; clip_qkv with a non-power-of-two head count (ALiBi slopes).
+    "llama3_tied": lambda: transformers.LlamaConfig(
+        **LLAMA_LIKE, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16},
+    ),
+    "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(
+        **LLAMA_LIKE, use_parallel_residual=False, rotary_pct=0.5, rope_scaling={"rope_type": "linear", "factor": 2.0}
+    ),
+    "mpt_clip": lambda: transformers.MptConfig(vocab_size=64, d_model=48, n_layers=2, n_heads=6, attn_config={"clip_qkv": 0.5}),
 }
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 9))
 
@@ -108,7 +119,7 @@ def test_round_trip(hf_model, tmp_path, kind):
     np.testing.assert_allclose(our_logits(cfg_hf, params_hf), src.logits, rtol=0, atol=1e-4)
 
     convert_cli(ours, back, "--to", "hf")
-    assert json.loads((back / "config.json").read_text())["model_type"] == kind
+    assert json.loads((back / "config.json").read_text())["model_type"] == src.model.config.model_type
     model = from_pretrained(back)
     assert type(model) is type(src.model)
     assert_same_weights(model, src.model)

@@ -114,7 +114,7 @@ def test_per_module_parity(name, tmp_root):
             ref_attn = hf_layer.attn(xt, position_bias=alibi, attention_mask=~causal)[0].numpy()
         else:
             additive = torch.where(causal, 0.0, torch.finfo(torch.float32).min)
-            emb = rotary(xt, torch.as_tensor(np.asarray(positions)))
+            emb = rotary(xt, torch.as_tensor(np.array(positions)))
             attn = hf_layer.attention if name.startswith("gpt_neox") else hf_layer.self_attn
             ref_attn = attn(xt, attention_mask=additive, position_embeddings=emb)[0].numpy()
     np.testing.assert_allclose(layers.norm(cfg, p["attn_norm"], x), ref_norm, atol=1e-5, rtol=0)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-import sys
 import time
 from typing import Literal
 
 import jax
 
-from fusion_jax import config_loader, mesh as mesh_lib
+from fusion_jax import cli, config_loader, mesh as mesh_lib
 from fusion_jax.convert import checkpoint
 from fusion_jax.models.config import DType
 
@@ -66,8 +64,4 @@ def parse(argv: list[str] | None = None) -> ConvertConfig:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        main(parse())
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main, parse)

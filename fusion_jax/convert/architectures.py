@@ -346,7 +346,8 @@ class MPT(Architecture):
             "tie_word_embeddings": True,
             "attn_config": {
                 "alibi": True,
-                "alibi_bias_max": cfg.alibi_bias_max,
+                # transformers' MptAttentionConfig declares alibi_bias_max: int and rejects 8.0.
+                "alibi_bias_max": int(cfg.alibi_bias_max) if float(cfg.alibi_bias_max).is_integer() else cfg.alibi_bias_max,
                 "clip_qkv": cfg.clip_qkv,
                 "softmax_scale": cfg.attention_scale,
                 "attn_type": "multihead_attention",

@@ -68,14 +68,15 @@ def load(
     """Load a fusion_jax or Hugging Face model directory → (ModelConfig, params) placed on `mesh`.
 
     `overrides` replace ModelConfig fields (e.g. param_dtype="bfloat16", compute_dtype="float32"); params are
-    cast to the resulting param_dtype. Without a mesh, all devices form a data-parallel mesh (params replicated
-    unless `rules` shard them).
+    cast to the resulting param_dtype, which defaults to the dtype the checkpoint holds. Without a mesh, all
+    devices form a data-parallel mesh (params replicated unless `rules` shard them).
     """
     p = Path(path)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(mesh_lib.MeshConfig())
     rules = rules if rules is not None else mesh_lib.DEFAULT_RULES
     if kind(p) == "hf":
         ckpt = hf.HFCheckpoint(p)
+        overrides = {"param_dtype": ckpt.dtype(), **overrides}
         cfg = architecture(ckpt.model_type).config_from_hf(ckpt.config, **overrides)
         return cfg, hf.load_hf_params(ckpt, cfg, decoder.param_shardings(cfg, mesh, rules))
     meta = _read_meta(p)

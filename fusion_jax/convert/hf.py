@@ -22,7 +22,7 @@ from fusion_jax.convert.architectures import HF_CLASSES, TensorGroup, architectu
 from fusion_jax.models import decoder
 from fusion_jax.models.config import ModelConfig
 
-FLOAT_DTYPES = {"F32", "BF16", "F16"}
+FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors → param_dtype
 # Buffers some checkpoints carry that are recomputed, not learned.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
 TOKENIZER_FILES = (
@@ -77,6 +77,11 @@ class HFCheckpoint:
     def header(self, name: str) -> tuple[tuple[int, ...], str]:
         sl = self._file(self.weight_map[name]).get_slice(name)
         return tuple(sl.get_shape()), sl.get_dtype()
+
+    def dtype(self) -> str:
+        """The param_dtype that keeps the stored weights as they are (float32 when they mix dtypes)."""
+        found = {self.header(n)[1] for n in self.weight_map if not n.endswith(IGNORED_SUFFIXES)}
+        return FLOAT_DTYPES[found.pop()] if len(found) == 1 and found <= FLOAT_DTYPES.keys() else "float32"
 
     def read(self, name: str) -> np.ndarray:
         return self._file(self.weight_map[name]).get_tensor(name)
