@@ -111,8 +111,9 @@ def main() -> None:
     print(f"{'ratio ours/transformers':28}{'':18}{ours / base:12.2f}")
     if a.dtype == "float32" and diff > 1e-3:  # bf16 differs by rounding; only fp32 must match this closely
         raise SystemExit(f"FAIL: fp32 logits differ by {diff:.2e} > 1e-3: our model does not match transformers")
-    print(json.dumps({"metric": "forward_tokens_per_s_vs_transformers_pytorch", "unit": "tokens/s", "ours": round(ours, 1),
-                      "baseline": round(base, 1), "ratio": round(ours / base, 3), "max_abs_diff": diff, "config": small}))
+    result = {"metric": "forward_tokens_per_s_vs_transformers_pytorch", "unit": "tokens/s", "ours": round(ours, 1),
+              "baseline": round(base, 1), "ratio": round(ours / base, 3), "max_abs_diff": diff, "config": small}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,21 @@ def _convert(tp: Any, value: Any, path: str, ctx: _Ctx) -> Any:
     raise TypeError(f"{path}: unsupported config field type {tp!r}")
 
 
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _merge(base: dict, given: Mapping) -> dict:
+    out = dict(base)
+    for k, v in given.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _build(cls: type, data: Any, path: str, ctx: _Ctx) -> Any:
     if not isinstance(data, Mapping):
         raise ctx.error(path, f"expected a mapping for section {cls.__name__}, got {_got(data)}")
@@ -138,7 +153,13 @@ def _build(cls: type, data: Any, path: str, ctx: _Ctx) -> Any:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], prefix + name, ctx)
+            value = data[name]
+            default = _default(f)
+            # A partly given section keeps the parent's defaults for the rest (a default MeshConfig(fsdp=-1)
+            # stays fsdp=-1 under `--set mesh.tensor=2`), and so do partly given mappings such as mesh.rules.
+            if isinstance(value, Mapping) and (dataclasses.is_dataclass(default) or isinstance(default, dict)):
+                value = _merge(to_dict(default), value)
+            kwargs[name] = _convert(hints[name], value, prefix + name, ctx)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ctx.error(prefix + name, f"missing required key ({_type_name(hints[name])})", section=True)
     obj = cls(**kwargs)

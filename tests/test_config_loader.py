@@ -261,3 +261,17 @@ def test_describe_lists_dotted_keys():
     assert "str | None = null" in lines["model.name"]
     assert "tuple[int, ...] = [1, 2]" in lines["model.dims"]
     assert "name" in describe(Job) and "(required)" in describe(Job)
+
+
+def test_partly_given_section_keeps_the_parents_default_instance():
+    from fusion_jax.convert.__main__ import ConvertConfig
+
+    cfg = load(ConvertConfig, None, ["source=a", "output=b", "mesh.tensor=2"])
+    assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (1, -1, 2)
+
+
+def test_partly_given_mapping_merges_with_its_default():
+    from fusion_jax.config import Config
+
+    rules = load(Config, None, ["mesh.rules.embed=[tensor]"]).mesh.rules
+    assert rules["embed"] == ("tensor",) and rules["batch"] == ("data", "fsdp")

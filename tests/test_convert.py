@@ -5,6 +5,7 @@ Every HF model here is a tiny random transformers (PyTorch) model built in the t
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -440,6 +441,8 @@ def test_cli_help():
     assert "config keys (--set KEY=VALUE):" in r.stdout
     for key in ("param_dtype", "overwrite", "max_shard_gb", "mesh.fsdp", "mesh.rules"):
         assert f"\n  {key} " in r.stdout, key
+    # Defaults shown are the ones used: the convert mesh (data=1, fsdp=-1), not MeshConfig's own.
+    assert re.search(r"\n  mesh\.data +int = 1 *\n  mesh\.fsdp +int = -1\n", r.stdout), r.stdout
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):

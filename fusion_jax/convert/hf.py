@@ -129,34 +129,53 @@ def check_tensors(ckpt: HFCheckpoint, cfg: ModelConfig, groups: list[TensorGroup
         raise CheckpointError(f"{ckpt.path} does not match its {ckpt.model_type} config:\n  " + "\n  ".join(problems))
 
 
+def _load_group(ckpt: HFCheckpoint, cfg: ModelConfig, g: TensorGroup, our_shapes, shardings, dtype) -> list[jax.Array]:
+    """The params of one group, each HF tensor read once: every layer is converted once and its slices are
+    copied into the buffers of the local devices that hold them."""
+    layers = range(cfg.num_layers) if g.layered else [None]
+    full_shapes = [((cfg.num_layers, *s) if g.layered else s) for s in our_shapes]
+    # One buffer per distinct index (replicas share it), only for this host's devices.
+    device_index = [sh.addressable_devices_indices_map(shape) for sh, shape in zip(shardings, full_shapes)]
+    buffers = []
+    for shape, indices in zip(full_shapes, device_index):
+        by_index = {}
+        for index in indices.values():
+            key = tuple((sl.start, sl.stop) for sl in index)
+            if key not in by_index:
+                by_index[key] = (index, np.empty([len(range(n)[sl]) for n, sl in zip(shape, index)], dtype))
+        buffers.append(by_index)
+    for layer in layers:
+        ours = g.to_ours([ckpt.read(n) for n in _layer_names(g, layer)], our_shapes)
+        for arr, by_index in zip(ours, buffers):
+            for index, buf in by_index.values():
+                if layer is None:
+                    buf[...] = arr[index]
+                elif layer in range(cfg.num_layers)[index[0]]:
+                    buf[layer - (index[0].start or 0)] = arr[index[1:]]
+    out = []
+    for sharding, shape, indices, by_index in zip(shardings, full_shapes, device_index, buffers):
+        shards = [
+            jax.device_put(by_index[tuple((sl.start, sl.stop) for sl in index)][1], device)
+            for device, index in indices.items()
+        ]
+        out.append(jax.make_array_from_single_device_arrays(shape, sharding, shards))
+    return out
+
+
 def load_hf_params(ckpt: HFCheckpoint, cfg: ModelConfig, shardings) -> dict:
-    """Read `ckpt` into params of `cfg` (dtype cfg.param_dtype) placed with the `shardings` tree."""
-    arch = architecture(ckpt.model_type)
-    groups = arch.groups(cfg)
+    """Read `ckpt` into params of `cfg` (dtype cfg.param_dtype) placed with the `shardings` tree.
+
+    Each host reads only the slices its devices hold; each HF tensor is read once.
+    """
+    groups = architecture(ckpt.model_type).groups(cfg)
     check_tensors(ckpt, cfg, groups)
     specs = decoder.param_specs(cfg)
     dtype = jnp.dtype(cfg.param_dtype)
-
-    @functools.lru_cache(maxsize=4)
-    def converted(group_index: int, layer: int | None) -> dict:
-        g = groups[group_index]
-        arrays = [ckpt.read(n) for n in _layer_names(g, layer)]
-        ours = g.to_ours(arrays, _our_layer_shapes(specs, g))
-        return dict(zip(g.ours, ours))
-
     params: dict = {}
-    for gi, g in enumerate(groups):
-        for path in g.ours:
-            spec = functools.reduce(lambda d, k: d[k], path, specs)
-            sharding = functools.reduce(lambda d, k: d[k], path, shardings)
-
-            def callback(index, gi=gi, g=g, path=path):
-                if not g.layered:
-                    return np.asarray(converted(gi, None)[path][index], dtype)
-                layers = range(cfg.num_layers)[index[0]]
-                return np.stack([np.asarray(converted(gi, l)[path][index[1:]], dtype) for l in layers])
-
-            leaf = jax.make_array_from_callback(spec.shape, sharding, callback)
+    for g in groups:
+        group_shardings = [functools.reduce(lambda d, k: d[k], path, shardings) for path in g.ours]
+        arrays = _load_group(ckpt, cfg, g, _our_layer_shapes(specs, g), group_shardings, dtype)
+        for path, leaf in zip(g.ours, arrays):
             node = params
             for key in path[:-1]:
                 node = node.setdefault(key, {})
