@@ -102,7 +102,7 @@ def main() -> None:
     small = dict(arch=hf_model.config.model_type, hidden=cfg.hidden_size, layers=cfg.num_layers, heads=cfg.num_heads,
                  kv_heads=cfg.num_kv_heads, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
                  batch=a.batch, seq=a.seq, dtype=a.dtype)
-    print(f"config: {small}  (params {cfg.num_params() / 1e6:.1f}M, torch threads {torch.get_num_threads()}, "
+    print(f"config: {small}  (params {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f}M, torch threads {torch.get_num_threads()}, "
           f"HF attention {hf_model.config._attn_implementation}, jax devices {jax.device_count()})")
     print(f"max |logits ours - transformers| = {diff:.2e}   (our compile + first run {compile_s:.1f}s)")
     print(f"{'':28}{'median s/forward':>18}{'tokens/s':>12}")

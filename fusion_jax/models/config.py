@@ -83,10 +83,3 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-
-    def num_params(self) -> int:
-        d, f, h = self.hidden_size, self.intermediate_size, self.dim_per_head
-        attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
-        mlp = d * f * (3 if self.mlp == "gated" else 2)
-        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return self.num_layers * (attn + mlp) + embed
