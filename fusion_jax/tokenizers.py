@@ -162,13 +162,15 @@ class Tokenizer:
         return f"<special id {token_id}>" if self.special[token_id] else repr(b)
 
     def _raise_mismatch(self, ids, pieces, joined: bytes, data: bytes) -> None:
+        def common_prefix(got: bytes) -> int:
+            n = min(len(got), len(data))
+            return next((i for i in range(n) if got[i] != data[i]), n)
+
         # Compare against the text, with the dummy prefix dropped if that lines up better.
-        candidates = [(joined, 0)]
-        if self.dummy_prefix and joined[:1] == b" " and data[:1] != b" ":
-            candidates = [(joined[1:], 1)]
-        got, shift = candidates[0]
-        n = min(len(got), len(data))
-        pos = next((i for i in range(n) if got[i] != data[i]), n)
+        got, shift = joined, 0
+        if self.dummy_prefix and joined[:1] == b" " and common_prefix(joined[1:]) >= common_prefix(joined):
+            got, shift = joined[1:], 1
+        pos = common_prefix(got)
         # Token whose bytes cover position pos (+shift) of the joined stream.
         cum, tok_idx = 0, len(ids) - 1
         for j, p in enumerate(pieces):

@@ -1,0 +1,418 @@
+"""Tokenizer adapter: exact token bytes, byte_end encodings, verification errors, fingerprints.
+
+The core suite trains tiny tokenizers in tmp dirs (no shared assets needed); the ``shared_dir`` tests
+run the real Llama-2 / Mistral (SentencePiece, byte fallback) and GPT-NeoX / Qwen2 (byte-level BPE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from fusion_jax.tokenizers import (
+    Encoding,
+    TokenizationError,
+    VocabSizeError,
+    bytes_to_unicode,
+    check_vocab_size,
+    load_tokenizer,
+)
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, hello there; the world is big",
+    "numbers 0123456789 and tabs\tand newlines\n\nend",
+    "café naïve résumé — déjà vu",
+    "fusion of large language models by knowledge distillation",
+] * 40
+
+SAMPLES = [
+    "hello world",
+    "Hello  world\n\n  indented\tTab",
+    "café 😀 中文 123",
+    "  leading spaces",
+    "trailing spaces   ",
+    "x",
+    " ",
+    "\n",
+    "ünïcödé ﬁ ligature stays",
+    "literal <|endoftext|> in a document",
+]
+
+
+def assert_reproduces(tok, text: str) -> Encoding:
+    """Shape/dtype contract plus: the byte spans tile the text and each token's bytes are its span."""
+    enc = tok.encode(text)
+    data = text.encode("utf-8")
+    assert enc.ids.dtype == np.int32 and enc.byte_end.dtype == np.int32
+    assert enc.ids.shape == enc.byte_end.shape
+    if not data:
+        assert enc.ids.size == 0
+        return enc
+    assert np.all(np.diff(enc.byte_end) >= 0)
+    assert enc.byte_end[0] >= 0 and enc.byte_end[-1] == len(data)
+    starts = np.concatenate([[0], enc.byte_end[:-1]])
+    for k, (i, s, e) in enumerate(zip(enc.ids, starts, enc.byte_end)):
+        tb = tok.token_bytes[i]
+        span = data[s:e]
+        if k == 0 and tok.dummy_prefix and len(tb) == len(span) + 1:
+            assert tb == b" " + span  # the dummy prefix space is not in the text
+        else:
+            assert tb == span, (k, i, tb, span)
+    return enc
+
+
+# ---------------------------------------------------------------------------------------------- tiny ones
+
+
+def _train_byte_level(path: Path, normalizer=None) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.save(str(path))
+    return path
+
+
+def _train_sentencepiece(dirpath: Path, byte_fallback: bool = True, vocab_size: int = 320) -> Path:
+    import sentencepiece as spm
+
+    dirpath.mkdir(parents=True, exist_ok=True)
+    corpus = dirpath / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS), encoding="utf-8")
+    prefix = dirpath / "tok"
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=byte_fallback, character_coverage=1.0, hard_vocab_limit=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        minloglevel=2,
+    )
+    return prefix.with_suffix(".model")
+
+
+@pytest.fixture(scope="module")
+def bl_path(tmp_path_factory) -> Path:
+    return _train_byte_level(tmp_path_factory.mktemp("bl") / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def sp_path(tmp_path_factory) -> Path:
+    return _train_sentencepiece(tmp_path_factory.mktemp("sp"))
+
+
+@pytest.fixture(scope="module")
+def bl(bl_path):
+    return load_tokenizer(bl_path)
+
+
+@pytest.fixture(scope="module")
+def sp(sp_path):
+    return load_tokenizer(sp_path)
+
+
+def test_bytes_to_unicode_is_gpt2_map():
+    m = bytes_to_unicode()
+    assert len(m) == 256 and len(set(m.values())) == 256
+    assert m[ord(" ")] == "Ġ" and m[ord("\n")] == "Ċ" and m[ord("a")] == "a"
+    assert "".join(m[b] for b in "é".encode()) == "Ã©"
+
+
+def test_byte_level_token_bytes(bl, bl_path):
+    from tokenizers import Tokenizer as HFTok
+
+    assert bl.kind == "byte_level" and not bl.dummy_prefix
+    assert bl.vocab_size == len(bl.token_bytes) == bl.special.shape[0]
+    hf = HFTok.from_file(str(bl_path))
+    eot_id = hf.token_to_id("<|endoftext|>")
+    assert bl.special[eot_id] and bl.token_bytes[eot_id] == b""
+    assert bl.token_bytes[hf.token_to_id("Ġ")] == b" "
+    assert bl.token_bytes[hf.token_to_id("Ċ")] == b"\n"
+    assert bl.special.sum() == 1
+    # every single byte is a token (initial alphabet)
+    assert {b for b in bl.token_bytes if len(b) == 1} == {bytes([i]) for i in range(256)}
+
+
+def test_sentencepiece_token_bytes(sp, sp_path):
+    import sentencepiece as spm
+
+    proc = spm.SentencePieceProcessor(model_file=str(sp_path))
+    assert sp.kind == "sentencepiece" and sp.dummy_prefix
+    assert sp.vocab_size == proc.get_piece_size()
+    for name in ["<unk>", "<s>", "</s>"]:
+        i = proc.piece_to_id(name)
+        assert sp.special[i] and sp.token_bytes[i] == b""
+    assert sp.token_bytes[proc.piece_to_id("<0x0A>")] == b"\n"
+    assert sp.token_bytes[proc.piece_to_id("<0xFF>")] == b"\xff"
+    assert sp.token_bytes[proc.piece_to_id("▁the")] == b" the"
+    assert sp.special.sum() == 3
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+@pytest.mark.parametrize("which", ["bl", "sp"])
+def test_tiny_tokenizers_reproduce_text(request, which, text):
+    tok = request.getfixturevalue(which)
+    enc = assert_reproduces(tok, text)
+    raw = tok.decode_bytes(enc.ids)
+    assert raw == (b" " + text.encode() if tok.dummy_prefix and raw != text.encode() else text.encode())
+
+
+def test_dummy_prefix_is_dropped_from_first_span(sp):
+    enc = sp.encode("the")
+    assert sp.token_bytes[enc.ids[0]].startswith(b" ")
+    assert enc.byte_end[-1] == 3
+    enc = sp.encode(" the")  # sentencepiece still prepends: "▁▁the"; spans stay relative to the text
+    assert enc.byte_end[-1] == 4 and sp.decode_bytes(enc.ids) == b"  the"
+    enc = sp.encode("\n")  # first token is a bare "▁" → empty span
+    assert sp.token_bytes[enc.ids[0]] == b" " and enc.byte_end[0] == 0 and enc.byte_end[-1] == 1
+
+
+def test_bytes_input_and_empty_document(bl, sp):
+    for tok in (bl, sp):
+        a, b = tok.encode("café"), tok.encode("café".encode())
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.byte_end, b.byte_end)
+        for empty in ("", b""):
+            enc = tok.encode(empty)
+            assert enc.ids.shape == (0,) and enc.byte_end.shape == (0,)
+            assert enc.ids.dtype == np.int32 and enc.byte_end.dtype == np.int32
+
+
+@pytest.mark.parametrize(
+    "data, offset", [(b"ab\xffcd", 2), (b"caf\xc3", 3), (b"\xe4\xb8", 0), (b"ok \xed\xa0\x80", 3)]
+)
+def test_invalid_utf8_names_byte_offset(bl, sp, data, offset):
+    for tok in (bl, sp):
+        with pytest.raises(TokenizationError, match=rf"not valid UTF-8: byte offset {offset}\b"):
+            tok.encode(data)
+
+
+def test_lone_surrogate_in_str_names_byte_offset(bl):
+    with pytest.raises(TokenizationError, match=r"byte offset 5\b.*surrogate"):
+        bl.encode("café\ud800x")  # the surrogate is char 4 but byte 5 ("é" is 2 bytes)
+    with pytest.raises(TokenizationError, match=r"byte offset 2\b"):
+        bl.encode("ab\udcff")
+
+
+def test_special_tokens_own_empty_spans(bl):
+    eot = next(i for i in range(bl.vocab_size) if bl.special[i])
+    # a backend that wraps documents in special tokens (e.g. BOS/EOS inserted in the middle of a stream)
+    wrapped = dataclasses.replace(bl, _encode_ids=lambda t: [eot, *bl._encode_ids(t), eot])
+    text = "hello world"
+    enc = wrapped.encode(text)
+    assert enc.ids[0] == eot and enc.ids[-1] == eot
+    assert enc.byte_end[0] == 0 and enc.byte_end[-1] == enc.byte_end[-2] == len(text)
+    assert np.array_equal(enc.byte_end[1:-1], bl.encode(text).byte_end)
+
+
+def test_special_token_text_is_plain_text(bl):
+    enc = assert_reproduces(bl, "a<|endoftext|>b")
+    assert not bl.special[enc.ids].any()
+
+
+def test_mismatch_names_position_and_token(tmp_path):
+    from tokenizers import normalizers
+
+    path = _train_byte_level(tmp_path / "nfkc.json", normalizer=normalizers.NFKC())
+    tok = load_tokenizer(path)
+    assert_reproduces(tok, "plain ascii is fine")
+    with pytest.raises(TokenizationError, match=r"byte offset 3\b.*token #\d+, id \d+") as e:
+        tok.encode("ab ﬁne")  # NFKC turns U+FB01 into "fi"
+    assert "\\xef\\xac\\x81" in str(e.value)
+
+
+def test_unknown_token_is_a_mismatch(tmp_path):
+    tok = load_tokenizer(_train_sentencepiece(tmp_path / "nofb", byte_fallback=False, vocab_size=80))
+    assert_reproduces(tok, "the dog")
+    with pytest.raises(TokenizationError, match=r"byte offset 4\b.*<special id 0>"):
+        tok.encode("the 😀 dog")  # no byte fallback → <unk>, which owns no bytes
+
+
+def test_load_directory_prefers_json(tmp_path, bl_path, sp_path, bl, sp):
+    both = tmp_path / "both"
+    both.mkdir()
+    (both / "tokenizer.json").write_bytes(bl_path.read_bytes())
+    (both / "tokenizer.model").write_bytes(sp_path.read_bytes())
+    assert load_tokenizer(both).fingerprint == bl.fingerprint
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "spiece.model").write_bytes(sp_path.read_bytes())
+    assert load_tokenizer(only).fingerprint == sp.fingerprint
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path / "empty")
+
+
+def test_fingerprint_stable_and_sensitive(tmp_path, bl_path, sp_path, bl, sp):
+    assert load_tokenizer(bl_path).fingerprint == bl.fingerprint
+    assert load_tokenizer(sp_path).fingerprint == sp.fingerprint
+    assert bl.fingerprint != sp.fingerprint and len(bl.fingerprint) == 64
+    # another process with another hash seed gives the same digests
+    code = (
+        "import sys; from fusion_jax.tokenizers import load_tokenizer as L; "
+        "print(L(sys.argv[1]).fingerprint, L(sys.argv[2]).fingerprint)"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(bl_path), str(sp_path)], env=env, capture_output=True, text=True,
+        check=True, cwd=Path(__file__).resolve().parents[1],
+    ).stdout.split()
+    assert out == [bl.fingerprint, sp.fingerprint]
+
+    # change one vocab entry of the byte-level tokenizer → different fingerprint
+    cfg = json.loads(bl_path.read_text())
+    vocab = cfg["model"]["vocab"]
+    victim = max(vocab, key=vocab.get)
+    vocab["zzzz" if "zzzz" not in vocab else "qqqq"] = vocab.pop(victim)
+    cfg["model"]["merges"] = [m for m in cfg["model"]["merges"]
+                             if (m if isinstance(m, str) else "".join(m)).replace(" ", "") != victim]
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(cfg))
+    assert load_tokenizer(changed).fingerprint != bl.fingerprint
+
+    # flip a piece of the SentencePiece model → different fingerprint
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(sp_path.read_bytes())
+    proto.pieces[-1].piece = "▁zzzzq"
+    changed_sp = tmp_path / "changed.model"
+    changed_sp.write_bytes(proto.SerializeToString())
+    assert load_tokenizer(changed_sp).fingerprint != sp.fingerprint
+
+
+def test_check_vocab_size(bl):
+    V = bl.vocab_size
+    check_vocab_size(bl, V, "target")
+    check_vocab_size(bl, V + 100, "target")  # padded embedding (Qwen2-style): fine
+    with pytest.raises(VocabSizeError, match=rf"target.*{V} ids.*vocab size is {V - 1}\b"):
+        check_vocab_size(bl, V - 1, "target")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40))
+@example("\u2581x")
+def test_tiny_property(bl, sp, text):
+    for tok in (bl, sp):
+        first = _expected_failure_offset(tok, text)
+        if first is not None:
+            with pytest.raises(TokenizationError, match=rf"byte offset {first}\b"):
+                tok.encode(text)
+        else:
+            assert_reproduces(tok, text)
+
+
+# ---------------------------------------------------------------------------------------------- real ones
+
+REAL = ["llama2-tokenizer.model", "mistral-v1-tokenizer.model", "gpt-neox-20b-tokenizer.json", "qwen2-tokenizer.json"]
+_REAL_CACHE: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module", params=REAL)
+def real(request, shared_dir):
+    name = request.param
+    if name not in _REAL_CACHE:
+        path = shared_dir / "assets" / "tokenizers" / name
+        if not path.is_file():
+            pytest.skip(f"missing real tokenizer {path}")
+        _REAL_CACHE[name] = load_tokenizer(path)
+    return _REAL_CACHE[name]
+
+
+REAL_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Para one.\n\nPara two.\n",
+    "\tindented\twith\ttabs and    multiple   spaces  ",
+    "café naïve résumé",
+    "emoji 😀👍🏽 and family 👨‍👩‍👧",
+    "中文字符和日本語のテキスト",
+    "digits 1234567890 and 3.14159",
+    "def f(x):\n    return x ** 2\n",
+    " leading space",
+    "<s> </s> <|endoftext|> <|im_start|>",
+    "\r\n windows line endings\r\n",
+]
+
+
+@pytest.mark.parametrize("text", REAL_TEXTS)
+def test_real_reproduce_typical_text(real, text):
+    assert_reproduces(real, text)
+
+
+def test_real_known_tokens(real):
+    tb = real.token_bytes
+    if real.kind == "sentencepiece":  # Llama-2 and Mistral share the special/byte layout
+        assert real.vocab_size == 32000 and real.dummy_prefix
+        assert [tb[i] for i in (0, 1, 2)] == [b"", b"", b""] and real.special[:3].all()
+        assert tb[3] == b"\x00" and tb[3 + 0x0A] == b"\n" and tb[3 + 0xFF] == b"\xff"
+        enc = real.encode("Hello")
+        assert len(enc.ids) == 1 and tb[enc.ids[0]] == b" Hello" and enc.byte_end.tolist() == [5]
+    else:
+        assert real.kind == "byte_level" and not real.dummy_prefix
+        enc = real.encode(" hello\n")
+        assert real.decode_bytes(enc.ids) == b" hello\n"
+    check_vocab_size(real, real.vocab_size, real.name)
+
+
+def test_real_vocab_sizes(shared_dir):
+    tdir = shared_dir / "assets" / "tokenizers"
+    qwen = load_tokenizer(tdir / "qwen2-tokenizer.json")
+    assert qwen.vocab_size == 151936
+    check_vocab_size(qwen, 151936, "qwen2")
+    neox = load_tokenizer(tdir / "gpt-neox-20b-tokenizer.json")
+    assert neox.vocab_size == 50281
+    check_vocab_size(neox, 50432, "gpt-neox-20b")  # the model's padded embedding
+    with pytest.raises(VocabSizeError, match=r"50281.*50277"):
+        check_vocab_size(neox, 50277, "gpt-neox-20b")
+    # whitespace-run added tokens carry their bytes
+    assert neox.token_bytes[50276] == b"  " and not neox.special[50276]
+    assert neox.special[0] and neox.token_bytes[0] == b""
+
+
+def _expected_failure_offset(tok, text: str) -> int | None:
+    """Byte offset where a real tokenizer genuinely cannot reproduce ``text`` (None if it can).
+
+    * GPT-NeoX-20B's tokenizer.json has an NFC normalizer: non-NFC text ("e" + U+0301, decomposed
+      Hangul, ...) comes back composed, so the first byte that NFC changes is unreproducible.
+    * SentencePiece (Llama-2, Mistral) uses U+2581 "▁" as its escaped space: a literal "▁" in the text
+      is tokenized exactly like " ", so the first "▁" is unreproducible.
+    Qwen2 (no normalizer) reproduces any text.
+    """
+    data = text.encode()
+    if "neox" in tok.name and unicodedata.normalize("NFC", text) != text:
+        nfc = unicodedata.normalize("NFC", text).encode()
+        return next(i for i in range(min(len(data), len(nfc)) + 1) if data[i:i + 1] != nfc[i:i + 1])
+    if tok.kind == "sentencepiece" and "\u2581" in text:
+        return data.index("\u2581".encode())
+    return None
+
+
+@settings(max_examples=50, deadline=None)
+@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60))
+@example(text="\u2581")
+@example(text=" a\u2581b")
+@example(text="cafe\u0301 ok")
+@example(text="\x00\x01\x7f\u200b\ufeff\U0010ffff")
+def test_real_property(real, text):
+    """Random Unicode reproduces exactly, or raises TokenizationError at the documented position."""
+    first = _expected_failure_offset(real, text)
+    if first is not None:
+        with pytest.raises(TokenizationError, match=rf"byte offset {first}\b"):
+            real.encode(text)
+        return
+    assert_reproduces(real, text)
