@@ -59,3 +59,44 @@ def test_rejects_different_texts_and_unsorted_offsets():
         align_bytes([5], [6])
     with pytest.raises(ValueError, match="non-decreasing"):
         align_bytes([3, 2, 5], [5])
+
+
+# Real tokenizer pairs (skip with the reason when ../shared is absent).
+REAL = ["llama2-tokenizer.model", "mistral-v1-tokenizer.model", "gpt-neox-20b-tokenizer.json", "qwen2-tokenizer.json"]
+PAIRS = [(a, b) for a in REAL for b in REAL if a != b]
+_loaded: dict = {}
+
+
+def real_tokenizer(shared_dir, name):
+    from fusion_jax.tokenizers import load_tokenizer
+
+    if name not in _loaded:
+        _loaded[name] = load_tokenizer(shared_dir / "assets" / "tokenizers" / name)
+    return _loaded[name]
+
+
+# Texts every real tokenizer reproduces: no literal "▁" (SentencePiece reads it as a space) and NFC-normalised
+# (GPT-NeoX's normaliser composes), see test_tokenizers.py.
+reproducible_text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\u2581"), max_size=80).map(
+    lambda t: __import__("unicodedata").normalize("NFC", t)
+)
+
+
+@pytest.mark.parametrize("src_name, tgt_name", PAIRS, ids=[f"{a.split('-')[0]}->{b.split('-')[0]}" for a, b in PAIRS])
+@settings(max_examples=25, deadline=None)
+@given(text=reproducible_text)
+def test_real_pairs_groups_cover_every_byte_once(shared_dir, src_name, tgt_name, text):
+    src, tgt = real_tokenizer(shared_dir, src_name), real_tokenizer(shared_dir, tgt_name)
+    s, t = src.encode(text), tgt.encode(text)
+    a = align_bytes(s.byte_end, t.byte_end)
+    data = text.encode()
+    assert np.all(np.diff(a.src_group) >= 0) and np.all(np.diff(a.tgt_group) >= 0)
+    starts = np.concatenate([[0], a.boundaries[:-1]])
+    # Group spans tile the text, and each side's tokens in a group concatenate to that span's bytes.
+    assert b"".join(data[b0:b1] for b0, b1 in zip(starts, a.boundaries)) == data
+    # A SentencePiece dummy prefix is one byte the text does not have; it belongs to the first group.
+    extra = [len(tok.decode_bytes(e.ids)) - len(data) for tok, e in ((src, s), (tgt, t))]
+    for g, (b0, b1) in enumerate(zip(starts, a.boundaries)):
+        src_bytes = src.decode_bytes(s.ids[a.src_group == g])[extra[0] if g == 0 else 0 :]
+        tgt_bytes = tgt.decode_bytes(t.ids[a.tgt_group == g])[extra[1] if g == 0 else 0 :]
+        assert src_bytes == tgt_bytes == data[b0:b1]
