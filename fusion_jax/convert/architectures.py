@@ -111,7 +111,6 @@ class Architecture:
     """One HF family. Subclasses define the config map and the tensor groups."""
 
     model_types: tuple[str, ...] = ()
-    hf_class: str = ""
 
     def config_from_hf(self, hf: dict, **overrides) -> ModelConfig:
         raise NotImplementedError

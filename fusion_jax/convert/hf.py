@@ -63,6 +63,7 @@ class HFCheckpoint:
         if missing_files:
             raise CheckpointError(f"{self.path}: the index names shard files that are missing: {missing_files}")
         self.weight_map: dict[str, str] = weight_map
+        self._handles: dict[str, object] = {}
 
     @property
     def model_type(self) -> str:
@@ -70,9 +71,11 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path}/config.json has no model_type")
         return self.config["model_type"]
 
-    @functools.cache
     def _file(self, name: str):
-        return safe_open(self.path / name, "np")
+        # One open handle per shard file for the life of this checkpoint object (not a class-wide cache).
+        if name not in self._handles:
+            self._handles[name] = safe_open(self.path / name, "np")
+        return self._handles[name]
 
     def header(self, name: str) -> tuple[tuple[int, ...], str]:
         sl = self._file(self.weight_map[name]).get_slice(name)
