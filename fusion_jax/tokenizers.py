@@ -102,9 +102,12 @@ class Tokenizer:
     vocab_size:    number of ids V (max id + 1, added tokens included).
     token_bytes:   list[bytes] of length V, exact UTF-8 bytes per id (``b""`` for special tokens).
     special:       bool[V], True for special/control/unknown tokens (and unused ids).
+    pieces:        list[str] of length V, the raw vocabulary string per id as the library spells it
+                   (``▁Hello``, ``<0x0A>``, ``ĠHello``, ``Ċ``, ``</s>``; ``""`` for ids with no token). Only the
+                   FuseLLM compatibility mode compares these; everything else works on ``token_bytes``.
     dummy_prefix:  the backend prepends a space (SentencePiece ``add_dummy_prefix``) to the text.
-    fingerprint:   sha256 hex over the id→bytes table, special flags and the behaviour descriptor
-                   (normalizer, pre-tokenizer, model type, merges / piece scores).
+    fingerprint:   sha256 hex over the id→bytes table, special flags, the raw pieces and the behaviour
+                   descriptor (normalizer, pre-tokenizer, model type, merges / piece scores).
 
     Dummy-prefix rule: SentencePiece (``add_dummy_prefix``) tokenizes ``" " + text``, so "Hello" becomes
     ``▁Hello`` with bytes ``b" Hello"``. Byte spans are relative to the *text*: when the tokens' bytes
@@ -119,6 +122,7 @@ class Tokenizer:
     vocab_size: int
     token_bytes: list[bytes] = field(repr=False)
     special: np.ndarray = field(repr=False)
+    pieces: list[str] = field(repr=False)
     dummy_prefix: bool
     fingerprint: str
     _encode_ids: Callable[[str], Sequence[int]] = field(repr=False)
@@ -136,15 +140,15 @@ class Tokenizer:
         ids = np.asarray(self._encode_ids(text), dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise TokenizationError(f"{self.name}: backend returned id outside [0, {self.vocab_size})")
-        pieces = [self.token_bytes[i] for i in ids]
-        joined = b"".join(pieces)
+        chunks = [self.token_bytes[i] for i in ids]
+        joined = b"".join(chunks)
         shift = 0
         if joined != data:
             if self.dummy_prefix and joined[:1] == b" " and joined[1:] == data:
                 shift = 1
             else:
-                self._raise_mismatch(ids, pieces, joined, data)
-        lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+                self._raise_mismatch(ids, chunks, joined, data)
+        lengths = np.fromiter((len(p) for p in chunks), dtype=np.int64, count=len(chunks))
         byte_end = np.maximum(np.cumsum(lengths) - shift, 0)
         return Encoding(ids.astype(np.int32), byte_end.astype(np.int32))
 
@@ -161,7 +165,7 @@ class Tokenizer:
         b = self.token_bytes[token_id]
         return f"<special id {token_id}>" if self.special[token_id] else repr(b)
 
-    def _raise_mismatch(self, ids, pieces, joined: bytes, data: bytes) -> None:
+    def _raise_mismatch(self, ids, chunks, joined: bytes, data: bytes) -> None:
         def common_prefix(got: bytes) -> int:
             n = min(len(got), len(data))
             return next((i for i in range(n) if got[i] != data[i]), n)
@@ -173,7 +177,7 @@ class Tokenizer:
         pos = common_prefix(got)
         # Token whose bytes cover position pos (+shift) of the joined stream.
         cum, tok_idx = 0, len(ids) - 1
-        for j, p in enumerate(pieces):
+        for j, p in enumerate(chunks):
             if cum + len(p) > pos + shift or (len(p) == 0 and cum == pos + shift):
                 tok_idx = j
                 break
@@ -205,13 +209,15 @@ def _as_text(text: str | bytes) -> tuple[str, bytes]:
         ) from None
 
 
-def _fingerprint(token_bytes: list[bytes], special: np.ndarray, descriptor: object) -> str:
+def _fingerprint(token_bytes: list[bytes], special: np.ndarray, pieces: list[str], descriptor: object) -> str:
     h = hashlib.sha256()
-    h.update(b"fusion_jax.tokenizer.v1\0")
+    h.update(b"fusion_jax.tokenizer.v2\0")
     h.update(json.dumps(descriptor, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode())
     h.update(len(token_bytes).to_bytes(8, "little"))
-    for i, (b, s) in enumerate(zip(token_bytes, special)):  # ids are already sorted
+    for i, (b, s, p) in enumerate(zip(token_bytes, special, pieces)):  # ids are already sorted
+        q = p.encode("utf-8", "surrogatepass")
         h.update(i.to_bytes(4, "little") + bool(s).to_bytes(1, "little") + len(b).to_bytes(4, "little") + b)
+        h.update(len(q).to_bytes(4, "little") + q)
     return h.hexdigest()
 
 
@@ -272,9 +278,11 @@ def _load_sentencepiece(path: Path) -> Tokenizer:
     def encode_ids(text: str) -> list[int]:
         return sp.encode(text, add_bos=False, add_eos=False)
 
+    pieces = [sp.id_to_piece(i) for i in range(V)]
     return Tokenizer(
         name=path.stem, kind="sentencepiece", vocab_size=V, token_bytes=token_bytes, special=special,
-        dummy_prefix=dummy, fingerprint=_fingerprint(token_bytes, special, descriptor), _encode_ids=encode_ids,
+        pieces=pieces, dummy_prefix=dummy, fingerprint=_fingerprint(token_bytes, special, pieces, descriptor),
+        _encode_ids=encode_ids,
     )
 
 
@@ -355,9 +363,12 @@ def _load_hf(path: Path) -> Tokenizer:
         return tok.encode(text, add_special_tokens=False).ids
 
     name = path.parent.name if path.name == "tokenizer.json" else path.stem
+    # As the library spells them (added tokens take precedence over the model vocab, as in `id_to_token`).
+    pieces = [tok.id_to_token(i) or "" for i in range(V)]
     return Tokenizer(
         name=name, kind=kind, vocab_size=V, token_bytes=token_bytes, special=special,
-        dummy_prefix=dummy, fingerprint=_fingerprint(token_bytes, special, descriptor), _encode_ids=encode_ids,
+        pieces=pieces, dummy_prefix=dummy, fingerprint=_fingerprint(token_bytes, special, pieces, descriptor),
+        _encode_ids=encode_ids,
     )
 
 

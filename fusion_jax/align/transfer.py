@@ -1,0 +1,155 @@
+"""Top-k transfer onto target positions (default `bytes` mode) and the sparse-row type both modes produce.
+
+Target row t predicts target token t+1 from the text before it, ``text[:tgt_byte_end[t]]``. The default mode uses a
+source row only where the source predicted from exactly the same text: source row s with ``src_byte_end[s] ==
+tgt_byte_end[t]`` (and, among tokens that end at the same offset — special tokens own empty spans — the same rank,
+so a BOS/EOS row never stands in for a text row). Per group of the byte alignment (``align.bytes``):
+
+* 1:1 and n:1 groups (one target token): the target token ends on a common boundary → its row is transferred
+  (from the last source token of the group).
+* 1:n and n:m groups (several target tokens): only the group's last target token ends on a common boundary and is
+  transferred; the inner ones predict a continuation *inside* a source token, which a next-token distribution over
+  source tokens does not give → fallback.
+
+A transferred row maps every top-k source id through the vocab map (``prefix`` by default), sums the probability
+of candidates that land on the same target id, drops unmapped ones (−1) and renormalises over what is left. A row
+where nothing is left, and every non-transferred position, falls back to ``onehot_next`` (probability 1 on the
+actual next target token; the last position of a document, which has no next token, is empty) or ``mask`` (empty).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+
+ROW_TEACHER, ROW_ONEHOT, ROW_EMPTY = 0, 1, 2
+ROW_KINDS = ("teacher", "onehot", "empty")
+Fallback = Literal["onehot_next", "mask"]
+FALLBACKS: tuple[str, ...] = ("onehot_next", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseRows:
+    """Per-target-position teacher rows.
+
+    ids:      int32[m, k]   target ids, best first; pads are id 0 with logprob −inf.
+    logprobs: float32[m, k] log-weights; the row's distribution is the softmax over its non-pad entries (default-mode
+                            rows are normalised log-probabilities already; `fusellm` rows carry the teacher's values
+                            unchanged over the kept subset, as the official collator expects).
+    kind:     int8[m]       ROW_TEACHER | ROW_ONEHOT | ROW_EMPTY (no target: masked in the fusion loss, or in
+                            `fusellm` mode replaced by the target model's own row, as the official collator does).
+    """
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    kind: np.ndarray
+
+    def counts(self) -> np.ndarray:
+        """int32[m] number of non-pad entries per row."""
+        return np.isfinite(self.logprobs).sum(axis=1).astype(np.int32)
+
+
+def empty_rows(m: int, k: int) -> SparseRows:
+    return SparseRows(np.zeros((m, k), np.int32), np.full((m, k), -np.inf, np.float32), np.full(m, ROW_EMPTY, np.int8))
+
+
+def _offset_rank_keys(byte_end: np.ndarray) -> np.ndarray:
+    """byte_end int[n] (non-decreasing) → int64[n] strictly increasing keys (byte_end, rank among equal ends)."""
+    n = len(byte_end)
+    idx = np.arange(n)
+    starts = np.ones(n, bool)
+    starts[1:] = byte_end[1:] != byte_end[:-1]
+    rank = idx - np.maximum.accumulate(np.where(starts, idx, 0))
+    return (byte_end.astype(np.int64) << 32) | rank
+
+
+def matching_positions(src_byte_end: np.ndarray, tgt_byte_end: np.ndarray) -> np.ndarray:
+    """src_byte_end int[n], tgt_byte_end int[m] → int32[m]: the source position whose row predicts from the same
+    text as target row t (same end offset and rank among tokens ending there), else −1."""
+    src_keys = _offset_rank_keys(np.asarray(src_byte_end))
+    tgt_keys = _offset_rank_keys(np.asarray(tgt_byte_end))
+    pos = np.searchsorted(src_keys, tgt_keys)
+    found = pos < len(src_keys)
+    found[found] = src_keys[pos[found]] == tgt_keys[found]
+    return np.where(found, pos, -1).astype(np.int32)
+
+
+def merge_rows(ids: np.ndarray, probs: np.ndarray, k_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids int[r, k] (−1 = drop), probs float64[r, k] → (ids int32[r, k_out], logprobs float32[r, k_out]):
+    probability summed per distinct id, renormalised, sorted descending; rows with no mass are all pads."""
+    r, k = ids.shape
+    valid = (ids >= 0) & (probs > 0)
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    first = np.argmax(same, axis=2)
+    is_first = valid & (first == np.arange(k))
+    summed = np.where(is_first, np.einsum("rjl,rl->rj", same.astype(np.float64), probs), 0.0)
+    total = summed.sum(axis=1, keepdims=True)
+    order = np.argsort(-summed, axis=1, kind="stable")[:, :k_out]
+    top = np.take_along_axis(summed, order, axis=1)
+    out_ids = np.where(top > 0, np.take_along_axis(ids, order, axis=1), 0).astype(np.int32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out_lp = np.where(top > 0, np.log(top / total), -np.inf).astype(np.float32)
+    if out_ids.shape[1] < k_out:
+        pad = k_out - out_ids.shape[1]
+        out_ids = np.pad(out_ids, ((0, 0), (0, pad)))
+        out_lp = np.pad(out_lp, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return out_ids, out_lp
+
+
+def _check_topk(src_topk_ids: np.ndarray, src_topk_logprobs: np.ndarray, n: int, vocab_map: np.ndarray) -> None:
+    if src_topk_ids.ndim != 2 or src_topk_ids.shape != src_topk_logprobs.shape:
+        raise ValueError(
+            f"top-k ids and logprobs must both be [n, k]; got {src_topk_ids.shape} and {src_topk_logprobs.shape}"
+        )
+    if src_topk_ids.shape[0] != n:
+        raise ValueError(f"top-k rows ({src_topk_ids.shape[0]}) must match the source tokens ({n}), one row per token")
+    if src_topk_ids.size and (src_topk_ids.min() < 0 or src_topk_ids.max() >= len(vocab_map)):
+        raise ValueError(
+            f"top-k ids must lie in [0, {len(vocab_map)}) (the source vocab the map was built for); got "
+            f"[{src_topk_ids.min()}, {src_topk_ids.max()}]: the teacher's model and tokenizer vocab sizes differ"
+        )
+
+
+def transfer_topk(
+    src_byte_end: np.ndarray,
+    tgt_byte_end: np.ndarray,
+    tgt_ids: np.ndarray,
+    src_topk_ids: np.ndarray,
+    src_topk_logprobs: np.ndarray,
+    vocab_map: np.ndarray,
+    fallback: Fallback = "onehot_next",
+    k_out: int | None = None,
+) -> SparseRows:
+    """Default-mode transfer (module docstring) → SparseRows with m rows of k_out (default k) entries.
+
+    src_byte_end int[n], tgt_byte_end int[m], tgt_ids int[m]; src_topk_ids int[n, k], src_topk_logprobs float[n, k]
+    (log-probabilities over the full source vocab, −inf pads allowed); vocab_map int32[V_src] (−1 = unmapped).
+    """
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    src_topk_ids = np.asarray(src_topk_ids)
+    src_topk_logprobs = np.asarray(src_topk_logprobs)
+    tgt_ids = np.asarray(tgt_ids)
+    m = len(tgt_byte_end)
+    if len(tgt_ids) != m:
+        raise ValueError(f"target ids ({len(tgt_ids)}) and byte offsets ({m}) must have the same length")
+    _check_topk(src_topk_ids, src_topk_logprobs, len(src_byte_end), vocab_map)
+    k = src_topk_ids.shape[1]
+    k_out = k if k_out is None else k_out
+    rows = empty_rows(m, k_out)
+    pos = matching_positions(src_byte_end, tgt_byte_end)
+    at = np.flatnonzero(pos >= 0)
+    if at.size:
+        mapped = vocab_map[src_topk_ids[pos[at]]]
+        probs = np.exp(src_topk_logprobs[pos[at]].astype(np.float64))
+        ids, lp = merge_rows(mapped, probs, k_out)
+        ok = np.isfinite(lp[:, 0])
+        rows.ids[at[ok]], rows.logprobs[at[ok]], rows.kind[at[ok]] = ids[ok], lp[ok], ROW_TEACHER
+    if fallback == "onehot_next":
+        fill = np.flatnonzero(rows.kind[:-1] != ROW_TEACHER) if m else np.zeros(0, np.int64)
+        rows.ids[fill, 0] = tgt_ids[fill + 1]
+        rows.logprobs[fill, 0] = 0.0
+        rows.kind[fill] = ROW_ONEHOT
+    return rows
