@@ -27,14 +27,7 @@ from fusion_jax.tokenizers import (
     check_vocab_size,
     load_tokenizer,
 )
-
-CORPUS = [
-    "the quick brown fox jumps over the lazy dog",
-    "hello world, hello there; the world is big",
-    "numbers 0123456789 and tabs\tand newlines\n\nend",
-    "café naïve résumé — déjà vu",
-    "fusion of large language models by knowledge distillation",
-] * 40
+from tiny_tokenizers import train_byte_level, train_sentencepiece
 
 SAMPLES = [
     "hello world",
@@ -75,46 +68,14 @@ def assert_reproduces(tok, text: str) -> Encoding:
 # ---------------------------------------------------------------------------------------------- tiny ones
 
 
-def _train_byte_level(path: Path, normalizer=None) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    if normalizer is not None:
-        tok.normalizer = normalizer
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    tok.save(str(path))
-    return path
-
-
-def _train_sentencepiece(dirpath: Path, byte_fallback: bool = True, vocab_size: int = 320) -> Path:
-    import sentencepiece as spm
-
-    dirpath.mkdir(parents=True, exist_ok=True)
-    corpus = dirpath / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS), encoding="utf-8")
-    prefix = dirpath / "tok"
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=byte_fallback, character_coverage=1.0, hard_vocab_limit=False,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-        minloglevel=2,
-    )
-    return prefix.with_suffix(".model")
-
-
 @pytest.fixture(scope="module")
 def bl_path(tmp_path_factory) -> Path:
-    return _train_byte_level(tmp_path_factory.mktemp("bl") / "tokenizer.json")
+    return train_byte_level(tmp_path_factory.mktemp("bl") / "tokenizer.json")
 
 
 @pytest.fixture(scope="module")
 def sp_path(tmp_path_factory) -> Path:
-    return _train_sentencepiece(tmp_path_factory.mktemp("sp"))
+    return train_sentencepiece(tmp_path_factory.mktemp("sp"))
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +189,7 @@ def test_special_token_text_is_plain_text(bl):
 def test_mismatch_names_position_and_token(tmp_path):
     from tokenizers import normalizers
 
-    path = _train_byte_level(tmp_path / "nfkc.json", normalizer=normalizers.NFKC())
+    path = train_byte_level(tmp_path / "nfkc.json", normalizer=normalizers.NFKC())
     tok = load_tokenizer(path)
     assert_reproduces(tok, "plain ascii is fine")
     with pytest.raises(TokenizationError, match=r"byte offset 3\b.*token #\d+, id \d+") as e:
@@ -237,7 +198,7 @@ def test_mismatch_names_position_and_token(tmp_path):
 
 
 def test_unknown_token_is_a_mismatch(tmp_path):
-    tok = load_tokenizer(_train_sentencepiece(tmp_path / "nofb", byte_fallback=False, vocab_size=80))
+    tok = load_tokenizer(train_sentencepiece(tmp_path / "nofb", byte_fallback=False, vocab_size=80))
     assert_reproduces(tok, "the dog")
     with pytest.raises(TokenizationError, match=r"byte offset 4\b.*<special id 0>"):
         tok.encode("the 😀 dog")  # no byte fallback → <unk>, which owns no bytes
