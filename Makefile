@@ -25,6 +25,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/forward.py
+	$(BIN)/python bench/align.py
 
 clean:
 	rm -rf $(VENV)
