@@ -34,18 +34,25 @@ __all__ = [
     "Encoding",
     "Tokenizer",
     "TokenizationError",
+    "TokenizerFileError",
     "VocabSizeError",
     "bytes_to_unicode",
     "check_vocab_size",
     "load_tokenizer",
 ]
 
+# End-of-document spellings, for tokenizer.json files that come without a tokenizer_config.json.
+EOS_PIECES: tuple[str, ...] = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>", "<|eot_id|>")
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SP_SPACE = "\u2581"  # "▁"
 
 
 class TokenizationError(ValueError):
     """The text cannot be tokenized so that the tokens' bytes reproduce it (or is not valid UTF-8)."""
+
+
+class TokenizerFileError(ValueError):
+    """A file that cannot be read as a tokenizer."""
 
 
 class VocabSizeError(ValueError):
@@ -102,6 +109,9 @@ class Tokenizer:
     vocab_size:    number of ids V (max id + 1, added tokens included).
     token_bytes:   list[bytes] of length V, exact UTF-8 bytes per id (``b""`` for special tokens).
     special:       bool[V], True for special/control/unknown tokens (and unused ids).
+    eos_id:        the end-of-document token (SentencePiece ``eos_id``; for ``tokenizer.json`` the ``eos_token`` of a
+                   ``tokenizer_config.json`` beside it, else a special token spelled like one of ``EOS_PIECES``),
+                   or None. Vocabulary maps send the source's EOS to the target's.
     pieces:        list[str] of length V, the raw vocabulary string per id as the library spells it
                    (``▁Hello``, ``<0x0A>``, ``ĠHello``, ``Ċ``, ``</s>``; ``""`` for ids with no token). Only the
                    FuseLLM compatibility mode compares these; everything else works on ``token_bytes``.
@@ -123,6 +133,7 @@ class Tokenizer:
     token_bytes: list[bytes] = field(repr=False)
     special: np.ndarray = field(repr=False)
     pieces: list[str] = field(repr=False)
+    eos_id: int | None
     dummy_prefix: bool
     fingerprint: str
     _encode_ids: Callable[[str], Sequence[int]] = field(repr=False)
@@ -235,9 +246,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path = found
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such tokenizer file")
-    if path.suffix == ".json":
-        return _load_hf(path)
-    return _load_sentencepiece(path)
+    try:
+        return _load_hf(path) if path.suffix == ".json" else _load_sentencepiece(path)
+    except Exception as e:
+        kind = "a tokenizer.json" if path.suffix == ".json" else "a SentencePiece .model"
+        raise TokenizerFileError(f"{path}: cannot be read as {kind}: {type(e).__name__}: {e}") from e
 
 
 def _load_sentencepiece(path: Path) -> Tokenizer:
@@ -279,9 +292,12 @@ def _load_sentencepiece(path: Path) -> Tokenizer:
         return sp.encode(text, add_bos=False, add_eos=False)
 
     pieces = [sp.id_to_piece(i) for i in range(V)]
+    eos = int(proto.trainer_spec.eos_id)
+    eos_id = eos if 0 <= eos < V else None
+    descriptor["eos_id"] = eos_id
     return Tokenizer(
         name=path.stem, kind="sentencepiece", vocab_size=V, token_bytes=token_bytes, special=special,
-        pieces=pieces, dummy_prefix=dummy, fingerprint=_fingerprint(token_bytes, special, pieces, descriptor),
+        pieces=pieces, eos_id=eos_id, dummy_prefix=dummy, fingerprint=_fingerprint(token_bytes, special, pieces, descriptor),
         _encode_ids=encode_ids,
     )
 
@@ -365,11 +381,24 @@ def _load_hf(path: Path) -> Tokenizer:
     name = path.parent.name if path.name == "tokenizer.json" else path.stem
     # As the library spells them (added tokens take precedence over the model vocab, as in `id_to_token`).
     pieces = [tok.id_to_token(i) or "" for i in range(V)]
+    eos_id = _hf_eos_id(path, pieces, special)
+    descriptor["eos_id"] = eos_id
     return Tokenizer(
         name=name, kind=kind, vocab_size=V, token_bytes=token_bytes, special=special,
-        pieces=pieces, dummy_prefix=dummy, fingerprint=_fingerprint(token_bytes, special, pieces, descriptor),
+        pieces=pieces, eos_id=eos_id, dummy_prefix=dummy, fingerprint=_fingerprint(token_bytes, special, pieces, descriptor),
         _encode_ids=encode_ids,
     )
+
+
+def _hf_eos_id(path: Path, pieces: list[str], special: np.ndarray) -> int | None:
+    by_piece = {p: i for i, p in enumerate(pieces) if p}
+    config = path.parent / "tokenizer_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if isinstance(eos, str) and eos in by_piece:
+            return by_piece[eos]
+    return next((by_piece[p] for p in EOS_PIECES if p in by_piece and special[by_piece[p]]), None)
 
 
 def check_vocab_size(tokenizer: Tokenizer, model_vocab_size: int, name: str) -> None:

@@ -662,3 +662,18 @@ def test_transfer_errors(tiny_src, tiny_tgt, tiny_mined):
         FuseLLMPair(src, tgt, np.full_like(tiny_mined, tgt.vocab_size))
     with pytest.raises(ValueError, match="vocab map method must be one of"):
         vocab_map(src, tgt, "closest", use_cache=False)
+
+
+@pytest.mark.parametrize("vocab_align", ["hard", "soft"])
+def test_neg_inf_values_are_pads(tiny_src, tiny_tgt, tiny_mined, vocab_align):
+    """Stored rows pad with −inf (DESIGN §3); pads are not candidates, and a row of pads only is empty."""
+    pair = FuseLLMPair(tiny_src, tiny_tgt, tiny_mined)
+    src_ids, tgt_ids = tiny_src.encode("the").ids, tiny_tgt.encode("the").ids
+    assert len(src_ids) == len(tgt_ids) == 1
+    cand = int(np.flatnonzero(pair.hard_map >= 0)[0])  # a candidate that survives both hard and soft
+    accepted = pair.transfer(src_ids, tgt_ids, [[cand, cand]], [[-1.0, -2.0]], vocab_align)
+    assert accepted.kind[0] == ROW_TEACHER  # the pair is accepted, so the pads decide the row
+    rows = pair.transfer(src_ids, tgt_ids, [[cand, cand]], [[-np.inf, -np.inf]], vocab_align)
+    assert rows.kind[0] == ROW_EMPTY and rows.counts()[0] == 0
+    rows = pair.transfer(src_ids, tgt_ids, [[cand, cand]], [[-1.0, -np.inf]], vocab_align)
+    assert rows.kind[0] == ROW_TEACHER and rows.counts()[0] == 1 and rows.logprobs[0, 0] == -1.0

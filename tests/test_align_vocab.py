@@ -43,6 +43,8 @@ def naive_map(src, tgt, accept):
                 key = (-len(c), _is_byte_piece(tgt, j), j)
                 best = key if best is None or key < best else best
         out.append(-1 if best is None else best[2])
+    if src.eos_id is not None and tgt.eos_id is not None:
+        out[src.eos_id] = tgt.eos_id  # end of document predicts end of document
     return np.array(out, np.int32)
 
 
@@ -62,7 +64,10 @@ def test_self_map_is_identity_on_regular_tokens(bl, sp):
         assert same_bytes.all()
         expected = np.array([not _is_byte_piece(tok, i) or m[i] == i for i in regular])
         assert (m[regular][expected] == regular[expected]).all()
-        assert (m[tok.special] == -1).all()
+        assert m[tok.eos_id] == tok.eos_id
+        others = tok.special.copy()
+        others[tok.eos_id] = False
+        assert (m[others] == -1).all()
 
 
 def test_cache_roundtrip_and_rebuild(bl, sp, tmp_path, monkeypatch, caplog):
@@ -123,7 +128,8 @@ def test_real_prefix_map_examples(llama_neox):
     for src_piece, tgt_piece in cases.items():
         got = llama.pieces[m[_piece_id(neox, src_piece)]]
         assert got == tgt_piece, (src_piece, got)
-    assert m[_piece_id(neox, "<|endoftext|>")] == -1  # specials have no bytes: nothing to predict
+    assert llama.pieces[m[_piece_id(neox, "<|endoftext|>")]] == "</s>"  # EOS → EOS (MinED: `Context`)
+    assert m[_piece_id(neox, "<|padding|>")] == -1  # other specials have no bytes: nothing to predict
     # Every mapped target token is a byte prefix of its source token.
     for i in np.flatnonzero(m >= 0)[::97]:
         assert neox.token_bytes[i].startswith(llama.token_bytes[m[i]])

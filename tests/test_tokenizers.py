@@ -204,6 +204,28 @@ def test_unknown_token_is_a_mismatch(tmp_path):
         tok.encode("the 😀 dog")  # no byte fallback → <unk>, which owns no bytes
 
 
+def test_eos_from_model_or_tokenizer_config(tmp_path, bl_path, bl, sp):
+    assert sp.pieces[sp.eos_id] == "</s>"  # the SentencePiece model's eos_id
+    assert bl.pieces[bl.eos_id] == "<|endoftext|>"  # a special token spelled like an EOS
+    d = tmp_path / "with_config"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes(bl_path.read_bytes())
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "the"}}))
+    tok = load_tokenizer(d)
+    assert tok.pieces[tok.eos_id] == "the" and tok.fingerprint != bl.fingerprint
+
+
+@pytest.mark.parametrize("name, content", [("bad.json", b'{"model": '), ("bad.model", b"not a protobuf"),
+                                           ("other.json", b'{"hello": 1}')])
+def test_unreadable_tokenizer_file_names_the_file(tmp_path, name, content):
+    from fusion_jax.tokenizers import TokenizerFileError
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(TokenizerFileError, match=rf"{name}: cannot be read as a"):
+        load_tokenizer(path)
+
+
 def test_load_directory_prefers_json(tmp_path, bl_path, sp_path, bl, sp):
     both = tmp_path / "both"
     both.mkdir()
@@ -328,6 +350,11 @@ def test_real_known_tokens(real):
         enc = real.encode(" hello\n")
         assert real.decode_bytes(enc.ids) == b" hello\n"
     check_vocab_size(real, real.vocab_size, real.name)
+    eos = {"sentencepiece": "</s>", "byte_level": "<|endoftext|>" if "neox" in real.name else "<|im_end|>"}
+    if real.kind == "byte_level" and "qwen" in real.name:
+        assert real.pieces[real.eos_id] in ("<|endoftext|>", "<|im_end|>")
+    else:
+        assert real.pieces[real.eos_id] == eos[real.kind] and real.special[real.eos_id]
 
 
 def test_real_vocab_sizes(shared_dir):

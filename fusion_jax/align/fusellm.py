@@ -126,7 +126,7 @@ class FuseLLMPair:
         if at.size:
             table = self.hard_map if vocab_align == "hard" else self.soft_map
             cand = table[src_topk_ids[first[at]]]                              # [r, k], −1 = dropped
-            valid = cand >= 0
+            valid = (cand >= 0) & (src_topk_values[first[at]] > -np.inf)       # −inf values are pads
             same_before = (cand[:, :, None] == cand[:, None, :]) & valid[:, None, :]
             same_before &= np.tri(k, k, -1, dtype=bool)[None]                  # l < j
             keep = valid & ~same_before.any(axis=2)                            # first occurrence per id

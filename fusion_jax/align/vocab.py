@@ -11,7 +11,8 @@ Methods:
   token, else the target token at minimum Levenshtein distance, ties → lowest target id. Specials are mapped too
   (``<|endoftext|>`` → ``Context``), exactly as the official code does.
 
-For ``prefix`` and ``exact``, special source tokens (empty bytes) map to −1, and where several target ids have the
+For ``prefix`` and ``exact``, the source's EOS maps to the target's EOS (``Tokenizer.eos_id``, when both have one), other
+special source tokens (empty bytes) map to −1, and where several target ids have the
 same bytes the one the target tokenizer produces is chosen: a regular piece before a ``<0xNN>`` byte-fallback piece,
 then the lowest id. Maps are cached as ``<cache>/vocab_maps/<method>-<src fp[:16]>-<tgt fp[:16]>.npz`` holding both
 full fingerprints, which are checked on load.
@@ -66,6 +67,12 @@ def exact_map(src: Tokenizer, tgt: Tokenizer) -> np.ndarray:
     for i, b in enumerate(src.token_bytes):
         if not src.special[i] and b:
             out[i] = by_bytes.get(b, -1)
+    return _map_eos(src, tgt, out)
+
+
+def _map_eos(src: Tokenizer, tgt: Tokenizer, out: np.ndarray) -> np.ndarray:
+    if src.eos_id is not None and tgt.eos_id is not None:
+        out[src.eos_id] = tgt.eos_id
     return out
 
 
@@ -82,7 +89,7 @@ def prefix_map(src: Tokenizer, tgt: Tokenizer) -> np.ndarray:
             if j is not None:
                 out[i] = j
                 break
-    return out
+    return _map_eos(src, tgt, out)
 
 
 def mined_map(src: Tokenizer, tgt: Tokenizer, chunk: int = 512, workers: int = -1) -> np.ndarray:
