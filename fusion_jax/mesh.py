@@ -72,6 +72,9 @@ def initialize_distributed(cfg: MeshConfig) -> None:
     """Start JAX's multi-controller runtime when this is one process of several; a no-op on one host."""
     if cfg.multihost == "off" or jax.distributed.is_initialized():
         return
+    if cfg.coordinator_address is not None or _cluster_detected():
+        # CPU processes (tests, CPU clusters) need a collectives backend; accelerators ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if cfg.coordinator_address is not None:
         jax.distributed.initialize(
             coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id

@@ -1,0 +1,447 @@
+"""python -m fusion_jax.capture --config FILE — run a source model over prepared documents, store its top-k.
+
+Each process of a (multi-host) run handles the shards ``s ≡ process_index (mod process_count)`` of the cache
+(``data/teacher_cache.py``): it tokenizes their documents with the source's tokenizer (EOS appended), packs them into
+rows of ``seq_len`` tokens (one segment per document: nothing attends across documents), and feeds its rows as its
+share of each global batch to one jitted, sharded forward that returns, per position, the top-k log-probabilities
+(log_softmax over the full vocabulary, in chunks of ``logits_chunk`` positions so no [B, T, V] float32 buffer
+exists) and the CE of the actual next token. A batch never mixes shards, so a shard's bytes do not depend on what
+else ran — a re-run after ``kill -9`` skips finished shards and redoes the unfinished one with identical bytes.
+Process 0 writes ``manifest.json`` when every shard is done (the output directory must be shared by all hosts).
+
+``--estimate`` tokenizes a sample of the documents, times one batch, and prints the disk and time the run needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusion_jax import cli, config_loader, mesh as mesh_lib
+from fusion_jax.convert import checkpoint
+from fusion_jax.data import teacher_cache as tc
+from fusion_jax.data.documents import DocumentStore
+from fusion_jax.mesh import MeshConfig
+from fusion_jax.models import decoder
+from fusion_jax.models.config import DType, ModelConfig
+from fusion_jax.tokenizers import Tokenizer, check_vocab_size, load_tokenizer
+
+log = logging.getLogger("fusion_jax.capture")
+CAPTURE_SPEC = "capture.json"
+
+
+def _help(text: str, default=dataclasses.MISSING, **kw):
+    return dataclasses.field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureConfig:
+    documents: str = _help("prepared document store (python -m fusion_jax.prepare)", "")
+    split: str = _help("which split of the store: train | validation", "train")
+    source: str = _help("source model: a fusion_jax checkpoint or a Hugging Face directory (converted on the fly)", "")
+    tokenizer: str = _help("the source's tokenizer (file or directory); default: the source directory", "")
+    output: str = _help("cache directory to write (resumed if it holds finished shards of the same capture)", "")
+    k: int = _help("candidates stored per position", 10)
+    seq_len: int = _help("tokens per packed row; every document (+EOS) must fit (prepare with max_tokens < seq_len)",
+                         2048)
+    batch_size: int = _help("global rows per forward (a multiple of the process count and the batch mesh axes)", 8)
+    docs_per_shard: int = _help("documents per cache shard (the unit of resumption and of multi-host work)", 256)
+    logits_chunk: int = _help("positions per log_softmax/top-k chunk (bounds the float32 [B, chunk, V] buffer)", 512)
+    append_eos: bool = _help("append the tokenizer's EOS to every document, as the official pipeline does", True)
+    logprob_format: str = _help("quantized (37 B/token at k=10) | float16 (46 B/token)", "quantized")
+    param_dtype: DType = _help("dtype the source's params are loaded in", "bfloat16")
+    compute_dtype: DType = _help("dtype of the forward's activations", "bfloat16")
+    max_documents: int = _help("capture only the first N documents (0 = all)", 0)
+    estimate: bool = _help("print the disk and time the capture needs, then stop", False)
+    estimate_sample: int = _help("documents tokenized for the estimate", 512)
+    mesh: MeshConfig = _help("device mesh and sharding rules", default_factory=MeshConfig)
+
+    def validate(self) -> None:
+        for name in ("documents", "source", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required (--set {name}=...)")
+        if self.split not in ("train", "validation"):
+            raise ValueError(f"split must be train or validation, got {self.split!r}")
+        if self.logprob_format not in tc.LOGPROB_FORMATS:
+            raise ValueError(f"logprob_format must be one of {tc.LOGPROB_FORMATS}, got {self.logprob_format!r}")
+        if not 1 <= self.k <= 255:
+            raise ValueError(f"k must be in [1, 255], got {self.k}")
+        if min(self.seq_len, self.batch_size, self.docs_per_shard, self.logits_chunk) <= 0 or self.max_documents < 0:
+            raise ValueError("seq_len, batch_size, docs_per_shard and logits_chunk must be positive")
+        if self.seq_len % min(self.logits_chunk, self.seq_len):
+            raise ValueError(f"seq_len ({self.seq_len}) must be a multiple of logits_chunk ({self.logits_chunk})")
+
+
+# ------------------------------------------------------------------------------------------------ the device step
+
+
+def topk_step(cfg: ModelConfig, k: int, chunk: int, rules, params, tokens, segment_ids):
+    """tokens int32[B, T], segment_ids int32[B, T] (0 = padding) →
+    (topk_logprobs float32[B, T, k], topk_ids int32[B, T, k], token_ce float32[B, T]: −log p(tokens[t+1]) where
+    t+1 is in the same segment, NaN elsewhere)."""
+    hidden = decoder.hidden_states(cfg, params, tokens, segment_ids, rules=rules)
+    b, t, d = hidden.shape
+    chunk = min(chunk, t)
+    nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    has_next = jnp.concatenate([(segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0),
+                                jnp.zeros_like(segment_ids[:, :1], bool)], axis=1)
+
+    def one_chunk(args):
+        h, n = args  # [B, C, D], [B, C]
+        logp = jax.nn.log_softmax(decoder.unembed(cfg, params, h), axis=-1)
+        top_lp, top_ids = jax.lax.top_k(logp, k)
+        ce = -jnp.take_along_axis(logp, n[..., None], axis=-1)[..., 0]
+        return top_lp, top_ids.astype(jnp.int32), ce
+
+    to_chunks = lambda x: jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
+    from_chunks = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, t, *x.shape[3:])
+    top_lp, top_ids, ce = jax.lax.map(one_chunk, (to_chunks(hidden), to_chunks(nxt)))
+    return from_chunks(top_lp), from_chunks(top_ids), jnp.where(has_next, from_chunks(ce), jnp.nan)
+
+
+# ------------------------------------------------------------------------------------------------ host side
+
+
+@dataclasses.dataclass
+class _Doc:
+    index: int
+    doc_id: str
+    ids: np.ndarray
+    byte_end: np.ndarray
+    num_bytes: int
+
+
+@dataclasses.dataclass
+class _Row:
+    shard: int
+    docs: list[_Doc]  # packed in order from offset 0
+
+
+def _encode(tok: Tokenizer, store: DocumentStore, index: int, append_eos: bool) -> _Doc:
+    doc = store[index]
+    enc = tok.encode(doc.text)
+    ids, byte_end = enc.ids, enc.byte_end
+    n_bytes = len(doc.text.encode("utf-8"))
+    if append_eos:
+        ids = np.append(ids, np.int32(tok.eos_id))
+        byte_end = np.append(byte_end, np.int32(n_bytes))
+    return _Doc(index, doc.id, ids.astype(np.int32), byte_end.astype(np.int32), n_bytes)
+
+
+def _pack(docs: list[_Doc], shard: int, seq_len: int) -> list[_Row]:
+    rows, cur, used = [], [], 0
+    for d in docs:
+        n = len(d.ids)
+        if n > seq_len:
+            raise ValueError(
+                f"document {d.doc_id!r} has {n} tokens under this tokenizer (EOS included) but seq_len is {seq_len}: "
+                f"prepare the documents with max_tokens ≤ {seq_len - 1} for every tokenizer of the run, or raise "
+                "seq_len"
+            )
+        if n == 0:
+            raise ValueError(f"document {d.doc_id!r} is empty: nothing to capture (prepare drops empty documents)")
+        if used + n > seq_len:
+            rows.append(_Row(shard, cur))
+            cur, used = [], 0
+        cur.append(d)
+        used += n
+    if cur:
+        rows.append(_Row(shard, cur))
+    return rows
+
+
+def _row_arrays(row: _Row | None, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.zeros(seq_len, np.int32)
+    segs = np.zeros(seq_len, np.int32)
+    if row is not None:
+        off = 0
+        for s, d in enumerate(row.docs, start=1):
+            tokens[off:off + len(d.ids)] = d.ids
+            segs[off:off + len(d.ids)] = s
+            off += len(d.ids)
+    return tokens, segs
+
+
+def _record(d: _Doc, top_lp: np.ndarray, top_ids: np.ndarray, ce: np.ndarray) -> tc.TeacherRecord:
+    if not np.isfinite(top_lp[:, 0]).all() or np.isnan(top_lp).any():
+        raise FloatingPointError(
+            f"document {d.doc_id!r}: the model produced NaN/inf log-probabilities (check the checkpoint and dtype)"
+        )
+    valid = ce[:-1]
+    return tc.TeacherRecord(
+        doc_index=d.index, doc_id=d.doc_id, ids=d.ids, byte_end=d.byte_end, topk_ids=top_ids,
+        topk_logprobs=top_lp, token_ce=ce, doc_ce=float(valid.mean()) if valid.size else 0.0, num_bytes=d.num_bytes,
+    )
+
+
+def model_identity(path: str) -> dict:
+    """What identifies a model for the cache manifest: its directory name, config digest and weight bytes (cheap;
+    hashing the weights of a 70B model would cost minutes at every start)."""
+    p = Path(path)
+    if checkpoint.kind(p) == "fusion_jax":
+        config = p / checkpoint.META
+        weights = [f for f in (p / "params").rglob("*") if f.is_file() and not f.name.startswith("_")]
+    else:
+        config, weights = p / "config.json", sorted(p.glob("*.safetensors"))
+    return {"name": p.name, "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
+            "weight_bytes": sum(f.stat().st_size for f in weights)}
+
+
+def capture_spec(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, model_cfg: ModelConfig, n_docs: int) -> dict:
+    """The manifest fields that identify this capture; a cache is reused only if all of them match."""
+    return {
+        "model": model_identity(cfg.source), "tokenizer": tok.fingerprint, "tokenizer_name": tok.name,
+        "vocab_size": model_cfg.vocab_size, "k": cfg.k, "append_eos": cfg.append_eos,
+        "logprob_format": cfg.logprob_format, "compute_dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype,
+        "documents": {"fingerprint": store.fingerprint, "split": cfg.split, "num_docs": n_docs},
+        "docs_per_shard": cfg.docs_per_shard,
+    }
+
+
+def _check_resume(out: Path, spec: dict) -> None:
+    """A directory with an earlier capture's files continues only if it was the same capture."""
+    path = out / CAPTURE_SPEC
+    if not path.exists():
+        if any(out.glob("shard-*")):
+            raise tc.CacheError(f"{out} holds shard files but no {CAPTURE_SPEC}: not a capture of ours; use a new output")
+        return
+    old = json.loads(path.read_text())
+    diff = [k for k in spec if old.get(k) != spec[k]]
+    if diff:
+        k = diff[0]
+        raise tc.CacheError(
+            f"{out} holds a capture with {k}={old.get(k)!r}, this run has {k}={spec[k]!r}; use another output "
+            "directory (or delete this one)"
+        )
+
+
+class _Shards:
+    """The shards this process still has to write, as a stream of packed rows, and their finished records."""
+
+    def __init__(self, cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, n_docs: int, shards: list[int]):
+        self.cfg, self.store, self.tok, self.n_docs = cfg, store, tok, n_docs
+        self.pending = shards
+        self.results: dict[int, dict[int, tuple]] = {s: {} for s in shards}
+
+    def rows(self) -> Iterator[_Row | None]:
+        """Rows in order; each shard's rows are padded with None up to a whole local batch."""
+        local = self.cfg.batch_size // jax.process_count()
+        for s in self.pending:
+            docs = [_encode(self.tok, self.store, i, self.cfg.append_eos)
+                    for i in tc.shard_docs(s, self.n_docs, self.cfg.docs_per_shard)]
+            rows = _pack(docs, s, self.cfg.seq_len)
+            yield from rows
+            yield from [None] * (-len(rows) % local)
+
+
+def _batches(rows: Iterator[_Row | None], local: int) -> Iterator[list[_Row | None]]:
+    batch = []
+    for r in rows:
+        batch.append(r)
+        if len(batch) == local:
+            yield batch
+            batch = []
+    assert not batch
+
+
+def _count_rows(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, n_docs: int, shards: list[int]) -> tuple:
+    """(local batches, tokens) this process will run: tokenizes its pending shards once up front."""
+    local = cfg.batch_size // jax.process_count()
+    batches = tokens = 0
+    for s in shards:
+        docs = [_encode(tok, store, i, cfg.append_eos) for i in tc.shard_docs(s, n_docs, cfg.docs_per_shard)]
+        batches += -(-len(_pack(docs, s, cfg.seq_len)) // local)
+        tokens += sum(len(d.ids) for d in docs)
+    return batches, tokens
+
+
+def main(cfg: CaptureConfig) -> dict:
+    from tqdm import tqdm
+
+    mesh_lib.initialize_distributed(cfg.mesh)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    rules = cfg.mesh.rules
+    pid, nproc = jax.process_index(), jax.process_count()
+    if cfg.batch_size % nproc:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the process count {nproc}")
+    store = DocumentStore(cfg.documents, cfg.split)
+    n_docs = len(store) if not cfg.max_documents else min(cfg.max_documents, len(store))
+    tok = load_tokenizer(cfg.tokenizer or cfg.source)
+    if cfg.append_eos and tok.eos_id is None:
+        raise ValueError(f"tokenizer {tok.name!r} has no EOS token; set append_eos=false or give a tokenizer with one")
+    model_cfg, params = checkpoint.load(cfg.source, mesh, rules, param_dtype=cfg.param_dtype,
+                                        compute_dtype=cfg.compute_dtype)
+    check_vocab_size(tok, model_cfg.vocab_size, cfg.source)
+    spec = capture_spec(cfg, store, tok, model_cfg, n_docs)
+    out = Path(cfg.output)
+
+    batch_sharding = jax.NamedSharding(
+        mesh, mesh_lib.logical_to_spec(("batch", "seq"), rules, mesh, (cfg.batch_size, cfg.seq_len)))
+    out_sharding = jax.NamedSharding(mesh, mesh_lib.logical_to_spec(("batch", "seq", None), rules, mesh,
+                                                                      (cfg.batch_size, cfg.seq_len, cfg.k)))
+    ce_sharding = jax.NamedSharding(mesh, batch_sharding.spec)
+    with jax.set_mesh(mesh):
+        step = jax.jit(
+            lambda p, t, s: topk_step(model_cfg, cfg.k, cfg.logits_chunk, rules, p, t, s),
+            out_shardings=(out_sharding, out_sharding, ce_sharding),
+        )
+    local = cfg.batch_size // nproc
+
+    def run(batch: list[_Row | None]):
+        arrays = [_row_arrays(r, cfg.seq_len) for r in batch]
+        tokens = np.stack([a for a, _ in arrays])
+        segs = np.stack([s for _, s in arrays])
+        g_tokens = jax.make_array_from_process_local_data(batch_sharding, tokens)
+        g_segs = jax.make_array_from_process_local_data(batch_sharding, segs)
+        with jax.set_mesh(mesh):
+            lp, ids, ce = step(params, g_tokens, g_segs)
+        if nproc == 1:
+            return np.asarray(lp), np.asarray(ids), np.asarray(ce)
+        from jax.experimental import multihost_utils
+
+        return tuple(np.asarray(x) for x in multihost_utils.global_array_to_host_local_array(
+            (lp, ids, ce), mesh, (out_sharding.spec, out_sharding.spec, ce_sharding.spec)))
+
+    if cfg.estimate:
+        return _estimate(cfg, store, tok, model_cfg, n_docs, run, local)
+
+    all_shards = list(range(tc.num_shards(n_docs, cfg.docs_per_shard)))
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / tc.MANIFEST).exists():
+        try:
+            tc.TeacherCache(out, expect=spec, verify="size")
+        except tc.CacheError as e:
+            raise tc.CacheError(f"{e} (the output already holds a finished capture)") from None
+        log.info("%s: capture already complete (%d documents); nothing to do", out, n_docs)
+        return {"output": str(out), "skipped": True}
+    if pid == 0:
+        _check_resume(out, spec)
+        if not (out / CAPTURE_SPEC).exists():
+            tc._write_atomic(out / CAPTURE_SPEC, json.dumps(spec, indent=1).encode())
+    _sync("capture_spec")
+    _check_resume(out, spec)
+    mine = [s for s in all_shards if s % nproc == pid]
+    done = tc.done_shards(out, mine)
+    pending = [s for s in mine if s not in done]
+    n_batches, n_tokens = _count_rows(cfg, store, tok, n_docs, pending)
+    total_batches = _max_over_processes(n_batches)
+    log.info("process %d/%d: %d of %d shards to capture (%d done), %s tokens, %d steps (all processes: %d)", pid, nproc,
+             len(pending), len(mine), len(done), f"{n_tokens:,}", n_batches, total_batches)
+
+    work = _Shards(cfg, store, tok, n_docs, pending)
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, dynamic_ncols=True, disable=pid != 0,
+               desc=f"capture {tok.name}")
+    shard_records: dict[int, list[tc.TeacherRecord]] = {}
+    expected = {s: len(tc.shard_docs(s, n_docs, cfg.docs_per_shard)) for s in pending}
+    t0, written = time.perf_counter(), 0
+    batches = _batches(work.rows(), local)
+    for _ in range(total_batches):
+        batch = next(batches, [None] * local)
+        lp, ids, ce = run(batch)
+        for r, row in enumerate(batch):
+            if row is None:
+                continue
+            off = 0
+            for d in row.docs:
+                n = len(d.ids)
+                shard_records.setdefault(row.shard, []).append(
+                    _record(d, lp[r, off:off + n], ids[r, off:off + n], ce[r, off:off + n]))
+                off += n
+                bar.update(n)
+            if len(shard_records[row.shard]) == expected[row.shard]:
+                recs = sorted(shard_records.pop(row.shard), key=lambda x: x.doc_index)
+                tc.write_shard(out, row.shard, (tc.encode_record(x, model_cfg.vocab_size, cfg.logprob_format)
+                                                for x in recs), [len(x.ids) for x in recs])
+                written += 1
+    bar.close()
+    unfinished = [sh for sh in pending if not (out / tc.sidecar_name(sh)).exists()]
+    if unfinished:  # pragma: no cover - a bug, not an input error
+        raise RuntimeError(f"shards {unfinished} were not completed")
+    seconds = time.perf_counter() - t0
+    _sync("capture_shards")
+    report = {"output": str(out), "shards_written": written, "tokens": n_tokens, "seconds": seconds,
+              "tokens_per_s": n_tokens / seconds if seconds else math.nan}
+    if pid == 0:
+        sidecars = tc.done_shards(out, all_shards)
+        missing = sorted(set(all_shards) - set(sidecars))
+        if missing:
+            raise tc.CacheError(
+                f"{out}: shards {missing[:8]} are not visible to process 0 after every process finished; the output "
+                "must be a directory all hosts share"
+            )
+        manifest = tc.write_manifest(out, spec, list(sidecars.values()))
+        tokens = max(manifest["tokens"], 1)
+        report.update(bytes=manifest["bytes"], bytes_per_token=manifest["bytes"] / tokens,
+                      record_bytes_per_token=manifest["record_bytes"] / tokens)
+        log.info("%s: %d documents, %s tokens, %.1f MB on disk (%.1f bytes/token; records %.1f bytes/token); "
+                 "%.0f tokens/s", out, manifest["num_docs"], f"{manifest['tokens']:,}", manifest["bytes"] / 1e6,
+                 report["bytes_per_token"], report["record_bytes_per_token"], report["tokens_per_s"])
+    _sync("capture_manifest")
+    return report
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _max_over_processes(x: int) -> int:
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray([x], np.int64))))
+
+
+def _estimate(cfg, store, tok, model_cfg, n_docs, run, local) -> dict:
+    """Tokenize an even sample of documents, time one warm batch, and extrapolate to all documents."""
+    sample = np.unique(np.linspace(0, n_docs - 1, min(cfg.estimate_sample, n_docs)).astype(int)) if n_docs else []
+    docs = [_encode(tok, store, int(i), cfg.append_eos) for i in sample]
+    tokens = sum(len(d.ids) for d in docs) / max(len(docs), 1) * n_docs
+    rows = _pack(docs, 0, cfg.seq_len)[:local] or [None]
+    batch = rows + [None] * (local - len(rows))
+    run(batch)  # compile
+    t0 = time.perf_counter()
+    run(batch)
+    step_s = time.perf_counter() - t0
+    fill = sum(len(d.ids) for r in rows if r for d in r.docs) / (local * cfg.seq_len)
+    tok_s = cfg.batch_size * cfg.seq_len * max(fill, 1e-9) / step_s
+    per_token = tc.bytes_per_token(cfg.k, model_cfg.vocab_size, cfg.logprob_format)
+    disk = tokens * per_token + n_docs * (tc._HEADER.size + 2 + 32)
+    report = {"documents": n_docs, "tokens": tokens, "bytes_per_token": per_token, "disk_bytes": disk,
+              "tokens_per_s": tok_s, "seconds": tokens / tok_s, "row_fill": fill}
+    print(f"estimate for {cfg.source} over {n_docs:,} documents ({cfg.split}): ~{tokens:,.0f} tokens "
+          f"(from {len(docs)} documents); disk ~{disk / 1e9:.2f} GB "
+          f"({per_token} bytes/token at k={cfg.k}, {cfg.logprob_format}); ~{tok_s:,.0f} tokens/s on "
+          f"{jax.device_count()} devices → ~{report['seconds'] / 3600:.2f} h")
+    return report
+
+
+def parse(argv: list[str] | None = None) -> CaptureConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m fusion_jax.capture", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (--set KEY=VALUE):\n" + config_loader.describe(CaptureConfig),
+    )
+    config_loader.add_config_arguments(parser)
+    parser.add_argument("--estimate", action="store_true", help="print the disk and time the capture needs, then stop")
+    args = parser.parse_args(argv)
+    if args.estimate:
+        args.overrides = [*(args.overrides or []), "estimate=true"]
+    return config_loader.config_from_args(CaptureConfig, args)
+
+
+if __name__ == "__main__":
+    cli.run(main, parse)

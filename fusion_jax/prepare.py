@@ -1,0 +1,169 @@
+"""python -m fusion_jax.prepare --config FILE [--set KEY=VALUE ...] — corpus → prepared documents store.
+
+Reads the corpus, puts each document in train or validation by a stable hash of its id (all pieces of a
+document stay in one split), splits documents longer than max_tokens under any of the run's tokenizers
+(FuseLLM's rule, as exact byte slices), and writes the store that capture and the loader read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import itertools
+import logging
+import multiprocessing
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Literal
+
+from fusion_jax import cli, config_loader
+from fusion_jax.data.corpus import CorpusConfig, Document, read_documents, split_of
+from fusion_jax.data.documents import SPLITS, DocumentWriter
+from fusion_jax.data.splitting import split_long
+from fusion_jax.tokenizers import TokenizationError, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    corpus: CorpusConfig = CorpusConfig()
+    tokenizers: tuple[str, ...] = dataclasses.field(default=(), metadata=_help(
+        "every tokenizer of the run (target and sources: tokenizer.json, .model or a directory); "
+        "a document is split when it is too long under any of them"))
+    max_tokens: int = dataclasses.field(default=2000, metadata=_help(
+        "longest document in tokens (FuseLLM: block 2048 - 48)"))
+    validation_fraction: float = dataclasses.field(default=0.01, metadata=_help(
+        "share of documents (by a hash of the id) in the validation split"))
+    output: str = dataclasses.field(default="", metadata=_help("store directory to write"))
+    overwrite: bool = dataclasses.field(default=False, metadata=_help("replace an existing store at output"))
+    normalize: Literal["nfc", "none"] = dataclasses.field(default="nfc", metadata=_help(
+        "Unicode-normalize texts first; NFC-normalizing tokenizers (GPT-NeoX/MPT, Qwen2) cannot reproduce other text"))
+    on_tokenization_error: Literal["error", "skip"] = dataclasses.field(default="error", metadata=_help(
+        "a document some tokenizer cannot reproduce byte for byte: stop, or skip it (counted)"))
+    workers: int = dataclasses.field(default=0, metadata=_help(
+        "processes that tokenize and split (0: in this process); the output is the same"))
+
+    def validate(self) -> None:
+        try:
+            self.corpus.validate()
+        except ValueError as e:
+            raise ValueError(f"corpus: {e}") from None
+        if not self.tokenizers:
+            raise ValueError("tokenizers is required: the run's target and source tokenizers (the split rule uses all)")
+        if not self.output:
+            raise ValueError("output is required: the store directory to write")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+
+
+# One document → its pieces, or None when skipped. Worker processes keep their own tokenizers.
+_worker: tuple[list[Tokenizer], PrepareConfig] | None = None
+
+
+def _init_worker(cfg: PrepareConfig) -> None:
+    global _worker
+    _worker = ([load_tokenizer(p) for p in cfg.tokenizers], cfg)
+
+
+def _process(doc: Document, tokenizers: Sequence[Tokenizer], cfg: PrepareConfig) -> list[Document] | None:
+    if cfg.normalize == "nfc" and not unicodedata.is_normalized("NFC", doc.text):
+        doc = dataclasses.replace(doc, text=unicodedata.normalize("NFC", doc.text))
+    try:
+        return split_long(doc, tokenizers, cfg.max_tokens)
+    except TokenizationError as e:
+        if cfg.on_tokenization_error == "skip":
+            return None
+        raise TokenizationError(
+            f"document {doc.id!r}: {e}. Set normalize=nfc if not set, drop that tokenizer, "
+            "or set on_tokenization_error=skip") from None
+
+
+def _process_in_worker(doc: Document) -> list[Document] | None:
+    assert _worker is not None
+    return _process(doc, *_worker)
+
+
+def _pieces(docs: Iterable[Document], tokenizers: list[Tokenizer], cfg: PrepareConfig
+            ) -> Iterator[tuple[Document, list[Document] | None]]:
+    if cfg.workers == 0:
+        yield from ((d, _process(d, tokenizers, cfg)) for d in docs)
+        return
+    # Bounded windows, two in flight (Pool.imap would read the whole corpus ahead into memory); results come
+    # back in order. spawn: forking a process that has run the Rust tokenizers' threads can deadlock.
+    window, it, pending = 64 * cfg.workers, iter(docs), collections.deque()
+    with multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,)) as pool:
+        while chunk := list(itertools.islice(it, window)):
+            pending.append((chunk, pool.map_async(_process_in_worker, chunk, chunksize=8)))
+            if len(pending) > 2:
+                chunk, result = pending.popleft()
+                yield from zip(chunk, result.get())
+        while pending:
+            chunk, result = pending.popleft()
+            yield from zip(chunk, result.get())
+
+
+def main(cfg: PrepareConfig) -> dict:
+    """Prepare the store at `cfg.output`; returns its documents.json content."""
+    from tqdm import tqdm
+
+    tokenizers = [load_tokenizer(p) for p in cfg.tokenizers]
+    meta = {
+        "prepare": config_loader.to_dict(cfg),
+        "tokenizers": [{"path": p, "name": t.name, "fingerprint": t.fingerprint} for p, t in zip(cfg.tokenizers, tokenizers)],
+    }
+    read = split_docs = pieces = skipped = 0
+    with DocumentWriter(cfg.output, meta, cfg.overwrite) as writer:
+        docs = tqdm(read_documents(cfg.corpus), desc="prepare", unit="doc", disable=None, mininterval=2.0,
+                    total=cfg.corpus.max_documents or None)
+        for doc, out in _pieces(docs, tokenizers, cfg):
+            read += 1
+            if out is None:
+                skipped += 1
+                continue
+            if len(out) > 1:
+                split_docs, pieces = split_docs + 1, pieces + len(out)
+            split = split_of(doc.id, cfg.validation_fraction)
+            for piece in out:
+                writer.add(piece, split)
+    result = writer.meta
+    _log_summary(result, read, split_docs, pieces, skipped, cfg)
+    return result
+
+
+def _log_summary(meta: dict, read: int, split_docs: int, pieces: int, skipped: int, cfg: PrepareConfig) -> None:
+    names = ", ".join(t["name"] for t in meta["tokenizers"])
+    log.info("prepare: %d documents read; %d longer than %d tokens (under %s) split into %d pieces; "
+             "%d skipped (tokenization) → %s", read, split_docs, cfg.max_tokens, names, pieces, skipped, cfg.output)
+    splits = meta["splits"]
+    for s in SPLITS:
+        log.info("  %-10s %9d documents %14d bytes  fingerprint %s", s, splits[s]["documents"], splits[s]["bytes"],
+                 splits[s]["fingerprint"][:16])
+    for d in sorted({d for s in SPLITS for d in splits[s]["domains"]}):
+        parts = [f"{s} {splits[s]['domains'].get(d, {}).get('documents', 0)} docs "
+                 f"{splits[s]['domains'].get(d, {}).get('bytes', 0)} bytes" for s in SPLITS]
+        log.info("  domain %s: %s", d, "; ".join(parts))
+
+
+def parse(argv: list[str] | None = None) -> PrepareConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m fusion_jax.prepare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (--set KEY=VALUE):\n" + config_loader.describe(PrepareConfig),
+    )
+    config_loader.add_config_arguments(parser)
+    return config_loader.config_from_args(PrepareConfig, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    cli.run(main, parse)
