@@ -328,7 +328,7 @@ def main(cfg: CaptureConfig) -> dict:
     if pid == 0:
         _check_resume(out, spec)
         if not (out / CAPTURE_SPEC).exists():
-            tc._write_atomic(out / CAPTURE_SPEC, json.dumps(spec, indent=1).encode())
+            tc.write_atomic(out / CAPTURE_SPEC, json.dumps(spec, indent=1).encode())
     _sync("capture_spec")
     _check_resume(out, spec)
     mine = [s for s in all_shards if s % nproc == pid]
@@ -420,7 +420,7 @@ def _estimate(cfg, store, tok, model_cfg, n_docs, run, local) -> dict:
     fill = sum(len(d.ids) for r in rows if r for d in r.docs) / (local * cfg.seq_len)
     tok_s = cfg.batch_size * cfg.seq_len * max(fill, 1e-9) / step_s
     per_token = tc.bytes_per_token(cfg.k, model_cfg.vocab_size, cfg.logprob_format)
-    disk = tokens * per_token + n_docs * (tc._HEADER.size + 2 + 32)
+    disk = tokens * per_token + sum(tc.record_overhead(d.doc_id) for d in docs) / max(len(docs), 1) * n_docs
     report = {"documents": n_docs, "tokens": tokens, "bytes_per_token": per_token, "disk_bytes": disk,
               "tokens_per_s": tok_s, "seconds": tokens / tok_s, "row_fill": fill}
     print(f"estimate for {cfg.source} over {n_docs:,} documents ({cfg.split}): ~{tokens:,.0f} tokens "

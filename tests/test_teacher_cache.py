@@ -41,7 +41,7 @@ def test_round_trip_and_precision(n, k, big_vocab, fmt, pad, seed):
     pad = min(pad, k - 1)
     rec = make_record(rng, doc_index=seed % 1000, n=n, k=k, vocab=vocab, pad_last=pad, doc_id="dé/ü#3")
     data = tc.encode_record(rec, vocab, fmt)
-    header = tc._HEADER.size + 2 + len(rec.doc_id.encode())
+    header = tc.record_overhead(rec.doc_id)
     assert len(data) == header + n * tc.bytes_per_token(k, vocab, fmt)
     out = tc.decode_record(data)
     assert (out.doc_index, out.doc_id, out.num_bytes, out.k) == (rec.doc_index, rec.doc_id, rec.num_bytes, k)
@@ -158,3 +158,12 @@ def test_incomplete_cache_and_resume_bookkeeping(tmp_path):
     assert tc.done_shards(tmp_path, [0]) == {}
     with pytest.raises(CacheError, match="not a teacher cache"):
         TeacherCache(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("fmt", tc.LOGPROB_FORMATS)
+def test_empty_rows_round_trip(fmt):
+    rec = make_record(np.random.default_rng(5), n=4, k=3)
+    lp = rec.topk_logprobs.copy()
+    lp[1] = -np.inf  # an empty row (imported official `hard` rows can be empty)
+    out = tc.decode_record(tc.encode_record(TeacherRecord(**{**rec.__dict__, "topk_logprobs": lp}), 300, fmt))
+    assert np.isneginf(out.topk_logprobs[1]).all() and np.isfinite(out.topk_logprobs[[0, 2, 3], 0]).all()

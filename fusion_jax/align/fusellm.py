@@ -100,9 +100,11 @@ class FuseLLMPair:
         onehot_target: OnehotTarget = "current",
         tie_order: TieOrder = "official",
         alignment: DtwAlignment | None = None,
+        k_out: int | None = None,
     ) -> SparseRows:
         """src_ids int[n], tgt_ids int[m] (EOS included, as the official pipeline feeds them), src_topk_ids int[n, k],
-        src_topk_values float[n, k] (logits or log-probs, descending) → SparseRows with m rows of k entries."""
+        src_topk_values float[n, k] (logits or log-probs, descending) → SparseRows with m rows of k_out (default k)
+        entries: the first k_out kept candidates of each row."""
         if vocab_align not in VOCAB_ALIGNS:
             raise ValueError(f"vocab_align must be one of {VOCAB_ALIGNS}, got {vocab_align!r}")
         if onehot_target not in ONEHOT_TARGETS:
@@ -121,7 +123,8 @@ class FuseLLMPair:
         for i in np.flatnonzero(count == 1).tolist():
             accepted[i] = self._accepted(i, int(src_ids[first[i]]), int(tgt_ids[i]), vocab_align)
 
-        rows = empty_rows(m, k)
+        k_out = k if k_out is None else k_out
+        rows = empty_rows(m, k_out)
         at = np.flatnonzero(accepted)
         if at.size:
             table = self.hard_map if vocab_align == "hard" else self.soft_map
@@ -135,7 +138,8 @@ class FuseLLMPair:
             ids = np.where(kept, np.take_along_axis(cand, order, axis=1), 0)
             vals = np.where(kept, np.take_along_axis(src_topk_values[first[at]].astype(np.float32), order, axis=1),
                             -np.inf)
-            rows.ids[at], rows.logprobs[at] = ids, vals
+            w = min(k, k_out)
+            rows.ids[at, :w], rows.logprobs[at, :w] = ids[:, :w], vals[:, :w]
             rows.kind[at] = np.where(kept[:, 0], ROW_TEACHER, ROW_EMPTY)
         hot = np.flatnonzero(~accepted)
         target = tgt_ids if onehot_target == "current" else np.append(tgt_ids[1:], tgt_ids[-1:])

@@ -86,6 +86,11 @@ class TeacherRecord:
         return int(self.topk_ids.shape[1])
 
 
+def record_overhead(doc_id: str) -> int:
+    """Bytes of a record beyond its per-token fields: the header and the document id."""
+    return _HEADER.size + 2 + len(doc_id.encode("utf-8"))
+
+
 def id_bytes_for(vocab_size: int) -> int:
     return 2 if vocab_size <= 1 << 16 else 4
 
@@ -119,8 +124,8 @@ def encode_record(rec: TeacherRecord, vocab_size: int, logprob_format: LogprobFo
     if lengths.size and (lengths.min() < 0 or lengths.max() > 0xFFFF):
         raise ValueError(f"record {rec.doc_id!r}: byte_end must be non-decreasing with tokens of at most 65535 bytes")
     lp = np.asarray(rec.topk_logprobs, np.float32)
-    if np.isnan(lp).any() or (lp > 0).any() or np.isneginf(lp[:, :1]).any():
-        raise ValueError(f"record {rec.doc_id!r}: top-k log-probs must be ≤ 0, not NaN, with a finite top-1")
+    if np.isnan(lp).any() or (lp > 0).any():
+        raise ValueError(f"record {rec.doc_id!r}: top-k log-probs must be ≤ 0 and not NaN")
     if (lp[:, 1:] > lp[:, :-1]).any():
         raise ValueError(f"record {rec.doc_id!r}: top-k log-probs must be sorted in descending order")
     doc_id = rec.doc_id.encode("utf-8")
@@ -134,9 +139,9 @@ def encode_record(rec: TeacherRecord, vocab_size: int, logprob_format: LogprobFo
         np.asarray(rec.topk_ids).astype(idt).tobytes(),
     ]
     if logprob_format == "quantized":
-        gaps = lp[:, :1] - lp[:, 1:]
-        pad = np.isposinf(gaps)
-        q = np.where(pad, _GAP_PAD, np.minimum(np.rint(np.where(pad, 0.0, gaps) * _GAP_STEP), _GAP_MAX))
+        pad = np.isneginf(lp[:, 1:])  # descending: a finite entry has a finite top-1
+        gaps = np.where(pad, 0.0, lp[:, :1] - np.where(pad, 0.0, lp[:, 1:]))
+        q = np.where(pad, _GAP_PAD, np.minimum(np.rint(gaps * _GAP_STEP), _GAP_MAX))
         parts += [lp[:, 0].astype("<f2").tobytes(), q.astype(np.uint8).tobytes()]
     else:
         parts.append(lp.astype("<f2").tobytes())
@@ -207,7 +212,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -250,7 +255,7 @@ def write_shard(cache_dir: str | Path, shard: int, records: Iterable[bytes], doc
     sidecar = {"shard": shard, "file": path.name, "size": path.stat().st_size, "sha256": file_sha256(path),
                "num_docs": count, "record_bytes": record_bytes, "tokens": int(sum(doc_tokens)),
                "doc_tokens": [int(t) for t in doc_tokens]}
-    _write_atomic(cache_dir / sidecar_name(shard), json.dumps(sidecar).encode())
+    write_atomic(cache_dir / sidecar_name(shard), json.dumps(sidecar).encode())
     return sidecar
 
 
@@ -284,7 +289,7 @@ def write_manifest(cache_dir: str | Path, spec: dict[str, Any], sidecars: list[d
         "bytes": sum(s["size"] for s in sidecars), "record_bytes": sum(s["record_bytes"] for s in sidecars),
         "shards": sidecars,
     }
-    _write_atomic(Path(cache_dir) / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_atomic(Path(cache_dir) / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
 
@@ -369,8 +374,11 @@ class TeacherCache:
             self._readers[s] = reader
         try:
             rec = decode_record(reader.read([i])[0])
-        except CacheError as e:
-            raise CacheError(f"{self.path}: shard {s} record {i}: {e}") from None
+        except (CacheError, RuntimeError) as e:  # ArrayRecord raises RuntimeError on a damaged chunk
+            raise CacheError(
+                f"{self.path}: shard {s} ({self._shards[s]['file']}) record {i} cannot be read ({e}); the shard is "
+                "corrupted: delete it and its .json sidecar and re-run the capture"
+            ) from None
         if rec.doc_index != doc_index:
             raise CacheError(f"{self.path}: shard {s} record {i} holds document {rec.doc_index}, not {doc_index}")
         return rec
