@@ -26,6 +26,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/forward.py
 	$(BIN)/python bench/align.py
+	$(BIN)/python bench/capture.py
 
 clean:
 	rm -rf $(VENV)

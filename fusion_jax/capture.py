@@ -99,10 +99,11 @@ def topk_step(cfg: ModelConfig, k: int, chunk: int, rules, params, tokens, segme
 
     def one_chunk(args):
         h, n = args  # [B, C, D], [B, C]
-        logp = jax.nn.log_softmax(decoder.unembed(cfg, params, h), axis=-1)
-        top_lp, top_ids = jax.lax.top_k(logp, k)
-        ce = -jnp.take_along_axis(logp, n[..., None], axis=-1)[..., 0]
-        return top_lp, top_ids.astype(jnp.int32), ce
+        logits = decoder.unembed(cfg, params, h)  # float32 [B, C, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        top_logits, top_ids = jax.lax.top_k(logits, k)  # log_softmax is a shift: same order, no [B, C, V] copy
+        ce = lse - jnp.take_along_axis(logits, n[..., None], axis=-1)[..., 0]
+        return top_logits - lse[..., None], top_ids.astype(jnp.int32), ce
 
     to_chunks = lambda x: jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
     from_chunks = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, t, *x.shape[3:])
@@ -226,44 +227,9 @@ def _check_resume(out: Path, spec: dict) -> None:
         )
 
 
-class _Shards:
-    """The shards this process still has to write, as a stream of packed rows, and their finished records."""
-
-    def __init__(self, cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, n_docs: int, shards: list[int]):
-        self.cfg, self.store, self.tok, self.n_docs = cfg, store, tok, n_docs
-        self.pending = shards
-        self.results: dict[int, dict[int, tuple]] = {s: {} for s in shards}
-
-    def rows(self) -> Iterator[_Row | None]:
-        """Rows in order; each shard's rows are padded with None up to a whole local batch."""
-        local = self.cfg.batch_size // jax.process_count()
-        for s in self.pending:
-            docs = [_encode(self.tok, self.store, i, self.cfg.append_eos)
-                    for i in tc.shard_docs(s, self.n_docs, self.cfg.docs_per_shard)]
-            rows = _pack(docs, s, self.cfg.seq_len)
-            yield from rows
-            yield from [None] * (-len(rows) % local)
-
-
-def _batches(rows: Iterator[_Row | None], local: int) -> Iterator[list[_Row | None]]:
-    batch = []
-    for r in rows:
-        batch.append(r)
-        if len(batch) == local:
-            yield batch
-            batch = []
-    assert not batch
-
-
-def _count_rows(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, n_docs: int, shards: list[int]) -> tuple:
-    """(local batches, tokens) this process will run: tokenizes its pending shards once up front."""
-    local = cfg.batch_size // jax.process_count()
-    batches = tokens = 0
-    for s in shards:
-        docs = [_encode(tok, store, i, cfg.append_eos) for i in tc.shard_docs(s, n_docs, cfg.docs_per_shard)]
-        batches += -(-len(_pack(docs, s, cfg.seq_len)) // local)
-        tokens += sum(len(d.ids) for d in docs)
-    return batches, tokens
+def _shard_rows(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, n_docs: int, shard: int) -> list[_Row]:
+    docs = [_encode(tok, store, i, cfg.append_eos) for i in tc.shard_docs(shard, n_docs, cfg.docs_per_shard)]
+    return _pack(docs, shard, cfg.seq_len)
 
 
 def main(cfg: CaptureConfig) -> dict:
@@ -298,20 +264,27 @@ def main(cfg: CaptureConfig) -> dict:
         )
     local = cfg.batch_size // nproc
 
-    def run(batch: list[_Row | None]):
+    def dispatch(batch: list[_Row | None]):
+        """Start the forward on a local batch; returns device arrays (JAX dispatches asynchronously)."""
         arrays = [_row_arrays(r, cfg.seq_len) for r in batch]
         tokens = np.stack([a for a, _ in arrays])
         segs = np.stack([s for _, s in arrays])
         g_tokens = jax.make_array_from_process_local_data(batch_sharding, tokens)
         g_segs = jax.make_array_from_process_local_data(batch_sharding, segs)
         with jax.set_mesh(mesh):
-            lp, ids, ce = step(params, g_tokens, g_segs)
+            return step(params, g_tokens, g_segs)
+
+    def fetch(outputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This process's rows of the outputs, on the host."""
         if nproc == 1:
-            return np.asarray(lp), np.asarray(ids), np.asarray(ce)
+            return tuple(np.asarray(x) for x in outputs)
         from jax.experimental import multihost_utils
 
         return tuple(np.asarray(x) for x in multihost_utils.global_array_to_host_local_array(
-            (lp, ids, ce), mesh, (out_sharding.spec, out_sharding.spec, ce_sharding.spec)))
+            outputs, mesh, (out_sharding.spec, out_sharding.spec, ce_sharding.spec)))
+
+    def run(batch: list[_Row | None]):
+        return fetch(dispatch(batch))
 
     if cfg.estimate:
         return _estimate(cfg, store, tok, model_cfg, n_docs, run, local)
@@ -334,44 +307,55 @@ def main(cfg: CaptureConfig) -> dict:
     mine = [s for s in all_shards if s % nproc == pid]
     done = tc.done_shards(out, mine)
     pending = [s for s in mine if s not in done]
-    n_batches, n_tokens = _count_rows(cfg, store, tok, n_docs, pending)
-    total_batches = _max_over_processes(n_batches)
-    log.info("process %d/%d: %d of %d shards to capture (%d done), %s tokens, %d steps (all processes: %d)", pid, nproc,
-             len(pending), len(mine), len(done), f"{n_tokens:,}", n_batches, total_batches)
+    rounds = _max_over_processes(len(pending))  # round r: every process captures its r-th pending shard
+    n_pending_docs = sum(len(tc.shard_docs(sh, n_docs, cfg.docs_per_shard)) for sh in pending)
+    log.info("process %d/%d: %d of %d shards to capture (%d done), %s documents", pid, nproc, len(pending), len(mine),
+             len(done), f"{n_pending_docs:,}")
 
-    work = _Shards(cfg, store, tok, n_docs, pending)
-    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, dynamic_ncols=True, disable=pid != 0,
-               desc=f"capture {tok.name}")
-    shard_records: dict[int, list[tc.TeacherRecord]] = {}
-    expected = {s: len(tc.shard_docs(s, n_docs, cfg.docs_per_shard)) for s in pending}
-    t0, written = time.perf_counter(), 0
-    batches = _batches(work.rows(), local)
-    for _ in range(total_batches):
-        batch = next(batches, [None] * local)
-        lp, ids, ce = run(batch)
-        for r, row in enumerate(batch):
-            if row is None:
-                continue
-            off = 0
-            for d in row.docs:
-                n = len(d.ids)
-                shard_records.setdefault(row.shard, []).append(
-                    _record(d, lp[r, off:off + n], ids[r, off:off + n], ce[r, off:off + n]))
-                off += n
-                bar.update(n)
-            if len(shard_records[row.shard]) == expected[row.shard]:
-                recs = sorted(shard_records.pop(row.shard), key=lambda x: x.doc_index)
-                tc.write_shard(out, row.shard, (tc.encode_record(x, model_cfg.vocab_size, cfg.logprob_format)
-                                                for x in recs), [len(x.ids) for x in recs])
-                written += 1
+    bar = tqdm(total=n_pending_docs, unit="doc", dynamic_ncols=True, disable=pid != 0, desc=f"capture {tok.name}")
+    t0, written, n_tokens = time.perf_counter(), 0, 0
+    compile_s, first_tokens = math.nan, 0
+    for r in range(rounds):
+        shard = pending[r] if r < len(pending) else None
+        rows = _shard_rows(cfg, store, tok, n_docs, shard) if shard is not None else []
+        n_steps = _max_over_processes(-(-len(rows) // local))
+        batches = [rows[i * local:(i + 1) * local] for i in range(n_steps)]
+        batches = [b + [None] * (local - len(b)) for b in batches]
+        records: list[tc.TeacherRecord] = []
+        in_flight = None  # one batch computes on the devices while the host turns the previous one into records
+        for i in range(n_steps + 1):
+            launched = dispatch(batches[i]) if i < n_steps else None
+            if in_flight is not None:
+                batch, outputs = in_flight
+                lp, ids, ce = fetch(outputs)
+                if math.isnan(compile_s):  # the first call compiles: keep it out of the throughput
+                    compile_s = time.perf_counter() - t0
+                    first_tokens = sum(len(d.ids) for row in batch if row is not None for d in row.docs)
+                for j, row in enumerate(batch):
+                    off = 0
+                    for d in row.docs if row is not None else ():
+                        n = len(d.ids)
+                        records.append(_record(d, lp[j, off:off + n], ids[j, off:off + n], ce[j, off:off + n]))
+                        off += n
+                        n_tokens += n
+                        bar.update(1)
+                bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):,.0f} tok/s", refresh=False)
+            in_flight = (batches[i], launched) if launched is not None else None
+        if shard is not None:
+            tc.write_shard(out, shard, (tc.encode_record(x, model_cfg.vocab_size, cfg.logprob_format)
+                                        for x in records), [len(x.ids) for x in records])
+            written += 1
     bar.close()
     unfinished = [sh for sh in pending if not (out / tc.sidecar_name(sh)).exists()]
     if unfinished:  # pragma: no cover - a bug, not an input error
         raise RuntimeError(f"shards {unfinished} were not completed")
     seconds = time.perf_counter() - t0
     _sync("capture_shards")
+    steady_s = seconds - compile_s
     report = {"output": str(out), "shards_written": written, "tokens": n_tokens, "seconds": seconds,
-              "tokens_per_s": n_tokens / seconds if seconds else math.nan}
+              "compile_s": compile_s,
+              "tokens_per_s": (n_tokens - first_tokens) / steady_s if n_tokens > first_tokens and steady_s > 0
+              else math.nan}
     if pid == 0:
         sidecars = tc.done_shards(out, all_shards)
         missing = sorted(set(all_shards) - set(sidecars))

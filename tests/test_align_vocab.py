@@ -99,7 +99,7 @@ def test_cache_roundtrip_and_rebuild(bl, sp, tmp_path, monkeypatch, caplog):
 
 
 def test_unknown_method(bl, sp):
-    with pytest.raises(ValueError, match=r"one of \('prefix', 'exact', 'mined'\)"):
+    with pytest.raises(ValueError, match=r"one of \('prefix', 'exact', 'mined', 'identity'\)"):
         vocab_map(bl, sp, "fuzzy", use_cache=False)
 
 
@@ -137,3 +137,9 @@ def test_real_prefix_map_examples(llama_neox):
     share = (exact >= 0).mean()
     assert 0.3 < share < 0.9  # most GPT-NeoX words exist in Llama-2 by bytes, not all
     assert (prefix_map(neox, llama) >= 0).sum() > (exact >= 0).sum()
+
+
+def test_identity_map_only_for_the_same_tokenizer(bl, sp):
+    np.testing.assert_array_equal(vocab_map(sp, sp, "identity", use_cache=False), np.arange(sp.vocab_size))
+    with pytest.raises(ValueError, match="needs the same tokenizer"):
+        vocab_map(bl, sp, "identity", use_cache=False)

@@ -6,6 +6,8 @@ Methods:
   token the source's prediction actually starts with. ``ĠHello`` → ``▁Hello``; a source token the target splits
   (``Ġventricular`` → ``▁vent`` if ``▁ventricular`` is not a target token); ``\\n\\n`` → ``<0x0A>``.
 * ``exact``: a target token with exactly the same bytes, else −1.
+* ``identity``: the same id, for a teacher that shares the target's tokenizer (the target model as its own teacher,
+  imported FuseLLM features); unlike ``exact`` it keeps every special and byte-fallback id as it is.
 * ``mined``: the official FuseLLM MinED map (``vocab_mapping.py::find_best_mapping``): on the raw vocabulary strings
   with the source prefix character rewritten to the target's (``Ġ`` → ``▁``), itself if that string is a target
   token, else the target token at minimum Levenshtein distance, ties → lowest target id. Specials are mapped too
@@ -35,8 +37,8 @@ from fusion_jax.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
-MapMethod = Literal["prefix", "exact", "mined"]
-MAP_METHODS: tuple[str, ...] = ("prefix", "exact", "mined")
+MapMethod = Literal["prefix", "exact", "mined", "identity"]
+MAP_METHODS: tuple[str, ...] = ("prefix", "exact", "mined", "identity")
 _FORMAT_VERSION = 1
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -123,7 +125,17 @@ def mined_map(src: Tokenizer, tgt: Tokenizer, chunk: int = 512, workers: int = -
     return out
 
 
-_BUILDERS = {"prefix": prefix_map, "exact": exact_map, "mined": mined_map}
+def identity_map(src: Tokenizer, tgt: Tokenizer) -> np.ndarray:
+    """→ int32[V]: every id to itself; only for the same tokenizer (equal fingerprints)."""
+    if src.fingerprint != tgt.fingerprint:
+        raise ValueError(
+            f"the identity vocab map needs the same tokenizer on both sides; {src.name!r} and {tgt.name!r} differ "
+            "(use prefix, exact or mined)"
+        )
+    return np.arange(src.vocab_size, dtype=np.int32)
+
+
+_BUILDERS = {"prefix": prefix_map, "exact": exact_map, "mined": mined_map, "identity": identity_map}
 
 
 def default_cache_dir() -> Path:

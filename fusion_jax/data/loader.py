@@ -63,7 +63,7 @@ from fusion_jax.data.teacher_cache import CacheError, TeacherCache
 log = logging.getLogger(__name__)
 
 ALIGN_MODES = ("bytes", "fusellm")
-BYTES_MAPS = ("prefix", "exact")
+BYTES_MAPS = ("prefix", "exact", "identity")
 _LENGTHS_VERSION = 1
 _STEPS_AHEAD = 1 << 40  # the grain range is "infinite"
 
@@ -85,7 +85,8 @@ class TeacherSpec:
     name: str | None = _field("name in messages and metrics (default: the cache directory's name)", None)
     align: Literal["bytes", "fusellm"] = _field("bytes: exact byte alignment (default); fusellm: official DTW",
                                                 "bytes")
-    vocab_map: Literal["prefix", "exact"] = _field("bytes mode: source→target vocabulary map", "prefix")
+    vocab_map: Literal["prefix", "exact", "identity"] = _field(
+        "bytes mode: source→target vocabulary map (identity: a teacher with the target's own tokenizer)", "prefix")
     fallback: Literal["onehot_next", "mask"] = _field("bytes mode: rows without a teacher row", "onehot_next")
     vocab_align: Literal["hard", "soft"] = _field("fusellm mode: EM (hard) or MinED (soft) acceptance", "hard")
     onehot_target: Literal["current", "next"] = _field("fusellm mode: one-hot on the current (official) or next token",

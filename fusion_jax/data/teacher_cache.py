@@ -4,8 +4,9 @@ A cache directory holds, for documents ``0..N-1`` of one split of a prepared doc
 
 * ``shard-SSSSS.array_record``: the records of documents ``[S·D, (S+1)·D)`` in order (``D = docs_per_shard``), one
   ArrayRecord record per document (``encode_record``);
-* ``shard-SSSSS.json``: the shard's sidecar, written after the shard is complete: its sha256, size, documents and
-  per-document token counts. A shard counts as done only when both files exist and agree;
+* ``shard-SSSSS.json``: the shard's sidecar, written after the shard is complete: its sha256, size, record bytes
+  (ArrayRecord compresses chunks and pads its blocks, so the file size differs), documents and per-document token
+  counts. A shard counts as done only when both files exist and agree;
 * ``manifest.json``: written last, once every shard is done: what was captured (model, tokenizer fingerprint, k,
   documents fingerprint, encodings) plus every sidecar. Readers refuse a cache without it.
 
