@@ -14,7 +14,6 @@ Process 0 writes ``manifest.json`` when every shard is done (the output director
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -415,11 +414,7 @@ def _estimate(cfg, store, tok, model_cfg, n_docs, run, local) -> dict:
 
 
 def parse(argv: list[str] | None = None) -> CaptureConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m fusion_jax.capture", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (--set KEY=VALUE):\n" + config_loader.describe(CaptureConfig),
-    )
-    config_loader.add_config_arguments(parser)
+    parser = cli.config_parser("python -m fusion_jax.capture", __doc__, CaptureConfig)
     parser.add_argument("--estimate", action="store_true", help="print the disk and time the capture needs, then stop")
     args = parser.parse_args(argv)
     if args.estimate:

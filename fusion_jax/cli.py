@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable, TypeVar
 
 C = TypeVar("C")
+
+
+def config_parser(prog: str, doc: str | None, config_cls: type) -> argparse.ArgumentParser:
+    """An argument parser with `--config FILE` / `--set KEY=VALUE` whose `--help` lists every key of `config_cls`."""
+    from fusion_jax import config_loader
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (--set KEY=VALUE):\n" + config_loader.describe(config_cls),
+    )
+    config_loader.add_config_arguments(parser)
+    return parser
 
 
 def run(main: Callable[[C], object], parse: Callable[[], C]) -> None:

@@ -7,7 +7,6 @@ prints parameters, shardings, next-token cross-entropy and tokens/s.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import time
@@ -82,11 +81,7 @@ def main(cfg: Config) -> dict:
 
 
 def parse(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(
-        prog="python -m fusion_jax.forward", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (--set KEY=VALUE):\n" + config_loader.describe(Config),
-    )
-    config_loader.add_config_arguments(parser)
+    parser = cli.config_parser("python -m fusion_jax.forward", __doc__, Config)
     return config_loader.config_from_args(Config, parser.parse_args(argv))
 
 

@@ -7,7 +7,6 @@ document stay in one split), splits documents longer than max_tokens under any o
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import itertools
@@ -155,13 +154,7 @@ def _log_summary(meta: dict, read: int, split_docs: int, pieces: int, skipped: i
 
 
 def parse(argv: list[str] | None = None) -> PrepareConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m fusion_jax.prepare",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (--set KEY=VALUE):\n" + config_loader.describe(PrepareConfig),
-    )
-    config_loader.add_config_arguments(parser)
+    parser = cli.config_parser("python -m fusion_jax.prepare", __doc__, PrepareConfig)
     return config_loader.config_from_args(PrepareConfig, parser.parse_args(argv))
 
 

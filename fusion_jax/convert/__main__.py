@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from typing import Literal
@@ -48,16 +47,10 @@ def main(cfg: ConvertConfig) -> str:
 
 
 def parse(argv: list[str] | None = None) -> ConvertConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m fusion_jax.convert",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (--set KEY=VALUE):\n" + config_loader.describe(ConvertConfig),
-    )
+    parser = cli.config_parser("python -m fusion_jax.convert", __doc__, ConvertConfig)
     parser.add_argument("source", nargs="?", help="HF model directory or fusion_jax checkpoint")
     parser.add_argument("output", nargs="?", help="directory to write")
     parser.add_argument("--to", choices=["fusion_jax", "hf"], help="output format (default fusion_jax)")
-    config_loader.add_config_arguments(parser)
     args = parser.parse_args(argv)
     shortcuts = [f"{k}={v}" for k, v in (("source", args.source), ("output", args.output), ("to", args.to)) if v]
     return config_loader.load(ConvertConfig, args.config, [*shortcuts, *args.overrides])
