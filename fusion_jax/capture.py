@@ -251,8 +251,12 @@ def main(cfg: CaptureConfig) -> dict:
     spec = capture_spec(cfg, store, tok, model_cfg, n_docs)
     out = Path(cfg.output)
 
-    batch_sharding = jax.NamedSharding(
-        mesh, mesh_lib.logical_to_spec(("batch", "seq"), rules, mesh, (cfg.batch_size, cfg.seq_len)))
+    batch_spec = mesh_lib.logical_to_spec(("batch", "seq"), rules, mesh, (cfg.batch_size, cfg.seq_len))
+    batch_devices = int(np.prod([mesh.shape[a] for a in rules.get("batch", ()) if mesh.shape[a] > 1]))
+    if cfg.batch_size % batch_devices:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the batch mesh axes' size {batch_devices} "
+                         f"(mesh {dict(mesh.shape)})")
+    batch_sharding = jax.NamedSharding(mesh, batch_spec)
     out_sharding = jax.NamedSharding(mesh, mesh_lib.logical_to_spec(("batch", "seq", None), rules, mesh,
                                                                       (cfg.batch_size, cfg.seq_len, cfg.k)))
     ce_sharding = jax.NamedSharding(mesh, batch_sharding.spec)
@@ -301,12 +305,12 @@ def main(cfg: CaptureConfig) -> dict:
         _check_resume(out, spec)
         if not (out / CAPTURE_SPEC).exists():
             tc.write_atomic(out / CAPTURE_SPEC, json.dumps(spec, indent=1).encode())
-    _sync("capture_spec")
+    mesh_lib.sync("capture_spec")
     _check_resume(out, spec)
     mine = [s for s in all_shards if s % nproc == pid]
     done = tc.done_shards(out, mine)
     pending = [s for s in mine if s not in done]
-    rounds = _max_over_processes(len(pending))  # round r: every process captures its r-th pending shard
+    rounds = mesh_lib.max_over_processes(len(pending))  # round r: every process captures its r-th pending shard
     n_pending_docs = sum(len(tc.shard_docs(sh, n_docs, cfg.docs_per_shard)) for sh in pending)
     log.info("process %d/%d: %d of %d shards to capture (%d done), %s documents", pid, nproc, len(pending), len(mine),
              len(done), f"{n_pending_docs:,}")
@@ -317,7 +321,7 @@ def main(cfg: CaptureConfig) -> dict:
     for r in range(rounds):
         shard = pending[r] if r < len(pending) else None
         rows = _shard_rows(cfg, store, tok, n_docs, shard) if shard is not None else []
-        n_steps = _max_over_processes(-(-len(rows) // local))
+        n_steps = mesh_lib.max_over_processes(-(-len(rows) // local))
         batches = [rows[i * local:(i + 1) * local] for i in range(n_steps)]
         batches = [b + [None] * (local - len(b)) for b in batches]
         records: list[tc.TeacherRecord] = []
@@ -349,7 +353,7 @@ def main(cfg: CaptureConfig) -> dict:
     if unfinished:  # pragma: no cover - a bug, not an input error
         raise RuntimeError(f"shards {unfinished} were not completed")
     seconds = time.perf_counter() - t0
-    _sync("capture_shards")
+    mesh_lib.sync("capture_shards")
     steady_s = seconds - compile_s
     report = {"output": str(out), "shards_written": written, "tokens": n_tokens, "seconds": seconds,
               "compile_s": compile_s,
@@ -370,23 +374,8 @@ def main(cfg: CaptureConfig) -> dict:
         log.info("%s: %d documents, %s tokens, %.1f MB on disk (%.1f bytes/token; records %.1f bytes/token); "
                  "%.0f tokens/s", out, manifest["num_docs"], f"{manifest['tokens']:,}", manifest["bytes"] / 1e6,
                  report["bytes_per_token"], report["record_bytes_per_token"], report["tokens_per_s"])
-    _sync("capture_manifest")
+    mesh_lib.sync("capture_manifest")
     return report
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def _max_over_processes(x: int) -> int:
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    return int(np.max(multihost_utils.process_allgather(np.asarray([x], np.int64))))
 
 
 def _estimate(cfg, store, tok, model_cfg, n_docs, run, local) -> dict:

@@ -145,3 +145,20 @@ def constrain(x: jax.Array, logical: Sequence[str | None], rules: dict[str, tupl
     if rules is None or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, rules, mesh, x.shape))
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def max_over_processes(x: int) -> int:
+    """The largest of every process's ``x`` (the same value on all of them)."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray([x], np.int64))))

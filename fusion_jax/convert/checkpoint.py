@@ -59,6 +59,16 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def model_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+    """The ModelConfig of either kind of directory, without reading any weights (for abstract shapes)."""
+    p = Path(path)
+    if kind(p) == "hf":
+        ckpt = hf.HFCheckpoint(p)
+        return architecture(ckpt.model_type).config_from_hf(ckpt.config, **{"param_dtype": ckpt.dtype(), **overrides})
+    meta = _read_meta(p)
+    return config_loader.from_dict(ModelConfig, {**meta["model"], **overrides}, source=str(p / META))
+
+
 def load(
     path: str | os.PathLike,
     mesh: Mesh | None = None,

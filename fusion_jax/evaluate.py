@@ -1,0 +1,465 @@
+"""python -m fusion_jax.evaluate — bits per byte of a model over documents, overall and per domain.
+
+Bits per byte is the metric comparable across tokenizers: the total next-token cross-entropy (nats) of a model over a
+text, divided by ln 2 and by the text's UTF-8 bytes.
+
+What is scored (keep it the same for every model compared):
+  * each document is tokenized alone (no BOS/EOS from the tokenizer); with ``append_eos`` (default) the tokenizer's
+    EOS is appended, so the model is also scored on predicting where the document ends;
+  * with ``bos`` (only for tokenizers that have one) the BOS token is prepended, so the first token is predicted
+    too. Without it — the default, as in the rest of this pipeline, which never inserts a BOS — the first token has
+    no context and is not scored; its bytes stay in the denominator (reported as ``unscored_bytes``), so a
+    tokenizer with long first tokens gets a slight advantage on very short documents;
+  * every other token is scored exactly once, conditioned on the tokens before it in its document (documents are
+    packed into rows with segment masks: nothing attends across documents, positions restart per document).
+
+Documents longer than ``seq_len`` tokens are scored in windows of at most ``seq_len`` tokens. The first window
+starts at the document's start; each later window starts ``context`` tokens before the first token it scores, so
+every token after the first window is predicted from at least ``context`` tokens of the text before it (the
+"sliding window with stride" of the usual perplexity recipes; ``context`` = seq_len // 2 by default, 1 for disjoint
+windows that only share one token, seq_len − 1 for a full sliding window, one window per scored token). Positions
+restart at 0 in each window.
+
+Log-sum-exp over the vocabulary runs in chunks of ``logits_chunk`` positions (no float32 [B, T, V] buffer); the
+batches are sharded over the mesh; in a multi-host run each process scores the documents ``i ≡ process_index (mod
+process_count)`` and the sums are combined across processes, so every process returns the same report.
+
+  python -m fusion_jax.evaluate --set checkpoint=DIR --set documents=STORE --set split=validation
+  python -m fusion_jax.evaluate --set checkpoint=DIR --set corpus.paths=[val.jsonl] --set corpus.domain_field=meta.set
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusion_jax import cli, config_loader, mesh as mesh_lib
+from fusion_jax.convert import checkpoint
+from fusion_jax.data.corpus import CorpusConfig, Document, read_documents
+from fusion_jax.data.documents import DocumentStore
+from fusion_jax.mesh import MeshConfig
+from fusion_jax.models import decoder
+from fusion_jax.models.config import DType, ModelConfig
+from fusion_jax.tokenizers import Tokenizer, check_vocab_size, load_tokenizer
+
+__all__ = ["EvaluateConfig", "bos_token_id", "ce_step", "evaluate_bpb", "main", "parse", "windows"]
+
+log = logging.getLogger("fusion_jax.evaluate")
+LN2 = math.log(2.0)
+BOS_PIECES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+
+
+def _help(text: str, default=dataclasses.MISSING, **kw):
+    return dataclasses.field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    checkpoint: str = _help("model to evaluate: a fusion_jax checkpoint or a Hugging Face directory", "")
+    tokenizer: str = _help("the model's tokenizer (file or directory); default: the checkpoint directory", "")
+    documents: str = _help("prepared document store (python -m fusion_jax.prepare); or give corpus instead", "")
+    split: str = _help("which split of the store: train | validation", "validation")
+    max_documents: int = _help("score only the first N documents of the store (0 = all; a corpus uses "
+                               "corpus.max_documents)", 0)
+    corpus: CorpusConfig | None = _help(
+        "any corpus read directly instead of a store (corpus.format, corpus.paths, corpus.domain_field, "
+        "corpus.max_documents, ...: see fusion_jax.data.corpus); its documents are held in memory", None)
+    batch_size: int = _help("global rows per forward (a multiple of the process count)", 8)
+    seq_len: int = _help("tokens per packed row; longer documents are scored in windows of seq_len tokens", 2048)
+    context: int = _help("tokens of preceding text each window after the first of a long document conditions on "
+                         "(1 .. seq_len-1; -1 = seq_len // 2)", -1)
+    logits_chunk: int = _help("positions per log-sum-exp chunk (bounds the float32 [B, chunk, V] buffer)", 512)
+    append_eos: bool = _help("append the tokenizer's EOS to every document and score its prediction", True)
+    bos: bool = _help("prepend the tokenizer's BOS so the first token is scored too (only for tokenizers with one)",
+                      False)
+    param_dtype: DType = _help("dtype the params are loaded in", "bfloat16")
+    compute_dtype: DType = _help("dtype of the forward's activations (logits are float32 either way)", "bfloat16")
+    output: str = _help("write the report as JSON to this file (optional)", "")
+    mesh: MeshConfig = _help("device mesh and sharding rules", default_factory=MeshConfig)
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("checkpoint is required (--set checkpoint=DIR)")
+        if bool(self.documents) == (self.corpus is not None):
+            raise ValueError("give exactly one of documents (a prepared store: --set documents=DIR) and corpus "
+                             "(--set corpus.paths=[FILE] ...)")
+        if self.split not in ("train", "validation"):
+            raise ValueError(f"split must be train or validation, got {self.split!r}")
+        if min(self.seq_len, self.batch_size, self.logits_chunk) <= 0 or self.max_documents < 0:
+            raise ValueError("seq_len, batch_size and logits_chunk must be positive, max_documents >= 0")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        if self.context != -1 and not 1 <= self.context < self.seq_len:
+            raise ValueError(f"context must be in [1, seq_len) or -1, got {self.context} (seq_len {self.seq_len})")
+
+
+# ------------------------------------------------------------------------------------------------ the device step
+
+
+def ce_step(cfg: ModelConfig, chunk: int, rules, params, tokens, segment_ids, score):
+    """tokens int32[B, T], segment_ids int32[B, T] (0 = padding), score bool[B, T] → float32[B, T]:
+    −log p(tokens[t+1] | its segment up to t) where score[t], 0 elsewhere (score[t] must imply that t+1 is in t's
+    segment). The log-sum-exp over the vocabulary runs over `chunk` positions at a time."""
+    hidden = decoder.hidden_states(cfg, params, tokens, segment_ids, rules=rules)
+    b, t, _ = hidden.shape
+    chunk = min(chunk, t)
+    nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    pad = -t % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        nxt = jnp.pad(nxt, ((0, 0), (0, pad)))
+    n = (t + pad) // chunk
+
+    def one_chunk(args):
+        h, y = args  # [B, C, D], [B, C]
+        logits = decoder.unembed(cfg, params, h)  # float32 [B, C, V]
+        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+
+    to_chunks = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+    ce = jax.lax.map(one_chunk, (to_chunks(hidden), to_chunks(nxt)))
+    ce = jnp.moveaxis(ce, 0, 1).reshape(b, n * chunk)[:, :t]
+    return jnp.where(score, ce, 0.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_step(cfg: ModelConfig, chunk: int, rules_key: tuple, mesh, batch_size: int, seq_len: int):
+    """The jitted step and the batch sharding, built once per (model, mesh, shape): the training loop evaluates
+    many times without recompiling."""
+    rules = {k: tuple(v) for k, v in rules_key}
+    spec = mesh_lib.logical_to_spec(("batch", "seq"), rules, mesh, (batch_size, seq_len))
+    if jax.process_count() > 1 and spec[0] is None:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the batch mesh axes "
+                         f"({rules.get('batch')}) in a multi-host run, so each process feeds its own rows")
+    sharding = jax.NamedSharding(mesh, spec)
+    with jax.set_mesh(mesh):
+        step = jax.jit(lambda p, t, s, m: ce_step(cfg, chunk, rules, p, t, s, m), out_shardings=sharding)
+    return step, sharding
+
+
+# ------------------------------------------------------------------------------------------------ host side
+
+
+def windows(n: int, seq_len: int, context: int) -> list[tuple[int, int, int]]:
+    """The windows that score a document of n tokens: (start, end, first) with tokens [start, end) fed to the model
+    and positions first .. end-start-2 of the window scored (each predicting the window's next token). Every token
+    1 .. n-1 is scored exactly once; a window after the first begins `context` tokens before its first scored
+    token."""
+    if not 1 <= context < seq_len:
+        raise ValueError(f"context must be in [1, seq_len), got {context} (seq_len {seq_len})")
+    out, target, start = [], 1, 0
+    while target < n:
+        end = min(start + seq_len, n)
+        out.append((start, end, target - start - 1))
+        target, start = end, end - context
+    return out
+
+
+@dataclasses.dataclass
+class _Piece:
+    tokens: np.ndarray  # int32[m], m <= seq_len
+    first: int  # first scored position
+    domain: str
+
+
+def _pack(pieces: list[_Piece], seq_len: int) -> list[list[_Piece]]:
+    rows, cur, used = [], [], 0
+    for p in pieces:
+        if used + len(p.tokens) > seq_len:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append(p)
+        used += len(p.tokens)
+    if cur:
+        rows.append(cur)
+    return rows
+
+
+def _row_arrays(row: list[_Piece], seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    tokens = np.zeros(seq_len, np.int32)
+    segs = np.zeros(seq_len, np.int32)
+    score = np.zeros(seq_len, bool)
+    off = 0
+    for s, p in enumerate(row, start=1):
+        m = len(p.tokens)
+        tokens[off:off + m] = p.tokens
+        segs[off:off + m] = s
+        score[off + p.first:off + m - 1] = True
+        off += m
+    return tokens, segs, score
+
+
+def _read(documents, indices: list[int]) -> list[Document]:
+    if hasattr(documents, "__getitems__"):
+        return list(documents.__getitems__(indices))
+    return [documents[i] for i in indices]
+
+
+def _allgather_json(obj) -> list:
+    """Every process's `obj` (JSON-serialisable), in process order."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    n = mesh_lib.max_over_processes(len(data))
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int64))).reshape(-1)
+    buf = np.zeros(n, np.uint8)
+    buf[:len(data)] = data
+    everyone = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(lengths), n)
+    return [json.loads(everyone[i, :lengths[i]].tobytes()) for i in range(len(lengths))]
+
+
+_FIELDS = ("ce", "tokens", "bytes", "documents", "unscored_bytes")
+
+
+def _summary(s: dict) -> dict:
+    out = {"bits_per_byte": s["ce"] / LN2 / s["bytes"] if s["bytes"] else math.nan,
+           "ce_per_token": s["ce"] / s["tokens"] if s["tokens"] else math.nan,
+           "tokens": int(s["tokens"]), "bytes": int(s["bytes"]), "documents": int(s["documents"]),
+           "unscored_bytes": int(s["unscored_bytes"]), "ce_nats": s["ce"]}
+    return out
+
+
+def evaluate_bpb(
+    model_cfg: ModelConfig,
+    params,
+    tokenizer: Tokenizer,
+    documents: DocumentStore | Sequence[Document],
+    *,
+    mesh,
+    rules,
+    batch_size: int,
+    seq_len: int,
+    append_eos: bool = True,
+    max_documents: int = 0,
+    chunk: int = 512,
+    context: int | None = None,
+    bos_id: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Bits per byte of the model (`params` on `mesh`, e.g. the training state's) over `documents`.
+
+    Returns {"bits_per_byte", "ce_per_token" (nats), "tokens" (scored predictions, EOS included), "bytes" (UTF-8
+    bytes of the texts), "documents", "unscored_bytes" (bytes of first tokens that had no context), "ce_nats",
+    "domains": {domain: the same fields}}, identical on every process. `context`: see the module docstring (None =
+    seq_len // 2); `bos_id`: prepend this token to every document (None: no BOS). Empty texts are skipped.
+    """
+    if batch_size <= 0 or seq_len < 2 or chunk <= 0:
+        raise ValueError(f"batch_size and chunk must be positive and seq_len >= 2, got {batch_size}, {chunk}, "
+                         f"{seq_len}")
+    context = seq_len // 2 if context is None or context < 0 else context
+    if not 1 <= context < seq_len:
+        raise ValueError(f"context must be in [1, seq_len), got {context} (seq_len {seq_len})")
+    if append_eos and tokenizer.eos_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name!r} has no EOS token; set append_eos=false or give a tokenizer "
+                         "with one")
+    check_vocab_size(tokenizer, model_cfg.vocab_size, "the model")
+    if bos_id is not None and not 0 <= bos_id < model_cfg.vocab_size:
+        raise ValueError(f"bos_id {bos_id} is outside the model's vocabulary [0, {model_cfg.vocab_size})")
+    if not isinstance(documents, (DocumentStore, Sequence)):
+        documents = list(documents)
+    n_docs = len(documents) if not max_documents else min(max_documents, len(documents))
+    pid, nproc = jax.process_index(), jax.process_count()
+    if batch_size % nproc:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the process count {nproc}")
+    local = batch_size // nproc
+    rules_key = tuple(sorted((k, tuple(v)) for k, v in rules.items()))
+    step, sharding = _compiled_step(model_cfg, chunk, rules_key, mesh, batch_size, seq_len)
+
+    stats: dict[str, dict[str, float]] = {}
+
+    def dispatch(batch: list[list[_Piece]]):
+        arrays = [_row_arrays(r, seq_len) for r in batch]
+        arrays += [_row_arrays([], seq_len)] * (local - len(arrays))
+        glob = [jax.make_array_from_process_local_data(sharding, np.stack([a[i] for a in arrays])) for i in range(3)]
+        with jax.set_mesh(mesh):
+            return step(params, *glob)
+
+    def fetch(out) -> np.ndarray:
+        if nproc == 1:
+            return np.asarray(out)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.global_array_to_host_local_array(out, mesh, sharding.spec))
+
+    def collect(batch: list[list[_Piece]], ce: np.ndarray) -> None:
+        for j, row in enumerate(batch):
+            off = 0
+            for p in row:
+                m = len(p.tokens)
+                stats[p.domain]["ce"] += float(ce[j, off:off + m].sum(dtype=np.float64))
+                off += m
+
+    mine = list(range(pid, n_docs, nproc))
+    group = max(64 * local, 256)  # documents tokenized per round (bounds host memory)
+    rounds = mesh_lib.max_over_processes(-(-len(mine) // group))
+    bar = None
+    if progress and pid == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_docs, unit="doc", dynamic_ncols=True, desc=f"evaluate {tokenizer.name}")
+    for r in range(rounds):
+        pieces: list[_Piece] = []
+        for doc in _read(documents, mine[r * group:(r + 1) * group]):
+            data = doc.text.encode("utf-8")
+            if not data:
+                continue
+            enc = tokenizer.encode(doc.text)
+            ids = enc.ids.astype(np.int32)
+            if bos_id is not None:
+                ids = np.concatenate([np.asarray([bos_id], np.int32), ids])
+            if append_eos:
+                ids = np.append(ids, np.int32(tokenizer.eos_id))
+            s = stats.setdefault(doc.domain, dict.fromkeys(_FIELDS, 0))
+            s["documents"] += 1
+            s["bytes"] += len(data)
+            s["tokens"] += max(len(ids) - 1, 0)
+            if bos_id is None and len(enc.byte_end):
+                s["unscored_bytes"] += int(enc.byte_end[0])
+            for start, end, first in windows(len(ids), seq_len, context):
+                pieces.append(_Piece(ids[start:end], first, doc.domain))
+        rows = _pack(pieces, seq_len)
+        n_steps = mesh_lib.max_over_processes(-(-len(rows) // local))
+        batches = [rows[i * local:(i + 1) * local] for i in range(n_steps)]
+        in_flight = None  # one batch computes on the devices while the host sums the previous one
+        for i in range(n_steps + 1):
+            launched = dispatch(batches[i]) if i < n_steps else None
+            if in_flight is not None:
+                collect(in_flight[0], fetch(in_flight[1]))
+            in_flight = (batches[i], launched) if launched is not None else None
+        if bar is not None:
+            bar.update(min(group * nproc, n_docs - r * group * nproc))
+    if bar is not None:
+        bar.close()
+
+    merged: dict[str, dict[str, float]] = {}
+    for part in _allgather_json(stats):
+        for domain, s in part.items():
+            m = merged.setdefault(domain, dict.fromkeys(_FIELDS, 0))
+            for k in _FIELDS:
+                m[k] += s[k]
+    total = {k: sum(m[k] for m in merged.values()) for k in _FIELDS}
+    if not total["bytes"]:
+        raise ValueError(f"nothing to evaluate: {n_docs} documents with no text"
+                         + (" (max_documents=0 means all)" if not n_docs else ""))
+    return {**_summary(total), "domains": {d: _summary(merged[d]) for d in sorted(merged)}}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _tokenizer_file(path: Path) -> Path:
+    if path.is_dir():
+        for c in [path / "tokenizer.json", path / "tokenizer.model", *sorted(path.glob("*.model"))]:
+            if c.is_file():
+                return c
+    return path
+
+
+def bos_token_id(path: str | os.PathLike, tok: Tokenizer) -> int | None:
+    """The BOS id of the tokenizer loaded from `path`: tokenizer_config.json's bos_token, else SentencePiece's
+    bos_id, else a special token spelled like one of BOS_PIECES; None if it has none."""
+    file = _tokenizer_file(Path(path))
+    by_piece = {p: i for i, p in enumerate(tok.pieces) if p}
+    config = file.parent / "tokenizer_config.json"
+    if config.is_file():
+        bos = json.loads(config.read_text(encoding="utf-8")).get("bos_token")
+        bos = bos.get("content") if isinstance(bos, dict) else bos
+        if isinstance(bos, str) and bos in by_piece:
+            return by_piece[bos]
+    if tok.kind == "sentencepiece":
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto()
+        proto.ParseFromString(file.read_bytes())
+        bos = int(proto.trainer_spec.bos_id)
+        return bos if 0 <= bos < tok.vocab_size else None
+    return next((by_piece[p] for p in BOS_PIECES if p in by_piece and tok.special[by_piece[p]]), None)
+
+
+def format_table(report: dict) -> str:
+    """Overall and per-domain documents, tokens (scored), bytes, bits/byte and tokens/byte of an evaluate_bpb report."""
+    head = f"{'domain':<24} {'documents':>10} {'tokens':>14} {'bytes':>15} {'bits/byte':>10} {'tokens/byte':>12}"
+
+    def line(name: str, r: dict) -> str:
+        tpb = r["tokens"] / r["bytes"] if r["bytes"] else math.nan
+        return (f"{name[:24]:<24} {r['documents']:>10,} {r['tokens']:>14,} {r['bytes']:>15,} "
+                f"{r['bits_per_byte']:>10.4f} {tpb:>12.4f}")
+
+    return "\n".join([head, line("all", report), *(line("  " + d, r) for d, r in report["domains"].items())])
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(cfg: EvaluateConfig) -> dict:
+    cfg.validate()
+    mesh_lib.initialize_distributed(cfg.mesh)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    checkpoint.kind(cfg.checkpoint)  # a clear error for a missing model before anything else is read
+    tok_path = cfg.tokenizer or cfg.checkpoint
+    tok = load_tokenizer(tok_path)
+    bos_id = None
+    if cfg.bos:
+        bos_id = bos_token_id(tok_path, tok)
+        if bos_id is None:
+            raise ValueError(f"tokenizer {tok.name!r} ({tok_path}) has no BOS token; set bos=false")
+    if cfg.corpus is not None:
+        documents: Sequence[Document] | DocumentStore = list(read_documents(cfg.corpus))
+        source = {"corpus": config_loader.to_dict(cfg.corpus)}
+    else:
+        documents = DocumentStore(cfg.documents, cfg.split)
+        source = {"documents": cfg.documents, "split": cfg.split, "fingerprint": documents.fingerprint}
+    if not len(documents):
+        raise ValueError("no documents to evaluate: " + (f"the corpus {list(cfg.corpus.paths)} is empty"
+                         if cfg.corpus is not None else f"split {cfg.split!r} of {cfg.documents} is empty"))
+    model_cfg, params = checkpoint.load(cfg.checkpoint, mesh, cfg.mesh.rules, param_dtype=cfg.param_dtype,
+                                        compute_dtype=cfg.compute_dtype)
+    check_vocab_size(tok, model_cfg.vocab_size, cfg.checkpoint)
+    context = cfg.seq_len // 2 if cfg.context == -1 else cfg.context
+    t0 = time.perf_counter()
+    result = evaluate_bpb(model_cfg, params, tok, documents, mesh=mesh, rules=cfg.mesh.rules,
+                          batch_size=cfg.batch_size, seq_len=cfg.seq_len, append_eos=cfg.append_eos,
+                          max_documents=cfg.max_documents if cfg.corpus is None else 0, chunk=cfg.logits_chunk,
+                          context=context, bos_id=bos_id, progress=True)
+    seconds = time.perf_counter() - t0
+    report = {
+        **result,
+        "checkpoint": cfg.checkpoint, "tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint,
+        "source": source,
+        "append_eos": cfg.append_eos, "bos": cfg.bos, "seq_len": cfg.seq_len, "context": context,
+        "compute_dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype, "seconds": seconds,
+    }
+    if jax.process_index() == 0:
+        what = f"{cfg.documents} ({cfg.split})" if cfg.corpus is None else ", ".join(cfg.corpus.paths)
+        on = lambda flag: "on" if flag else "off"
+        print(f"bits/byte of {cfg.checkpoint} (tokenizer {tok.name}) on {what}: EOS {on(cfg.append_eos)}, "
+              f"BOS {on(cfg.bos)}, seq_len {cfg.seq_len}, context {context}, {cfg.compute_dtype}; {seconds:.1f} s")
+        print(format_table(result))
+        if cfg.output:
+            _write_json(Path(cfg.output), report)
+    return report
+
+
+def parse(argv: list[str] | None = None) -> EvaluateConfig:
+    parser = cli.config_parser("python -m fusion_jax.evaluate", __doc__, EvaluateConfig)
+    return config_loader.config_from_args(EvaluateConfig, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    cli.run(main, parse)
