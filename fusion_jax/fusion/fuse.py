@@ -1,0 +1,296 @@
+"""Fuse K teachers' sparse rows into one sparse target per position (FuseLLM's MinCE and AvgCE), never densified.
+
+Inputs are the loader's per-teacher rows (``fusion_jax/data/loader.py``), stacked by :meth:`Teachers.stack`:
+``ids int32[K,B,T,k]``, ``logprobs float32[K,B,T,k]`` (−inf pads; the row's distribution is the softmax over its
+non-pad entries), ``kind int8[K,B,T]`` (``ROW_TEACHER | ROW_ONEHOT | ROW_EMPTY``), ``seq_ce``/``seq_bpb float32[K,B]``.
+The output :class:`FusedTarget` holds ``ids int32[B,T,K·k]``, ``probs float32[B,T,K·k]``, the teachers' shares
+``weights float32[B,T,K]`` and ``has_target bool[B,T]``. Memory is O(B·T·(K·k)²) at most (the duplicate merge);
+nothing is [B,T,V].
+
+Per position (b, t), :func:`fuse` does:
+
+1. **Rows.** Teacher j *has a row* when ``kind != ROW_EMPTY`` and at least one entry is finite. Its distribution is
+   ``p_j = softmax(logprobs / teacher_temperature)`` over the finite entries.
+2. **Scores** (lower is better). ``granularity="sequence"``: the block's ``seq_bpb`` (``score="bpb"``, comparable
+   across tokenizers) or ``seq_ce`` (``score="ce"``, the official score: each teacher's CE on its own tokens).
+   ``granularity="token"``: ``−log p_j(label)`` with ``p_j`` as in 1 (the row renormalised over its kept entries),
+   +inf when the row lacks the label. A NaN score (``seq_bpb`` of a block without bytes) counts as +inf.
+3. **Who takes part.** A teacher with ``teacher_weights[j] == 0`` never does. ``empty_rows="skip"``: a teacher
+   without a row at the position does not take part there (the others' weights are renormalised).
+   ``empty_rows="first_teacher"`` (official collator): every teacher takes part, and one without a row lends teacher
+   0's row (teacher 0 is the target/base model in the paper); where teacher 0 has no row either, such shares are
+   dropped and the rest renormalised (no target at all when nothing is left, e.g. on padding).
+4. **Shares.** ``method="min_ce"``: one-hot on ``argmin_j score_j − log teacher_weights[j]`` among the teachers taking
+   part; ties go to the lowest index (official ``torch.argmax`` behaviour; a teacher whose score is +inf wins only
+   when all are +inf). ``method="avg_ce"``: ``w_j ∝ teacher_weights[j] · exp(ℓ_j)`` over the teachers taking part,
+   with ``ℓ_j = exp(−score_j)`` (``avg_weights="official"``: the code's ``softmax_j(1/exp(CE_j))``, nearly uniform)
+   or ``ℓ_j = −score_j / temperature`` (``avg_weights="softmax"``; all +inf → uniform).
+5. **Target.** ``Σ_j w_j · p_j``. Entries stay in per-teacher slots (teacher j's k entries at ``[j·k, (j+1)·k)``),
+   but an id present in several slots is merged into its first occurrence (the others get prob 0 and id 0), so ``(ids,
+   probs)`` with ``probs > 0`` is a proper sparse distribution with unique ids: the fusion CE is linear in ``p`` and
+   would not care, but the target entropy (KL loss) would.
+
+``weights`` reports each teacher's *own* share: a ``first_teacher`` substitute counts for teacher 0 (whose row it
+is), so ``weights`` is one-hot for min_ce and serves win rates directly.
+
+``compat_bf16=True`` reproduces the official numerics (``DataCollatorForDistill`` + ``DistillTrainer.compute_loss``):
+teacher values rounded to bf16, divided by the temperature in bf16, softmaxed (float internally) to bf16; rewards
+``bf16(1 / bf16(exp(bf16(score))))``; min_ce is the first argmax of the bf16 rewards (bf16 ties → the first
+teacher); avg_ce weights are ``bf16(softmax(rewards))``; each teacher's ``bf16(w_j · p_j)`` is added in teacher order
+with bf16 rounding after each addition. With the official settings (``compat_bf16=True, empty_rows="first_teacher",
+score="ce", avg_weights="official", granularity="sequence"``, unit teacher weights) the target equals the official
+dense bf16 target entry for entry (``tests/test_fusion.py`` checks this on the FuseLLM goldens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusion_jax.align.transfer import ROW_EMPTY, ROW_TEACHER
+
+METHODS = ("min_ce", "avg_ce")
+GRANULARITIES = ("sequence", "token")
+SCORES = ("bpb", "ce")
+AVG_WEIGHTS = ("official", "softmax")
+EMPTY_ROWS = ("skip", "first_teacher")
+
+
+def _help(text: str, default=dataclasses.MISSING, **kw):
+    return dataclasses.field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionConfig:
+    """How K teachers' rows become one target (FuseLLM's fusion function)."""
+
+    method: Literal["min_ce", "avg_ce"] = _help(
+        "min_ce: the best-scoring teacher's row (paper's MinCE); avg_ce: a score-weighted mixture (AvgCE)", "min_ce")
+    granularity: Literal["sequence", "token"] = _help(
+        "sequence: one choice per block from the block scores (official); token: per position from −log p_j(label)",
+        "sequence")
+    score: Literal["bpb", "ce"] = _help(
+        "sequence score: bpb = the loader's seq_bpb (bits per byte, comparable across tokenizers); ce = the "
+        "official seq_ce (mean CE on each teacher's own tokens)", "bpb")
+    avg_weights: Literal["official", "softmax"] = _help(
+        "avg_ce weights: official = softmax_j(exp(−score_j)) (the code's formula, nearly uniform); "
+        "softmax = softmax_j(−score_j / temperature)", "softmax")
+    temperature: float = _help("τ of avg_weights=softmax", 1.0)
+    teacher_temperature: float = _help(
+        "T dividing each teacher's log-weights before the softmax over its kept entries (official default 1)", 1.0)
+    teacher_weights: tuple[float, ...] = _help(
+        "static per-teacher multipliers, one per teacher (empty: all 1). avg_ce multiplies the weights and "
+        "renormalises; min_ce picks argmin of score − log(weight); 0 excludes a teacher from the target", ())
+    empty_rows: Literal["skip", "first_teacher"] = _help(
+        "a teacher without a row at a position: skip = it does not take part there (weights renormalised over the "
+        "others); first_teacher = it uses teacher 0's row (the official collator's substitution)", "skip")
+    compat_bf16: bool = _help(
+        "official numerics: bf16 teacher softmax, bf16 rewards 1/exp(bf16(score)), ties to the first teacher, "
+        "target rounded to bf16", False)
+
+    def validate(self) -> None:
+        for name, options in (("method", METHODS), ("granularity", GRANULARITIES), ("score", SCORES),
+                              ("avg_weights", AVG_WEIGHTS), ("empty_rows", EMPTY_ROWS)):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+        for name in ("temperature", "teacher_temperature"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        w = self.teacher_weights
+        if any(not (math.isfinite(x) and x >= 0) for x in w):
+            raise ValueError(f"teacher_weights must be finite and >= 0, got {list(w)}")
+        if w and not any(x > 0 for x in w):
+            raise ValueError(f"teacher_weights must have a positive entry, got {list(w)}")
+
+    def weights_for(self, num_teachers: int) -> np.ndarray:
+        """float64[K] static teacher multipliers (all 1 when ``teacher_weights`` is empty)."""
+        if not self.teacher_weights:
+            return np.ones(num_teachers)
+        if len(self.teacher_weights) != num_teachers:
+            raise ValueError(f"teacher_weights has {len(self.teacher_weights)} entries but there are {num_teachers} "
+                             "teachers: give one weight per teacher, in config order")
+        return np.asarray(self.teacher_weights, np.float64)
+
+    @classmethod
+    def official(cls, method: Literal["min_ce", "avg_ce"] = "min_ce", **kw: Any) -> "FusionConfig":
+        """The official FuseLLM fusion (MinCE by default): block CE scores, bf16 numerics, empty rows → teacher 0."""
+        base = dict(method=method, granularity="sequence", score="ce", avg_weights="official",
+                    empty_rows="first_teacher", compat_bf16=True)
+        base.update(kw)
+        return cls(**base)
+
+
+class Teachers(NamedTuple):
+    """K teachers' rows, stacked on a leading axis (a pytree)."""
+
+    ids: Any  # int32[K, B, T, k]
+    logprobs: Any  # float32[K, B, T, k], −inf pads
+    kind: Any  # int8[K, B, T]
+    seq_ce: Any  # float32[K, B]
+    seq_bpb: Any  # float32[K, B]
+
+    @property
+    def num_teachers(self) -> int:
+        return self.ids.shape[0]
+
+    @classmethod
+    def stack(cls, teachers: Sequence[Mapping[str, Any]]) -> "Teachers":
+        """Loader teacher dicts (``batch["teachers"]``) → Teachers; k is padded to the largest (id 0, −inf).
+
+        numpy inputs give numpy arrays, anything else (``jax.Array``, also global sharded ones) jnp arrays. A dict
+        without ``kind`` gets ROW_TEACHER where a row has a finite entry, else ROW_EMPTY; missing ``seq_ce`` /
+        ``seq_bpb`` are NaN (that score then counts as +inf).
+        """
+        if not teachers:
+            raise ValueError("Teachers.stack needs at least one teacher")
+        xp = np if all(isinstance(t["ids"], np.ndarray) for t in teachers) else jnp
+        k = max(t["ids"].shape[-1] for t in teachers)
+        B = teachers[0]["ids"].shape[0]
+        ids, lps, kinds, ces, bpbs = [], [], [], [], []
+        for j, t in enumerate(teachers):
+            i, lp = xp.asarray(t["ids"], xp.int32), xp.asarray(t["logprobs"], xp.float32)
+            if i.shape != lp.shape or i.ndim != 3:
+                raise ValueError(f"teacher {j}: ids {tuple(i.shape)} and logprobs {tuple(lp.shape)} must both be "
+                                 "[B, T, k]")
+            if i.shape[:2] != teachers[0]["ids"].shape[:2]:
+                raise ValueError(f"teacher {j}: [B, T] = {tuple(i.shape[:2])} differs from teacher 0's "
+                                 f"{tuple(teachers[0]['ids'].shape[:2])}")
+            pad = [(0, 0), (0, 0), (0, k - i.shape[-1])]
+            ids.append(xp.pad(i, pad))
+            lps.append(xp.pad(lp, pad, constant_values=-np.inf))
+            if "kind" in t:
+                kinds.append(xp.asarray(t["kind"], xp.int8))
+            else:
+                kinds.append(xp.where(xp.isfinite(lp).any(-1), ROW_TEACHER, ROW_EMPTY).astype(xp.int8))
+            nan = xp.full((B,), np.nan, xp.float32)
+            ces.append(xp.asarray(t["seq_ce"], xp.float32) if "seq_ce" in t else nan)
+            bpbs.append(xp.asarray(t["seq_bpb"], xp.float32) if "seq_bpb" in t else nan)
+        return cls(xp.stack(ids), xp.stack(lps), xp.stack(kinds), xp.stack(ces), xp.stack(bpbs))
+
+
+class FusedTarget(NamedTuple):
+    """The fused sparse target (a pytree)."""
+
+    ids: Any  # int32[B, T, K·k]; 0 where probs is 0
+    probs: Any  # float32[B, T, K·k]; unique ids among probs > 0; sums to 1 where has_target (to bf16 in compat)
+    weights: Any  # float32[B, T, K]: each teacher's own share (one-hot for min_ce)
+    has_target: Any  # bool[B, T]
+
+
+def _bf16(x: jax.Array) -> jax.Array:
+    """Round float32 to the nearest bf16 value (ties to even), kept as float32."""
+    return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def _ident(x: jax.Array) -> jax.Array:
+    return x
+
+
+_LOWEST = float(np.finfo(np.float32).min)
+
+
+def fuse(cfg: FusionConfig, teachers: Teachers, labels: jax.Array | None = None) -> FusedTarget:
+    """K teachers' rows → one sparse target per position (see the module docstring). Pure and jittable
+    (``jax.jit(fuse, static_argnums=0)``); any batch sharding carries through, every op is per position.
+
+    ``labels int32[B, T]``: the next target token at each position; needed only for ``granularity="token"``.
+    """
+    ids = jnp.asarray(teachers.ids, jnp.int32)
+    K, B, T, k = ids.shape
+    E = K * k
+    tw = cfg.weights_for(K)
+    rnd = _bf16 if cfg.compat_bf16 else _ident
+    first_teacher = cfg.empty_rows == "first_teacher"
+
+    # 1. rows and their distributions
+    x = jnp.asarray(teachers.logprobs, jnp.float32)
+    finite = jnp.isfinite(x)
+    has_row = (jnp.asarray(teachers.kind) != ROW_EMPTY) & finite.any(-1)  # [K,B,T]
+    valid = finite & has_row[..., None]
+    tt = float(cfg.teacher_temperature)
+    xs = rnd(rnd(x) / tt) if cfg.compat_bf16 else x / tt
+    xs = jnp.where(valid, xs, -jnp.inf)
+    mx = jnp.where(has_row, jnp.max(xs, -1), 0.0)[..., None]
+    ex = jnp.where(valid, jnp.exp(xs - mx), 0.0)
+    zs = jnp.sum(ex, -1, keepdims=True)
+    zs = jnp.where(zs > 0, zs, 1.0)
+    p = rnd(ex / zs)  # [K,B,T,k], 0 on pads and empty rows
+
+    # 2. scores [K,B,T] (lower is better)
+    if cfg.granularity == "sequence":
+        seq = teachers.seq_bpb if cfg.score == "bpb" else teachers.seq_ce
+        s = jnp.broadcast_to(jnp.asarray(seq, jnp.float32)[:, :, None], (K, B, T))
+    else:
+        if labels is None:
+            raise ValueError("granularity='token' needs labels (the next target token at each position)")
+        logp = xs - mx - jnp.log(zs)
+        hit = valid & (ids == jnp.asarray(labels, jnp.int32)[None, :, :, None])
+        s = -jnp.max(jnp.where(hit, logp, -jnp.inf), -1)
+    s = jnp.where(jnp.isnan(s), jnp.inf, s)
+    if cfg.compat_bf16:
+        s = rnd(s)
+        reward = rnd(1.0 / rnd(jnp.exp(s)))  # official 1/exp(bf16(CE)) in bf16
+    else:
+        reward = jnp.exp(-s)
+
+    # 3. who takes part; which slots end up with a row
+    takes_part = jnp.asarray(tw > 0)[:, None, None]
+    elig = takes_part & has_row if not first_teacher else jnp.broadcast_to(takes_part, (K, B, T))
+    sub = ~has_row & first_teacher  # slot j lends teacher 0's row
+    slot_row = has_row | (sub & has_row[0:1])
+
+    # 4. shares [K,B,T]
+    log_tw = jnp.asarray(np.log(np.where(tw > 0, tw, 1.0)), jnp.float32)[:, None, None]
+    if cfg.method == "min_ce":
+        key = (jnp.log(reward) if cfg.compat_bf16 else -s) + log_tw
+        key = jnp.where(elig, jnp.where(jnp.isnan(key) | (key == -jnp.inf), _LOWEST, key), -jnp.inf)
+        win = jnp.argmax(key, axis=0)  # first index on ties
+        w = (jnp.arange(K)[:, None, None] == win[None]) & elig.any(0, keepdims=True)
+        w = w.astype(jnp.float32)
+    else:
+        ell = reward if cfg.avg_weights == "official" else -s / float(cfg.temperature)
+        ell = jnp.where(elig, ell, -jnp.inf)
+        top = jnp.max(ell, 0, keepdims=True)
+        ell = jnp.where(jnp.isfinite(top), ell - top, jnp.where(elig, 0.0, -jnp.inf))  # all +inf scores → uniform
+        w = jnp.exp(ell)
+        if not np.all(tw == 1.0):
+            w = w * jnp.asarray(tw, jnp.float32)[:, None, None]
+        tot = jnp.sum(w, 0, keepdims=True)
+        w = rnd(w / jnp.where(tot > 0, tot, 1.0))
+    dropped = jnp.any((w > 0) & ~slot_row, 0, keepdims=True)
+    w = jnp.where(slot_row, w, 0.0)
+    tot = jnp.sum(w, 0, keepdims=True)
+    w = jnp.where(dropped & (tot > 0), rnd(w / jnp.where(tot > 0, tot, 1.0)), w)
+    has_target = jnp.sum(w, 0) > 0
+
+    # 5. the target: slot rows (teacher 0's where lent), weighted, duplicates merged
+    ids_s = jnp.where(sub[..., None], ids[0:1], ids)
+    p_s = jnp.where(sub[..., None], p[0:1], p)
+    q = rnd(w[..., None] * p_s)  # [K,B,T,k]; bf16·bf16 is exact in f32, so one rounding as in torch
+    ids_f = jnp.moveaxis(ids_s, 0, 2).reshape(B, T, E)
+    q_f = jnp.moveaxis(q, 0, 2).reshape(B, T, E)
+    pos = q_f > 0
+    same = ids_f[..., :, None] == ids_f[..., None, :]  # [B,T,E,E]
+    before = jnp.arange(E)[None, :] < jnp.arange(E)[:, None]
+    first = pos & ~jnp.any(same & pos[..., None, :] & before, -1)
+    if cfg.compat_bf16:  # torch's w0·p0 + w1·p1 + …: bf16 rounding after each addition, in teacher order
+        acc = jnp.zeros((B, T, E), jnp.float32)
+        for j in range(K):
+            sl = slice(j * k, (j + 1) * k)
+            acc = rnd(acc + jnp.sum(jnp.where(same[..., sl], q_f[..., None, sl], 0.0), -1))
+    else:
+        acc = jnp.sum(jnp.where(same, q_f[..., None, :], 0.0), -1)
+    probs = jnp.where(first, acc, 0.0)
+    ids_out = jnp.where(first, ids_f, 0)
+
+    # own shares: a lent row counts for teacher 0
+    lent = jnp.where(sub, w, 0.0)
+    own = jnp.where(sub, 0.0, w)
+    own = own.at[0].add(jnp.sum(lent, 0))
+    return FusedTarget(ids_out, probs, jnp.moveaxis(own, 0, -1), has_target)

@@ -1,0 +1,194 @@
+"""The FuseLLM objective on sparse targets: L = λ·CLM + (1−λ)·fusion, from one log-sum-exp per position.
+
+With student logits z_t (float32, [V]) and ``lse_t = logsumexp(z_t)``:
+
+* CLM at t: ``lse_t − z_t[label_t]`` where ``clm_mask`` (the loader's ``loss_mask``: next label in the same segment).
+* fusion CE at t: ``Σ_e p_e · (lse_t − z_t[id_e])`` over the fused target's entries (``p`` sums to 1; an exact
+  equivalent of the official ``cross_entropy(z, dense_target)`` since ``p`` is 0 off its support, and also of it
+  when bf16 rounding leaves ``Σp ≠ 1``, because the official loss is linear in the dense target too).
+  ``fusion_loss="kl"``: CE − H(p), the official ``kl_div`` value (same gradients). Counted where the fusion mask holds
+  and the target exists (``FusedTarget.has_target``).
+* The fusion mask (:func:`make_fusion_mask`): ``next_label`` = ``loss_mask`` (FuseChat's fix), ``attention`` = every
+  non-pad position (``segment_ids != 0``), the official code's mask, which includes each block's last position.
+
+Reductions (``reduction``): ``tokens`` = one mean over the whole (global) batch: Σ loss / Σ mask — what the official
+``compute_loss`` computes for a micro-batch of B > 1 blocks (and the golden cases, B = 3); ``blocks`` = the mean over
+blocks of each block's own mean, which is the official run's effective loss (per-device batch 1, averaged over
+gradient accumulation and data parallelism). Blocks with no counted position are left out of that mean.
+
+``chunk_size > 0`` computes the logits ``chunk_size`` positions at a time in a ``lax.scan`` whose body is under
+``jax.checkpoint``: neither the forward nor the backward pass holds a float32 [B, T, V] buffer, only [B, C, V].
+A chunk size that does not divide T is fine (the last chunk is padded and the padding sliced off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+
+from fusion_jax.fusion.fuse import FusedTarget
+
+LM_SCHEDULES = ("constant", "hard_and_decay")
+FUSION_LOSSES = ("ce", "kl")
+FUSION_MASKS = ("next_label", "attention")
+REDUCTIONS = ("tokens", "blocks")
+
+
+def _help(text: str, default=dataclasses.MISSING, **kw):
+    return dataclasses.field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The training objective λ·CLM + (1−λ)·fusion."""
+
+    lm_weight: float = _help("λ, the CLM weight (paper: 0.9)", 0.9)
+    lm_weight_schedule: Literal["constant", "hard_and_decay"] = _help(
+        "constant: λ; hard_and_decay (official option): λ_t = λ + (1−λ)·step/max_steps", "constant")
+    fusion_loss: Literal["ce", "kl"] = _help(
+        "fusion term: cross-entropy to the fused target, or KL (= CE − H(p))", "ce")
+    fusion_mask: Literal["next_label", "attention"] = _help(
+        "positions of the fusion term: next_label = those with a CLM label (FuseChat's fix); attention = every "
+        "non-pad position, incl. each block's last (official FuseLLM)", "next_label")
+    reduction: Literal["tokens", "blocks"] = _help(
+        "tokens: Σ over the global batch / token count; blocks: mean of per-block means (official bs=1 runs)",
+        "tokens")
+    chunk_size: int = _help(
+        "positions per chunk of the student's logits (recomputed in the backward pass); 0 = all at once", 0)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.lm_weight <= 1.0:
+            raise ValueError(f"lm_weight must be in [0, 1], got {self.lm_weight!r}")
+        for name, options in (("lm_weight_schedule", LM_SCHEDULES), ("fusion_loss", FUSION_LOSSES),
+                              ("fusion_mask", FUSION_MASKS), ("reduction", REDUCTIONS)):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+        if self.chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0 (0 = unchunked), got {self.chunk_size}")
+
+
+def lm_weight(cfg: LossConfig, step: Any = 0, max_steps: Any = 1) -> jax.Array:
+    """λ at ``step`` (a float32 scalar; step may be traced). hard_and_decay: λ + (1−λ)·step/max_steps, with
+    step/max_steps clipped to [0, 1]."""
+    lam = jnp.float32(cfg.lm_weight)
+    if cfg.lm_weight_schedule == "constant":
+        return lam
+    if isinstance(max_steps, (int, float)) and max_steps <= 0:
+        raise ValueError(f"hard_and_decay needs max_steps > 0, got {max_steps}")
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / jnp.asarray(max_steps, jnp.float32), 0.0, 1.0)
+    return lam + (1.0 - lam) * frac
+
+
+def total_loss(cfg: LossConfig, losses: dict, step: Any = 0, max_steps: Any = 1) -> jax.Array:
+    """λ·clm + (1−λ)·fusion."""
+    lam = lm_weight(cfg, step, max_steps)
+    return lam * losses["clm"] + (1.0 - lam) * losses["fusion"]
+
+
+def make_fusion_mask(cfg: LossConfig, loss_mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """bool[B, T] positions of the fusion term per ``cfg.fusion_mask`` (from the loader's batch)."""
+    if cfg.fusion_mask == "next_label":
+        return jnp.asarray(loss_mask, bool)
+    return jnp.asarray(segment_ids) != 0
+
+
+def _split_chunks(a: jax.Array, n: int, c: int) -> jax.Array:
+    """[B, T, ...] → [n, B, c, ...], zero-padding T up to n·c."""
+    pad = n * c - a.shape[1]
+    if pad:
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    return jnp.moveaxis(a.reshape(a.shape[0], n, c, *a.shape[2:]), 1, 0)
+
+
+def _join_chunks(a: jax.Array, t: int) -> jax.Array:
+    """[n, B, c] → [B, t]."""
+    n, b, c = a.shape
+    return jnp.moveaxis(a, 0, 1).reshape(b, n * c)[:, :t]
+
+
+def _reduce(per_token: jax.Array, mask: jax.Array, reduction: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    block_sum = jnp.sum(per_token, axis=1)
+    block_tokens = jnp.sum(mask, axis=1).astype(jnp.float32)
+    if reduction == "tokens":
+        value = jnp.sum(block_sum) / jnp.maximum(jnp.sum(block_tokens), 1.0)
+    else:
+        has = block_tokens > 0
+        means = jnp.where(has, block_sum / jnp.maximum(block_tokens, 1.0), 0.0)
+        value = jnp.sum(means) / jnp.maximum(jnp.sum(has), 1).astype(jnp.float32)
+    return value, block_sum, block_tokens
+
+
+def sparse_losses(
+    logits_fn: Callable[[jax.Array], jax.Array],
+    hidden: jax.Array,
+    labels: jax.Array,
+    clm_mask: jax.Array,
+    target: FusedTarget,
+    fusion_mask: jax.Array,
+    cfg: LossConfig,
+) -> dict[str, jax.Array]:
+    """CLM and fusion losses without a dense teacher tensor (see the module docstring).
+
+    ``logits_fn(hidden_chunk [B, C, D]) → logits [B, C, V]`` (float32; e.g.
+    ``functools.partial(decoder.unembed, model_cfg, params)``),
+    ``hidden [B, T, D]``, ``labels int32[B, T]`` (the next token at each position), ``clm_mask bool[B, T]``,
+    ``target`` from :func:`~fusion_jax.fusion.fuse.fuse`, ``fusion_mask bool[B, T]`` (:func:`make_fusion_mask`).
+
+    Returns float32 values: ``clm``, ``fusion`` (reduced per ``cfg.reduction``), ``clm_tokens``, ``fusion_tokens``
+    (global counts), ``clm_block_sum``/``clm_block_tokens``/``fusion_block_sum``/``fusion_block_tokens`` [B] (for
+    accumulating over micro-batches), ``clm_per_token``/``fusion_per_token`` [B, T] (0 where masked).
+    The target gets no gradient.
+    """
+    B, T = labels.shape
+    cmask = jnp.asarray(clm_mask, bool)
+    fmask = jnp.asarray(fusion_mask, bool) & jnp.asarray(target.has_target, bool)
+    probs = jax.lax.stop_gradient(jnp.asarray(target.probs, jnp.float32))
+    ids = jnp.asarray(target.ids, jnp.int32)
+    labels = jnp.asarray(labels, jnp.int32)
+
+    def body(h, lab, tid, tp):
+        z = logits_fn(h).astype(jnp.float32)  # [B, C, V]
+        v = z.shape[-1]
+        lse = jax.nn.logsumexp(z, axis=-1)
+        z_lab = jnp.take_along_axis(z, jnp.clip(lab, 0, v - 1)[..., None], axis=-1)[..., 0]
+        z_ids = jnp.take_along_axis(z, jnp.clip(tid, 0, v - 1), axis=-1)
+        return lse - z_lab, jnp.sum(tp * (lse[..., None] - z_ids), axis=-1)
+
+    c = cfg.chunk_size
+    if c <= 0 or c >= T:
+        clm, ce = body(hidden, labels, ids, probs)
+    else:
+        n = -(-T // c)
+        chunk = jax.checkpoint(body, prevent_cse=False)
+
+        def step(carry, xs):
+            return carry, chunk(*xs)
+
+        xs = tuple(_split_chunks(a, n, c) for a in (hidden, labels, ids, probs))
+        _, (clm, ce) = jax.lax.scan(step, None, xs)
+        clm, ce = _join_chunks(clm, T), _join_chunks(ce, T)
+
+    if cfg.fusion_loss == "kl":
+        neg_entropy = jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0), axis=-1)
+        fus = ce + neg_entropy
+    else:
+        fus = ce
+    clm = jnp.where(cmask, clm, 0.0)
+    fus = jnp.where(fmask, fus, 0.0)
+    clm_value, clm_block_sum, clm_block_tokens = _reduce(clm, cmask, cfg.reduction)
+    fus_value, fus_block_sum, fus_block_tokens = _reduce(fus, fmask, cfg.reduction)
+    return {
+        "clm": clm_value,
+        "fusion": fus_value,
+        "clm_tokens": jnp.sum(clm_block_tokens),
+        "fusion_tokens": jnp.sum(fus_block_tokens),
+        "clm_block_sum": clm_block_sum,
+        "clm_block_tokens": clm_block_tokens,
+        "fusion_block_sum": fus_block_sum,
+        "fusion_block_tokens": fus_block_tokens,
+        "clm_per_token": clm,
+        "fusion_per_token": fus,
+    }

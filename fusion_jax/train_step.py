@@ -1,0 +1,192 @@
+"""The sharded train step: fuse the teachers' sparse rows, one forward of the target, CLM + fusion loss, AdamW.
+
+State (a plain dict pytree, checkpointed as is): ``step`` int32[], ``params`` (float32 master weights, sharded by the
+logical rules), ``opt_state`` (optax, float32, sharded like the params). The forward runs in the model's
+``compute_dtype`` (bf16 by default; norms, softmax and logits in float32).
+
+One step on a global batch of B blocks (``data/loader.py``):
+
+1. ``labels`` = the next token at each position; the teachers' rows fuse into one sparse target (``fusion.fuse``) —
+   this does not depend on the student's parameters, so it is computed once for the whole batch;
+2. the batch is split into ``accumulation`` micro-batches (rows ``i, i+A, …`` so that every device keeps its own rows);
+   each runs the target forward and the chunked sparse losses, and the gradients are summed with
+   ``lax.scan`` — each micro-batch's loss is normalised by the *whole* batch's token count (or block count), so the
+   summed gradient is exactly the full batch's;
+3. clip, AdamW, and the metrics of the step (losses, λ, learning rate, gradient norm, per-teacher win counts).
+
+``jax.jit`` with explicit in/out shardings; the state is donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fusion_jax.fusion.fuse import FusionConfig, Teachers, fuse
+from fusion_jax.fusion.losses import LossConfig, lm_weight, sparse_losses
+from fusion_jax.models import decoder
+from fusion_jax.models.config import ModelConfig
+from fusion_jax.optim import OptimizerConfig, make_optimizer, schedule
+
+State = dict[str, Any]
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward): 6 × matmul parameters (the unembedding included,
+    the embedding gather not) + the attention scores and values, 12 · layers · heads · head_dim · seq_len
+    (PaLM appendix B, without the causal halving)."""
+    h, hd = cfg.hidden_size, cfg.dim_per_head
+    attn = h * hd * (cfg.num_heads * 2 + cfg.num_kv_heads * 2)
+    mlp = h * cfg.intermediate_size * (3 if cfg.mlp == "gated" else 2)
+    matmul = cfg.num_layers * (attn + mlp) + h * cfg.vocab_size
+    return 6.0 * matmul + 12.0 * cfg.num_layers * cfg.num_heads * hd * seq_len
+
+
+def abstract_state(model_cfg: ModelConfig, opt: optax.GradientTransformation, mesh, rules) -> State:
+    """ShapeDtypeStructs with shardings for the whole state — no memory is allocated (restore targets, --dry-run)."""
+    param_sh = decoder.param_shardings(model_cfg, mesh, rules)
+    params = decoder.abstract_params(model_cfg)
+    opt_state = jax.eval_shape(opt.init, params)
+    replicated = jax.NamedSharding(mesh, jax.P())
+    opt_sh = optax.tree_utils.tree_map_params(opt, lambda _, s: s, opt_state, param_sh,
+                                              transform_non_params=lambda _: replicated)
+    with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    return {
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        "params": jax.tree.map(with_sh, params, param_sh),
+        "opt_state": jax.tree.map(with_sh, opt_state, opt_sh),
+    }
+
+
+def state_shardings(abstract: State) -> State:
+    return jax.tree.map(lambda a: a.sharding, abstract)
+
+
+def init_state(params, opt: optax.GradientTransformation, abstract: State) -> State:
+    """A fresh state around ``params`` (already placed by their shardings)."""
+    opt_state = jax.jit(opt.init, out_shardings=state_shardings(abstract)["opt_state"])(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), abstract["step"].sharding)
+    return {"step": step, "params": params, "opt_state": opt_state}
+
+
+def next_labels(tokens: jax.Array) -> jax.Array:
+    """int32[B, T] → the token at t+1 (0 at the last position, which the masks exclude)."""
+    return jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+
+
+def teachers_of(batch: dict) -> Teachers:
+    return Teachers.stack(batch["teachers"])
+
+
+def _micro(x: jax.Array, a: int) -> jax.Array:
+    """[B, ...] → [A, B/A, ...] taking rows i, i+A, … for micro-batch i (each device keeps its own rows)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1)
+
+
+def make_train_step(
+    model_cfg: ModelConfig, fusion_cfg: FusionConfig, loss_cfg: LossConfig, opt_cfg: OptimizerConfig, steps: int,
+    rules,
+) -> tuple[Callable[[State, dict], tuple[State, dict]], optax.GradientTransformation]:
+    """→ (step_fn(state, batch) -> (state, metrics), optimizer). Jit it with :func:`jit_train_step`."""
+    opt = make_optimizer(opt_cfg, steps)
+    lr = schedule(opt_cfg, steps)
+    a = opt_cfg.accumulation
+
+    def step_fn(state: State, batch: dict) -> tuple[State, dict]:
+        tokens, seg = batch["tokens"], batch["segment_ids"]
+        labels = next_labels(tokens)
+        target = fuse(fusion_cfg, teachers_of(batch), labels)
+        clm_mask = batch["loss_mask"]
+        base = clm_mask if loss_cfg.fusion_mask == "next_label" else seg > 0
+        fusion_mask = base & target.has_target
+        n_clm = jnp.maximum(clm_mask.sum(), 1).astype(jnp.float32)
+        n_fus = jnp.maximum(fusion_mask.sum(), 1).astype(jnp.float32)
+        blocks = tokens.shape[0]
+
+        def micro_loss(params, mb):
+            hidden = decoder.hidden_states(model_cfg, params, mb["tokens"], mb["segment_ids"], mb["positions"],
+                                           rules=rules)
+            out = sparse_losses(lambda h: decoder.unembed(model_cfg, params, h), hidden, mb["labels"],
+                                mb["clm_mask"], mb["target"], mb["fusion_mask"], loss_cfg)
+            if loss_cfg.reduction == "tokens":
+                clm = jnp.where(out["clm_tokens"] > 0, out["clm"] * out["clm_tokens"], 0.0) / n_clm
+                fus = jnp.where(out["fusion_tokens"] > 0, out["fusion"] * out["fusion_tokens"], 0.0) / n_fus
+            else:  # per-block means, averaged over the blocks of the whole batch
+                share = mb["tokens"].shape[0] / blocks
+                clm, fus = out["clm"] * share, out["fusion"] * share
+            lam = lm_weight(loss_cfg, state["step"], steps)
+            return lam * clm + (1 - lam) * fus, (clm, fus)
+
+        micro = {"tokens": tokens, "segment_ids": seg, "positions": batch["positions"], "labels": labels,
+                 "clm_mask": clm_mask, "fusion_mask": fusion_mask, "target": target}
+        micro = jax.tree.map(lambda x: _micro(x, a), micro)
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def accumulate(carry, mb):
+            grads, loss, clm, fus = carry
+            (l, (c, f)), g = grad_fn(state["params"], mb)
+            return (jax.tree.map(jnp.add, grads, g), loss + l, clm + c, fus + f), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        (grads, loss, clm, fus), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, 0.0), micro)
+        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        win = (target.weights * fusion_mask[..., None]).sum(axis=(0, 1))
+        metrics = {
+            "loss": loss, "clm": clm, "fusion": fus, "lm_weight": lm_weight(loss_cfg, state["step"], steps),
+            "learning_rate": lr(state["step"]), "grad_norm": optax.global_norm(grads),
+            "clm_tokens": clm_mask.sum(), "fusion_tokens": fusion_mask.sum(), "teacher_wins": win,
+        }
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return step_fn, opt
+
+
+def jit_train_step(step_fn, abstract: State, batch_spec: dict, mesh):
+    """jax.jit with explicit shardings: state in/out as in ``abstract`` (donated), batch as the loader places it,
+    metrics replicated."""
+    state_sh = state_shardings(abstract)
+    batch_sh = jax.tree.map(lambda s: s.sharding, batch_spec)
+    replicated = jax.NamedSharding(mesh, jax.P())
+    with jax.set_mesh(mesh):
+        return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                       donate_argnums=(0,))
+
+
+def host_metrics(metrics: dict) -> dict:
+    """Device metrics → plain floats / lists (blocks until the step finished)."""
+    out = {}
+    for k, v in jax.device_get(metrics).items():
+        v = np.asarray(v)
+        out[k] = v.tolist() if v.ndim else float(v)
+    return out
+
+
+def eval_losses(model_cfg: ModelConfig, fusion_cfg: FusionConfig, loss_cfg: LossConfig, rules):
+    """→ fn(params, batch) -> sums for held-out evaluation: CLM and fusion loss sums and token counts, win counts."""
+
+    def fn(params, batch):
+        tokens = batch["tokens"]
+        labels = next_labels(tokens)
+        target = fuse(fusion_cfg, teachers_of(batch), labels)
+        clm_mask = batch["loss_mask"]
+        base = clm_mask if loss_cfg.fusion_mask == "next_label" else batch["segment_ids"] > 0
+        fusion_mask = base & target.has_target
+        hidden = decoder.hidden_states(model_cfg, params, tokens, batch["segment_ids"], batch["positions"], rules=rules)
+        tokens_cfg = loss_cfg if loss_cfg.reduction == "tokens" else _with_tokens(loss_cfg)
+        out = sparse_losses(lambda h: decoder.unembed(model_cfg, params, h), hidden, labels, clm_mask, target,
+                            fusion_mask, tokens_cfg)
+        return {"clm_sum": out["clm"] * out["clm_tokens"], "clm_tokens": out["clm_tokens"],
+                "fusion_sum": out["fusion"] * out["fusion_tokens"], "fusion_tokens": out["fusion_tokens"],
+                "teacher_wins": (target.weights * fusion_mask[..., None]).sum(axis=(0, 1))}
+
+    return fn
+
+
+def _with_tokens(loss_cfg: LossConfig) -> LossConfig:
+    return dataclasses.replace(loss_cfg, reduction="tokens")
