@@ -3,8 +3,11 @@
 Stages, each skipped when its output is already complete (so re-running after a crash continues where it stopped):
 
 1. documents: ``data.documents``, or prepared from ``data.corpus`` into ``<run_dir>/documents``;
-2. capture: every teacher (the target itself when ``target_as_teacher`` — the paper's setting — then ``sources``)
-   over the train and validation documents into ``<cache>/{train,validation}`` (``fusion_jax.capture``);
+2. capture: every cached teacher (the target itself when ``target_as_teacher`` — the paper's setting — then
+   ``sources``) over the train and validation documents into ``<cache>/{train,validation}`` (``fusion_jax.capture``);
+   an online teacher (``mode: online``) is not captured: its params are loaded once (frozen, sharded, in
+   ``capture.param_dtype``) and it runs inside the train step on the source tokens the loader ships
+   (``fusion_jax/online.py``);
 3. train: the loader aligns the teachers to the target's blocks; the jitted, sharded step fuses them and trains the
    target on ``λ·CLM + (1−λ)·fusion``; Orbax checkpoints every ``train.checkpoint_every`` steps (restored with the
    loader's state, so a resumed run sees exactly the batches it would have seen); a non-finite loss stops the run
@@ -55,18 +58,26 @@ def _help(text: str, default=dataclasses.MISSING, **kw):
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
-    """A source (teacher) model: captured once, aligned to the target by the loader."""
+    """A source (teacher) model: captured once and aligned to the target by the loader (cached), or run inside the
+    train step on the source tokens the loader ships with the alignment tables (online)."""
 
     name: str = _help("name in metrics and cache paths")
     checkpoint: str = _help("fusion_jax or Hugging Face model directory")
     tokenizer: str = _help("its tokenizer (default: the checkpoint directory)", "")
-    cache: str = _help("teacher cache directory (default: <run_dir>/cache/<name>)", "")
+    cache: str = _help("teacher cache directory (default: <cache_dir>/<name>)", "")
     align: str = _help("bytes (exact byte alignment) | fusellm (official DTW)", "bytes")
     vocab_map: str = _help("bytes mode: prefix | exact | identity", "prefix")
     fallback: str = _help("bytes mode: onehot_next | mask for positions without a teacher row", "onehot_next")
     vocab_align: str = _help("fusellm mode: hard (EM) | soft (MinED)", "hard")
     onehot_target: str = _help("fusellm mode: current (official) | next", "current")
     tie_order: str = _help("fusellm mode: official | fusechat_v2", "official")
+    mode: str = _help("cached (capture once, read the cache) | online (run inside the train step, no cache; "
+                      "align=bytes only)", "cached")
+    seq_len: int = _help("online: source tokens per block (0: 2 × loader.seq_len); overflow falls back and is counted "
+                         "in the metrics' src_overflow", 0)
+
+
+MODES = ("cached", "online")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +115,13 @@ class LoopConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = _help("where everything of this run goes", "runs/fusion")
+    cache_dir: str = _help("teacher caches, one directory per teacher (default <run_dir>/cache); share it between "
+                           "runs on the same documents: one capture serves any number of targets", "")
     target: str = _help("the target: a fusion_jax or Hugging Face model directory", "")
     target_tokenizer: str = _help("the target's tokenizer (default: the target directory)", "")
     target_as_teacher: bool = _help("capture the target too and make it teacher 0 (the paper's setting)", True)
+    target_teacher_mode: str = _help("the target as teacher: cached | online (a frozen copy runs in the step)",
+                                     "cached")
     param_dtype: DType = _help("the target's master weights (and optimizer state)", "float32")
     compute_dtype: DType = _help("the target's forward/backward activations", "bfloat16")
     sources: tuple[SourceConfig, ...] = _help("the source models", ())
@@ -129,6 +144,17 @@ class TrainConfig:
             raise ValueError(f"source names must be unique (and not 'target'), got {names}")
         if not names:
             raise ValueError("no teachers: add sources or set target_as_teacher=true")
+        if self.target_teacher_mode not in MODES:
+            raise ValueError(f"target_teacher_mode must be one of {MODES}, got {self.target_teacher_mode!r}")
+        for s in self.sources:
+            if s.mode not in MODES:
+                raise ValueError(f"sources[{s.name}].mode must be one of {MODES}, got {s.mode!r}")
+            if s.mode == "online" and s.align != "bytes":
+                raise ValueError(f"sources[{s.name}]: mode=online supports align=bytes only, got align={s.align!r}: "
+                                 "the fusellm DTW alignment is host-side string work per document and needs the "
+                                 "cached path (mode=cached)")
+            if s.seq_len < 0:
+                raise ValueError(f"sources[{s.name}].seq_len must be >= 0, got {s.seq_len}")
         if self.loader.global_batch_size % self.optimizer.accumulation:
             raise ValueError(f"loader.global_batch_size ({self.loader.global_batch_size}) must be a multiple of "
                              f"optimizer.accumulation ({self.optimizer.accumulation})")
@@ -141,11 +167,11 @@ class TrainConfig:
 
 
 def teacher_list(cfg: TrainConfig) -> list[SourceConfig]:
-    run = Path(cfg.run_dir)
-    out = [SourceConfig(name="target", checkpoint=cfg.target, tokenizer=cfg.target_tokenizer, vocab_map="identity")] \
-        if cfg.target_as_teacher else []
+    caches = Path(cfg.cache_dir or Path(cfg.run_dir) / "cache")
+    out = [SourceConfig(name="target", checkpoint=cfg.target, tokenizer=cfg.target_tokenizer, vocab_map="identity",
+                        mode=cfg.target_teacher_mode)] if cfg.target_as_teacher else []
     out += list(cfg.sources)
-    return [dataclasses.replace(s, cache=s.cache or str(run / "cache" / s.name)) for s in out]
+    return [dataclasses.replace(s, cache=s.cache or str(caches / s.name)) for s in out]
 
 
 def documents_stage(cfg: TrainConfig) -> str:
@@ -178,6 +204,8 @@ def capture_stage(cfg: TrainConfig, documents: str) -> list[SourceConfig]:
 
     teachers = teacher_list(cfg)
     for t in teachers:
+        if t.mode == "online":  # runs inside the train step: nothing to capture
+            continue
         for split in SPLITS:
             c = cfg.capture
             capture.main(CaptureConfig(
@@ -190,10 +218,33 @@ def capture_stage(cfg: TrainConfig, documents: str) -> list[SourceConfig]:
 
 def loader_config(cfg: TrainConfig, teachers: list[SourceConfig], split: str) -> LoaderConfig:
     specs = tuple(TeacherSpec(
-        cache=str(Path(t.cache) / split), tokenizer=t.tokenizer or t.checkpoint, name=t.name, align=t.align,
-        vocab_map=t.vocab_map, fallback=t.fallback, vocab_align=t.vocab_align, onehot_target=t.onehot_target,
-        tie_order=t.tie_order) for t in teachers)
+        cache="" if t.mode == "online" else str(Path(t.cache) / split), tokenizer=t.tokenizer or t.checkpoint,
+        name=t.name, align=t.align, vocab_map=t.vocab_map, fallback=t.fallback, vocab_align=t.vocab_align,
+        onehot_target=t.onehot_target, tie_order=t.tie_order, online=t.mode == "online", seq_len=t.seq_len)
+        for t in teachers)
     return dataclasses.replace(cfg.loader, teachers=specs)
+
+
+def load_online(cfg: TrainConfig, teachers: list[SourceConfig], loader: FusionLoader, mesh, rules):
+    """The online teachers, loaded once (frozen, in their shards, ``capture.param_dtype``/``compute_dtype``) →
+    (tuple of OnlineTeacher, frozen params and vocab maps) in config order; ((), None) when there are none."""
+    from fusion_jax.convert import checkpoint
+    from fusion_jax.online import OnlineTeacher, load_frozen
+    from fusion_jax.tokenizers import check_vocab_size, load_tokenizer
+
+    online = [t for t in teachers if t.mode == "online"]
+    if not online:
+        return (), None
+    for t in online:  # before any weight is read
+        check_vocab_size(load_tokenizer(t.tokenizer or t.checkpoint), checkpoint.model_config(t.checkpoint).vocab_size,
+                         t.checkpoint)
+    maps = loader.vocab_maps()
+    cfgs, frozen = load_frozen([t.checkpoint for t in online], [maps[t.name] for t in online], mesh, rules,
+                               param_dtype=cfg.capture.param_dtype, compute_dtype=cfg.capture.compute_dtype)
+    specs = tuple(OnlineTeacher(name=t.name, model=m, k=cfg.loader.k, topk=max(cfg.capture.k, cfg.loader.k),
+                                fallback=t.fallback) for t, m in zip(online, cfgs))
+    log.info("online teachers: %s (%s params, frozen)", ", ".join(t.name for t in online), cfg.capture.param_dtype)
+    return specs, frozen
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -261,6 +312,13 @@ def dry_run(cfg: TrainConfig) -> dict:
             shard = a.sharding.shard_shape(a.shape)
             total += int(np.prod(shard)) * a.dtype.itemsize
         per_device[name] = total
+    for t in teacher_list(cfg):
+        if t.mode == "online":  # frozen params in capture.param_dtype, sharded like the target's
+            t_cfg = checkpoint.model_config(t.checkpoint, param_dtype=cfg.capture.param_dtype)
+            shardings = decoder.param_shardings(t_cfg, mesh, cfg.mesh.rules)
+            per_device[f"online/{t.name}"] = sum(
+                int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
+                for a, s in zip(jax.tree.leaves(decoder.abstract_params(t_cfg)), jax.tree.leaves(shardings)))
     report = {"mesh": dict(mesh.shape), "params": sum(int(np.prod(a.shape)) for a in
                                                       jax.tree.leaves(abstract["params"])),
               "bytes_per_device": per_device}
@@ -292,7 +350,10 @@ def main(cfg: TrainConfig) -> dict:
                           rules=rules, progress=cfg.train.progress)
     model_cfg, params = checkpoint.load(cfg.target, mesh, rules, param_dtype=cfg.param_dtype,
                                         compute_dtype=cfg.compute_dtype)
-    step_fn, opt = make_train_step(model_cfg, cfg.fusion, cfg.loss, cfg.optimizer, cfg.train.steps, rules)
+    online, frozen = load_online(cfg, teachers, loader, mesh, rules)
+    extra = () if frozen is None else (frozen,)  # the online teachers' params: an argument, never donated
+    step_fn, opt = make_train_step(model_cfg, cfg.fusion, cfg.loss, cfg.optimizer, cfg.train.steps, rules,
+                                   online=online)
     abstract = abstract_state(model_cfg, opt, mesh, rules)
     ckpts = Checkpoints(run / "checkpoints", keep=cfg.train.keep_checkpoints)
     start = ckpts.latest_step()
@@ -303,13 +364,14 @@ def main(cfg: TrainConfig) -> dict:
         log.info("resumed from %s at step %d", ckpts.directory / str(start), start)
     else:
         state, start = init_state(params, opt, abstract), 0
-    train_step = jit_train_step(step_fn, abstract, loader.element_spec(), mesh)
+    train_step = jit_train_step(step_fn, abstract, loader.element_spec(), mesh, frozen=frozen)
     metrics_log = MetricsLog(run, jax.process_index() == 0)
     tokens_per_step = cfg.loader.global_batch_size * cfg.loader.seq_len
     fpt = flops_per_token(model_cfg, cfg.loader.seq_len)
     peak = peak_flops(cfg) * jax.device_count()
     names = [t.name for t in teachers]
-    evaluate = _Evaluator(cfg, teachers, documents, tgt_tok, model_cfg, mesh, rules, eval_losses)
+    evaluate = _Evaluator(cfg, teachers, documents, tgt_tok, model_cfg, mesh, rules, eval_losses, online, extra)
+    online_names = [t.name for t in online]
 
     bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True,
                disable=not cfg.train.progress or jax.process_index() != 0)
@@ -332,6 +394,8 @@ def main(cfg: TrainConfig) -> dict:
         t_prev = now
         wins = np.asarray(m.pop("teacher_wins"))
         m["win_rate"] = dict(zip(names, (wins / max(wins.sum(), 1e-9)).tolist()))
+        if online_names:
+            m["src_overflow"] = dict(zip(online_names, [int(x) for x in m["src_overflow"]]))
         m["tokens_per_s"] = tokens_per_step / dt
         m["mfu"] = m["tokens_per_s"] * fpt / peak if peak else float("nan")
         bar.update(1)
@@ -344,7 +408,7 @@ def main(cfg: TrainConfig) -> dict:
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             batch = next(loader)
-            state, device_metrics = train_step(state, batch)
+            state, device_metrics = train_step(state, batch, *extra)
             if pending is not None:
                 last = finish(*pending)
             pending = (step, device_metrics, time.perf_counter())
@@ -378,11 +442,13 @@ def main(cfg: TrainConfig) -> dict:
 class _Evaluator:
     """Held-out bits per byte (per domain) and the fusion metrics on the validation caches."""
 
-    def __init__(self, cfg, teachers, documents, tgt_tok, model_cfg, mesh, rules, eval_losses):
+    def __init__(self, cfg, teachers, documents, tgt_tok, model_cfg, mesh, rules, eval_losses, online=(),
+                 extra=()):
         from fusion_jax.data.documents import DocumentStore
         from fusion_jax.tokenizers import load_tokenizer
 
         self.cfg, self.model_cfg, self.mesh, self.rules = cfg, model_cfg, mesh, rules
+        self.extra = extra  # the online teachers' frozen params, if any
         self.names = [t.name for t in teachers]
         self.store = DocumentStore(documents, "validation")
         self.tokenizer = load_tokenizer(tgt_tok)
@@ -390,7 +456,7 @@ class _Evaluator:
                                    mesh=mesh, rules=rules, progress=False) if len(self.store) else None
         self.batches = [self.loader.global_batch(i) for i in range(cfg.train.eval_batches)] if self.loader else []
         with jax.set_mesh(mesh):
-            self.losses = jax.jit(eval_losses(model_cfg, cfg.fusion, cfg.loss, rules))
+            self.losses = jax.jit(eval_losses(model_cfg, cfg.fusion, cfg.loss, rules, online))
 
     def __call__(self, params) -> dict:
         from fusion_jax.evaluate import evaluate_bpb
@@ -405,7 +471,7 @@ class _Evaluator:
         sums: dict[str, Any] = {}
         for batch in self.batches:
             with jax.set_mesh(self.mesh):
-                r = jax.device_get(self.losses(params, batch))
+                r = jax.device_get(self.losses(params, batch, *self.extra))
             for k, v in r.items():
                 sums[k] = sums.get(k, 0) + np.asarray(v, np.float64)
         if sums:

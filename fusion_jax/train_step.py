@@ -14,6 +14,11 @@ One step on a global batch of B blocks (``data/loader.py``):
    summed gradient is exactly the full batch's;
 3. clip, AdamW, and the metrics of the step (losses, λ, learning rate, gradient norm, per-teacher win counts).
 
+Online teachers (``fusion_jax/online.py``): ``make_train_step(..., online=[OnlineTeacher, …])`` gives
+``step_fn(state, batch, frozen)``, where ``frozen`` holds each online teacher's params and vocab map; their rows are
+computed inside the step, before 1 (per micro-batch with accumulation), outside the gradient, and join the cached
+teachers' rows in config order. ``frozen`` is an ordinary (not donated) argument.
+
 ``jax.jit`` with explicit in/out shardings; the state is donated.
 """
 
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fusion_jax import online as online_lib
 from fusion_jax.fusion.fuse import FusionConfig, Teachers, fuse
 from fusion_jax.fusion.losses import LossConfig, lm_weight, sparse_losses
 from fusion_jax.models import decoder
@@ -90,17 +96,24 @@ def _micro(x: jax.Array, a: int) -> jax.Array:
 
 def make_train_step(
     model_cfg: ModelConfig, fusion_cfg: FusionConfig, loss_cfg: LossConfig, opt_cfg: OptimizerConfig, steps: int,
-    rules,
-) -> tuple[Callable[[State, dict], tuple[State, dict]], optax.GradientTransformation]:
-    """→ (step_fn(state, batch) -> (state, metrics), optimizer). Jit it with :func:`jit_train_step`."""
+    rules, online: tuple[online_lib.OnlineTeacher, ...] = (),
+) -> tuple[Callable[..., tuple[State, dict]], optax.GradientTransformation]:
+    """→ (step_fn(state, batch[, frozen]) -> (state, metrics), optimizer). Jit it with :func:`jit_train_step`.
+
+    ``online``: the online teachers in config order (their ``frozen`` params and vocab maps are step_fn's third
+    argument); the metrics then add ``src_overflow`` int32[len(online)]."""
     opt = make_optimizer(opt_cfg, steps)
     lr = schedule(opt_cfg, steps)
     a = opt_cfg.accumulation
+    online = tuple(online)
+    for o in online:
+        o.validate()
 
-    def step_fn(state: State, batch: dict) -> tuple[State, dict]:
+    def step_fn(state: State, batch: dict, frozen=()) -> tuple[State, dict]:
         tokens, seg = batch["tokens"], batch["segment_ids"]
         labels = next_labels(tokens)
-        target = fuse(fusion_cfg, teachers_of(batch), labels)
+        teachers = online_lib.stack_teachers(batch["teachers"], online, frozen, rules, a)
+        target = fuse(fusion_cfg, teachers, labels)
         clm_mask = batch["loss_mask"]
         base = clm_mask if loss_cfg.fusion_mask == "next_label" else seg > 0
         fusion_mask = base & target.has_target
@@ -142,20 +155,23 @@ def make_train_step(
             "learning_rate": lr(state["step"]), "grad_norm": optax.global_norm(grads),
             "clm_tokens": clm_mask.sum(), "fusion_tokens": fusion_mask.sum(), "teacher_wins": win,
         }
+        if online:
+            metrics["src_overflow"] = online_lib.overflow(batch["teachers"])
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return step_fn, opt
 
 
-def jit_train_step(step_fn, abstract: State, batch_spec: dict, mesh):
+def jit_train_step(step_fn, abstract: State, batch_spec: dict, mesh, frozen=None):
     """jax.jit with explicit shardings: state in/out as in ``abstract`` (donated), batch as the loader places it,
-    metrics replicated."""
+    metrics replicated. ``frozen`` (online teachers' params and vocab maps, as placed): the step then takes it as a
+    third argument, in its own shardings, not donated."""
     state_sh = state_shardings(abstract)
     batch_sh = jax.tree.map(lambda s: s.sharding, batch_spec)
     replicated = jax.NamedSharding(mesh, jax.P())
+    in_sh = (state_sh, batch_sh) if frozen is None else (state_sh, batch_sh, online_lib.frozen_shardings(frozen))
     with jax.set_mesh(mesh):
-        return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-                       donate_argnums=(0,))
+        return jax.jit(step_fn, in_shardings=in_sh, out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
 
 def host_metrics(metrics: dict) -> dict:
@@ -167,13 +183,16 @@ def host_metrics(metrics: dict) -> dict:
     return out
 
 
-def eval_losses(model_cfg: ModelConfig, fusion_cfg: FusionConfig, loss_cfg: LossConfig, rules):
-    """→ fn(params, batch) -> sums for held-out evaluation: CLM and fusion loss sums and token counts, win counts."""
+def eval_losses(model_cfg: ModelConfig, fusion_cfg: FusionConfig, loss_cfg: LossConfig, rules,
+                online: tuple[online_lib.OnlineTeacher, ...] = ()):
+    """→ fn(params, batch[, frozen]) -> sums for held-out evaluation: CLM and fusion loss sums and token counts, win
+    counts (``frozen``: the online teachers' params and vocab maps, as for the train step)."""
+    online = tuple(online)
 
-    def fn(params, batch):
+    def fn(params, batch, frozen=()):
         tokens = batch["tokens"]
         labels = next_labels(tokens)
-        target = fuse(fusion_cfg, teachers_of(batch), labels)
+        target = fuse(fusion_cfg, online_lib.stack_teachers(batch["teachers"], online, frozen, rules), labels)
         clm_mask = batch["loss_mask"]
         base = clm_mask if loss_cfg.fusion_mask == "next_label" else batch["segment_ids"] > 0
         fusion_mask = base & target.has_target

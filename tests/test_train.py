@@ -57,6 +57,16 @@ def assets(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def prepared(assets, tmp_path_factory):
+    """Documents and teacher caches made once (by the stages themselves) and shared by the tests that train."""
+    root = tmp_path_factory.mktemp("prepared")
+    cfg = config(assets, root / "run", cache_dir=str(root / "cache"))
+    documents = train.documents_stage(cfg)
+    train.capture_stage(cfg, documents)
+    return {"data": dataclasses.replace(cfg.data, documents=documents), "cache_dir": cfg.cache_dir}
+
+
 def config(assets: Path, run_dir: Path, **kw) -> train.TrainConfig:
     base = train.TrainConfig(
         run_dir=str(run_dir), target=str(assets / "target"), compute_dtype="float32",
@@ -102,14 +112,14 @@ def test_smoke_every_stage(assets, tmp_path):
     assert again["resumed_from"] == 2
 
 
-def _one_step(assets, run_dir, mesh_cfg, **kw):
-    """State and metrics after one step (stages reuse the smoke test's layout in run_dir)."""
-    cfg = config(assets, run_dir, mesh=mesh_cfg, **kw)
+def _one_step(assets, prepared, run_dir, mesh_cfg, **kw):
+    """State and metrics after one step, on the shared documents and caches."""
+    cfg = config(assets, run_dir, mesh=mesh_cfg, **prepared, **kw)
     from fusion_jax.data.loader import FusionLoader
     from fusion_jax.train_step import abstract_state, host_metrics, init_state, jit_train_step, make_train_step
     from fusion_jax import mesh as mesh_lib
 
-    stages = config(assets, run_dir)  # documents and caches on the default mesh (reused when complete)
+    stages = config(assets, run_dir, **prepared)  # complete already: the stages only check
     documents = train.documents_stage(stages)
     teachers = train.capture_stage(stages, documents)
     n = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
@@ -125,24 +135,25 @@ def _one_step(assets, run_dir, mesh_cfg, **kw):
     return jax.device_get(state["params"]), host_metrics(m)
 
 
-def test_step_on_2x4_mesh_equals_one_device(assets, tmp_path):
+def test_step_on_2x4_mesh_equals_one_device(assets, prepared, tmp_path):
     run = tmp_path / "run"
     # A small learning rate: Adam's first update is ±lr wherever |g| ≫ ε, so a larger one would only magnify
     # last-bit differences of tiny gradients.
     opt = train.OptimizerConfig(learning_rate=1e-4, warmup_ratio=0.0)
-    sharded, m8 = _one_step(assets, run, MeshConfig(data=2, fsdp=4), optimizer=opt)
-    single, m1 = _one_step(assets, run, MeshConfig(data=1, fsdp=1), optimizer=opt)
+    sharded, m8 = _one_step(assets, prepared, run, MeshConfig(data=2, fsdp=4), optimizer=opt)
+    single, m1 = _one_step(assets, prepared, run, MeshConfig(data=1, fsdp=1), optimizer=opt)
     for k in ("loss", "clm", "fusion", "grad_norm"):
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_gradient_accumulation_gives_the_same_step(assets, tmp_path):
+def test_gradient_accumulation_gives_the_same_step(assets, prepared, tmp_path):
     run = tmp_path / "run"
     opt = train.OptimizerConfig(learning_rate=1e-4, warmup_ratio=0.0)
-    p1, m1 = _one_step(assets, run, MeshConfig(data=2, fsdp=4), optimizer=opt)
-    p4, m4 = _one_step(assets, run, MeshConfig(data=2, fsdp=4), optimizer=dataclasses.replace(opt, accumulation=4))
+    p1, m1 = _one_step(assets, prepared, run, MeshConfig(data=2, fsdp=4), optimizer=opt)
+    p4, m4 = _one_step(assets, prepared, run, MeshConfig(data=2, fsdp=4),
+                       optimizer=dataclasses.replace(opt, accumulation=4))
     for k in ("loss", "clm", "fusion", "grad_norm"):
         np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)):
@@ -160,9 +171,9 @@ def _cli(cfg: train.TrainConfig) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_kill_9_and_resume_gives_the_same_losses(assets, tmp_path):
+def test_kill_9_and_resume_gives_the_same_losses(assets, prepared, tmp_path):
     long = dict(train=train.LoopConfig(steps=8, checkpoint_every=2, log_every=1, eval_batches=1, progress=False,
-                                       export=False))
+                                       export=False), **prepared)
     straight = tmp_path / "straight"
     train.main(config(assets, straight, **long))
     expected = _train_losses(straight)
@@ -183,10 +194,11 @@ def test_kill_9_and_resume_gives_the_same_losses(assets, tmp_path):
     np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-6)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, prepared, tmp_path):
     run = tmp_path / "run"
     cfg = config(assets, run, optimizer=train.OptimizerConfig(learning_rate=1e30, warmup_ratio=0.0, grad_clip=0.0),
-                 train=train.LoopConfig(steps=6, checkpoint_every=1, log_every=1, eval_batches=1, progress=False))
+                 train=train.LoopConfig(steps=6, checkpoint_every=1, log_every=1, eval_batches=1, progress=False),
+                 **prepared)
     with pytest.raises(FloatingPointError, match=r"step \d: the loss is not finite .* last good checkpoint is step \d"):
         train.main(cfg)
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())

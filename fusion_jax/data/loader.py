@@ -34,6 +34,26 @@ A batch (leading dimension B = global batch size; numpy per host, ``jax.Array`` 
         seq_bpb   float32[B]         the teacher's CE summed over its tokens whose span lies inside the block's text
                                      (and that it predicted: not its first token of a document), over ln 2 × those
                                      tokens' bytes; NaN when the block holds no such byte
+      an *online* teacher (``TeacherSpec.online``: no cache, its forward runs inside the train step,
+      ``fusion_jax/online.py``) ships its inputs and the alignment table instead of rows (Ts = its ``seq_len``):
+        src_tokens       int32[B, Ts]    the source tokens of the block's document pieces, one segment per piece
+        src_segment_ids  int32[B, Ts]    1, 2, … (the piece's target segment id), 0 = padding
+        src_positions    int32[B, Ts]    position in the segment
+        src_token_bytes  int32[B, Ts]    UTF-8 bytes of each source token (0 for EOS and padding)
+        gather           int32[B, T]     for target position t the source-block position whose row predicts from
+                                         the same text (same byte end and rank, ``matching_positions`` on the
+                                         whole document), −1 if none (→ fallback)
+        next_ids         int32[B, T]     the target's next token in the same document (−1: none), for the
+                                         ``onehot_next`` fallback — as the cached transfer uses it
+        src_overflow     int32[B]        source tokens of the block that did not fit in Ts (their target rows
+                                         fall back); raise the teacher's seq_len when this is not 0
+
+    Per piece (document d, target tokens [a, e) covering bytes [lo, hi)), the online source block holds the source
+    tokens of d (+EOS as the caches have it, in the document's last piece) whose byte span lies inside [lo, hi]; a
+    source token crossing ``lo`` is dropped (its bytes belong to the previous piece too), so the source's context in
+    a piece that starts mid-document can begin a few bytes after the target's. Pieces that start at the document's
+    start see exactly the context the cache sees. The source block always has one segment per piece, also with
+    ``mask_documents=False``.
 
 Resuming: ``loader.state()`` is a small dict of plain values (the next step plus what the batches depend on);
 ``FusionLoader(..., state=s)`` or ``loader.restore(s)`` continues with exactly the batches the saved run would have
@@ -78,9 +98,9 @@ def _field(text: str, default=dataclasses.MISSING, **kw):
 
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
-    """One teacher: its cache, its tokenizer and how its rows are aligned to the target."""
+    """One teacher: its cache (or ``online``), its tokenizer and how its rows are aligned to the target."""
 
-    cache: str = _field("teacher cache directory (python -m fusion_jax.capture)")
+    cache: str = _field("teacher cache directory (python -m fusion_jax.capture); empty for an online teacher")
     tokenizer: str = _field("the teacher's tokenizer (tokenizer.json, SentencePiece .model, or a directory)")
     name: str | None = _field("name in messages and metrics (default: the cache directory's name)", None)
     align: Literal["bytes", "fusellm"] = _field("bytes: exact byte alignment (default); fusellm: official DTW",
@@ -92,12 +112,29 @@ class TeacherSpec:
     onehot_target: Literal["current", "next"] = _field("fusellm mode: one-hot on the current (official) or next token",
                                                        "current")
     tie_order: Literal["official", "fusechat_v2"] = _field("fusellm mode: DTW tie order", "official")
+    online: bool = _field("no cache: the loader ships the source tokens and the alignment table, the train step runs "
+                          "the teacher (align=bytes only)", False)
+    seq_len: int = _field("online: source tokens per block (Ts); 0 = 2 × the loader's seq_len", 0)
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.cache).name
+        return self.name or Path(self.cache or self.tokenizer).name
+
+    def source_len(self, target_len: int) -> int:
+        """Ts, the online source block length."""
+        return self.seq_len or 2 * target_len
 
     def validate(self) -> None:
+        if self.online:
+            if self.align != "bytes":
+                raise ValueError(f"teacher {self.label}: online teachers support align='bytes' only, got "
+                                 f"{self.align!r}: the fusellm DTW alignment is host-side string work on the "
+                                 "teacher's top-k per document and needs the cached path (online=false, capture first)")
+            if self.seq_len < 0:
+                raise ValueError(f"teacher {self.label}: seq_len must be >= 0 (0 = 2 × the target's), got "
+                                 f"{self.seq_len}")
+        elif not self.cache:
+            raise ValueError(f"teacher {self.label}: cache is required unless online=true")
         if self.align not in ALIGN_MODES:
             raise ValueError(f"teacher {self.label}: align must be one of {ALIGN_MODES}, got {self.align!r}")
         if self.vocab_map not in BYTES_MAPS:
@@ -246,16 +283,30 @@ class _Teacher:
     """A teacher at run time: its opened cache and the tables its transfer needs. Picklable (the tokenizers and the
     FuseLLM pair tables are rebuilt lazily in each worker)."""
 
-    def __init__(self, spec: TeacherSpec, cache: TeacherCache, tokenizer_path: str, target_path: str,
-                 table: np.ndarray | None):
-        self.spec, self.name, self.cache = spec, spec.label, cache
+    def __init__(self, spec: TeacherSpec, cache: TeacherCache | None, tokenizer_path: str, target_path: str,
+                 table: np.ndarray | None, tokenizer=None):
+        self.spec, self.name, self.cache = spec, spec.label, cache  # cache None: an online teacher
         self.tokenizer_path, self.target_path = tokenizer_path, target_path
         self.table = table  # bytes: the vocab map; fusellm soft: the MinED map; fusellm hard: None
         self._pair = None
+        self._tokenizer = tokenizer
+
+    @property
+    def online(self) -> bool:
+        return self.spec.online
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from fusion_jax.tokenizers import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_pair"] = None
+        state["_tokenizer"] = None
         return state
 
     def pair(self, target):
@@ -286,11 +337,21 @@ class _DocTeacher:
 
 
 @dataclasses.dataclass(frozen=True)
+class _DocOnline:
+    """An online teacher's encoding of one document (EOS appended when configured)."""
+
+    ids: np.ndarray         # int32[n]
+    byte_start: np.ndarray  # int64[n]
+    byte_end: np.ndarray    # int64[n]
+    match: np.ndarray       # int32[m]: per target token, the source token whose row predicts from the same text, −1
+
+
+@dataclasses.dataclass(frozen=True)
 class _Doc:
     ids: np.ndarray         # int32[m], EOS included when appended
     byte_end: np.ndarray    # int32[m]
     byte_start: np.ndarray  # int32[m]
-    teachers: tuple[_DocTeacher, ...]
+    teachers: tuple[_DocTeacher | _DocOnline, ...]
 
 
 class BlockBuilder:
@@ -357,6 +418,9 @@ class BlockBuilder:
         byte_start = np.concatenate([[0], byte_end[:-1]]).astype(np.int32) if len(ids) else byte_end
         teachers = []
         for t in self.teachers:
+            if t.online:
+                teachers.append(self._online_doc(t, doc.text, num_bytes, byte_end))
+                continue
             try:
                 rec = t.cache[d]
             except (CacheError, RuntimeError) as e:  # RuntimeError: ArrayRecord's chunk hash caught a corrupted read
@@ -387,6 +451,17 @@ class BlockBuilder:
                 self._docs.popitem(last=False)
         return out
 
+    def _online_doc(self, t: _Teacher, text: str, num_bytes: int, tgt_byte_end: np.ndarray) -> _DocOnline:
+        from fusion_jax.align.transfer import matching_positions
+
+        tok = t.tokenizer
+        enc = tok.encode(text)
+        ids, ends = np.asarray(enc.ids, np.int32), np.asarray(enc.byte_end, np.int64)
+        if self.append_eos:  # as capture does: the source's own EOS, an empty span at the end of the text
+            ids, ends = np.append(ids, np.int32(tok.eos_id)).astype(np.int32), np.append(ends, num_bytes)
+        starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+        return _DocOnline(ids, starts, ends, matching_positions(ends, tgt_byte_end))
+
     def __call__(self, block: int) -> dict[str, Any]:
         with self._lock:
             return self._build(int(block))
@@ -403,13 +478,18 @@ class BlockBuilder:
         t_kind = [np.full(T, ROW_EMPTY, np.int8) for _ in range(K)]
         ce_sum = np.zeros(K)
         nats, nbytes = np.zeros(K), np.zeros(K, np.int64)
-        for d, s, e, o in zip(segs.doc.tolist(), segs.start.tolist(), segs.end.tolist(), segs.offset.tolist()):
+        online = {j: _OnlineBlock(t.spec.source_len(T), T) for j, t in enumerate(self.teachers) if t.online}
+        for i, (d, s, e, o) in enumerate(zip(segs.doc.tolist(), segs.start.tolist(), segs.end.tolist(),
+                                             segs.offset.tolist())):
             doc = self.document(d)
             src, dst = slice(s, e), slice(o, o + e - s)
             tokens[dst] = doc.ids[src]
             token_bytes[dst] = doc.byte_end[src] - doc.byte_start[src]
             lo, hi, last = int(doc.byte_start[s]), int(doc.byte_end[e - 1]), e == len(doc.ids)
             for j, dt in enumerate(doc.teachers):
+                if j in online:
+                    online[j].add(dt, doc.ids, s, e, o, lo, hi, last, i + 1)
+                    continue
                 t_ids[j][dst] = dt.rows.ids[src]
                 t_lp[j][dst] = dt.rows.logprobs[src]
                 t_kind[j][dst] = dt.rows.kind[src]
@@ -422,6 +502,9 @@ class BlockBuilder:
         n = segs.length
         teachers = []
         for j in range(K):
+            if j in online:
+                teachers.append(online[j].arrays())
+                continue
             bpb = nats[j] / (math.log(2) * nbytes[j]) if nbytes[j] else np.nan
             teachers.append({"ids": t_ids[j], "logprobs": t_lp[j], "kind": t_kind[j],
                              "seq_ce": np.float32(ce_sum[j] / n), "seq_bpb": np.float32(bpb)})
@@ -432,6 +515,53 @@ class BlockBuilder:
     def batch(self, blocks: Sequence[int]) -> dict[str, Any]:
         """Stack the given blocks → the batch dict with a leading dimension len(blocks)."""
         return stack([self(g) for g in blocks])
+
+
+class _OnlineBlock:
+    """One online teacher's part of a block under construction (module docstring)."""
+
+    def __init__(self, Ts: int, T: int):
+        self.tokens = np.zeros(Ts, np.int32)
+        self.segment_ids = np.zeros(Ts, np.int32)
+        self.positions = np.zeros(Ts, np.int32)
+        self.token_bytes = np.zeros(Ts, np.int32)
+        self.gather = np.full(T, -1, np.int32)
+        self.next_ids = np.full(T, -1, np.int32)
+        self.used = 0
+        self.overflow = 0
+
+    def add(self, dt: _DocOnline, tgt_ids: np.ndarray, s: int, e: int, o: int, lo: int, hi: int, last: bool,
+            segment: int) -> None:
+        """Target tokens [s, e) of a document (bytes [lo, hi), ``last``: the document's last piece) at offset o."""
+        nxt = np.full(e - s, -1, np.int32)
+        has = np.arange(s, e) + 1 < len(tgt_ids)
+        nxt[has] = tgt_ids[np.arange(s, e)[has] + 1]
+        self.next_ids[o:o + e - s] = nxt
+        # the source tokens whose span lies inside the piece (contiguous: spans are monotone); an empty span at hi
+        # (EOS) belongs to the document's last piece only; a token crossing lo is dropped
+        inside = (dt.byte_start >= lo) & (dt.byte_end <= hi) & ((dt.byte_start < hi) | last)
+        idx = np.flatnonzero(inside)
+        if not idx.size:
+            return
+        a, n = int(idx[0]), int(idx.size)
+        Ts = len(self.tokens)
+        placed = max(0, min(n, Ts - self.used))
+        self.overflow += n - placed
+        if placed:
+            at = slice(self.used, self.used + placed)
+            self.tokens[at] = dt.ids[a:a + placed]
+            self.segment_ids[at] = segment
+            self.positions[at] = np.arange(placed)
+            self.token_bytes[at] = (dt.byte_end - dt.byte_start)[a:a + placed]
+        p = dt.match[s:e].astype(np.int64)
+        ok = (p >= a) & (p < a + placed)
+        self.gather[o:o + e - s] = np.where(ok, self.used + p - a, -1)
+        self.used += placed
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"src_tokens": self.tokens, "src_segment_ids": self.segment_ids, "src_positions": self.positions,
+                "src_token_bytes": self.token_bytes, "gather": self.gather, "next_ids": self.next_ids,
+                "src_overflow": np.int32(self.overflow)}
 
 
 def stack(blocks: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -554,6 +684,13 @@ class FusionLoader:
         teachers = []
         for spec in cfg.teachers:
             src = load_tokenizer(spec.tokenizer)
+            if spec.online:
+                if cfg.append_eos and src.eos_id is None:
+                    raise LoaderError(f"teacher {spec.label}: tokenizer {spec.tokenizer} has no EOS token, needed "
+                                      "with append_eos=true")
+                table = vocab_map(src, target, spec.vocab_map, cfg.cache_dir)
+                teachers.append(_Teacher(spec, None, str(spec.tokenizer), self.target_path, table, src))
+                continue
             cache = TeacherCache(spec.cache, verify=cfg.verify)
             _check_teacher(spec, cache, src, cfg, self.store)
             if spec.align == "bytes":
@@ -567,15 +704,16 @@ class FusionLoader:
         raw = target_lengths(self.store, target, self.target_path, cfg.cache_dir, workers=cfg.worker_count,
                              progress=progress)
         # Caches captured with max_documents cover a prefix of the store: pack the documents every teacher has.
-        self.num_docs = min([len(self.store), *(len(t.cache) for t in teachers)])
+        self.num_docs = min([len(self.store), *(len(t.cache) for t in teachers if not t.online)])
         if self.num_docs < len(self.store):
-            short = [t.name for t in teachers if len(t.cache) == self.num_docs]
+            short = [t.name for t in teachers if not t.online and len(t.cache) == self.num_docs]
             log.warning("packing the first %d of %d documents: the caches of %s cover only those", self.num_docs,
                         len(self.store), ", ".join(short))
         raw = raw[:self.num_docs]
         self.plan = PackingPlan(raw + int(cfg.append_eos), cfg.seq_len, cfg.seed)
         self.builder = BlockBuilder(self.plan, self.store, self.target_path, teachers, cfg.k, cfg.append_eos,
                                     cfg.mask_documents, cfg.doc_cache, target=target)
+        self.teachers = teachers
 
         self.mesh, self.rules = mesh, rules
         if mesh is not None and self.rules is None:
@@ -659,6 +797,11 @@ class FusionLoader:
 
         return jax.tree.map(put, local)
 
+    def vocab_maps(self) -> dict[str, np.ndarray]:
+        """The online teachers' vocab maps (name → int32[V_src], −1 = unmapped), in config order: constants the
+        train step receives once, not per batch."""
+        return {t.name: t.table for t in self.teachers if t.online}
+
     def element_spec(self):
         """The global batch as a pytree of ``jax.ShapeDtypeStruct`` (with shardings when there is a mesh)."""
         import jax
@@ -669,11 +812,19 @@ class FusionLoader:
             sh = self.sharding(len(shape)) if self.mesh is not None else None
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
 
-        teacher = lambda: {"ids": s((B, T, k), np.int32), "logprobs": s((B, T, k), np.float32),  # noqa: E731
-                           "kind": s((B, T), np.int8), "seq_ce": s((B,), np.float32), "seq_bpb": s((B,), np.float32)}
+        def teacher(spec: TeacherSpec) -> dict:
+            if spec.online:
+                Ts = spec.source_len(T)
+                return {"src_tokens": s((B, Ts), np.int32), "src_segment_ids": s((B, Ts), np.int32),
+                        "src_positions": s((B, Ts), np.int32), "src_token_bytes": s((B, Ts), np.int32),
+                        "gather": s((B, T), np.int32), "next_ids": s((B, T), np.int32),
+                        "src_overflow": s((B,), np.int32)}
+            return {"ids": s((B, T, k), np.int32), "logprobs": s((B, T, k), np.float32), "kind": s((B, T), np.int8),
+                    "seq_ce": s((B,), np.float32), "seq_bpb": s((B,), np.float32)}
+
         return {"tokens": s((B, T), np.int32), "segment_ids": s((B, T), np.int32), "positions": s((B, T), np.int32),
                 "loss_mask": s((B, T), np.bool_), "doc_index": s((B, T), np.int32),
-                "token_bytes": s((B, T), np.int32), "teachers": [teacher() for _ in self.cfg.teachers]}
+                "token_bytes": s((B, T), np.int32), "teachers": [teacher(t) for t in self.cfg.teachers]}
 
     def _pipeline(self):
         import grain
