@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/forward.py
 	$(BIN)/python bench/align.py
 	$(BIN)/python bench/capture.py
+	$(BIN)/python bench/train_step.py
 
 clean:
 	rm -rf $(VENV)

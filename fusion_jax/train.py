@@ -41,7 +41,7 @@ from fusion_jax.fusion.fuse import FusionConfig
 from fusion_jax.fusion.losses import LossConfig
 from fusion_jax.mesh import MeshConfig
 from fusion_jax.models import decoder
-from fusion_jax.models.config import DType, ModelConfig
+from fusion_jax.models.config import DType, ModelConfig, RematPolicy
 from fusion_jax.optim import OptimizerConfig
 
 log = logging.getLogger("fusion_jax.train")
@@ -133,7 +133,10 @@ class TrainConfig:
     loss: LossConfig = _help("λ·CLM + (1−λ)·fusion", default_factory=LossConfig)
     optimizer: OptimizerConfig = _help("AdamW and schedule", default_factory=OptimizerConfig)
     train: LoopConfig = _help("the loop", default_factory=LoopConfig)
-    mesh: MeshConfig = _help("device mesh and sharding rules", default_factory=MeshConfig)
+    remat: RematPolicy = _help("activation checkpointing of the target's layers (full: a 7B target at T=2048 needs it)",
+                               "none")
+    mesh: MeshConfig = _help("device mesh and sharding rules (default: params, optimizer state and batch sharded "
+                             "over every device, FSDP)", default_factory=lambda: MeshConfig(data=1, fsdp=-1))
     dry_run: bool = _help("print the sharded state's bytes per device and stop (allocates nothing)", False)
 
     def validate(self) -> None:
@@ -297,13 +300,15 @@ def peak_flops(cfg: TrainConfig) -> float:
 
 
 def dry_run(cfg: TrainConfig) -> dict:
-    """Abstract state and one batch's shapes on the mesh: bytes per device, nothing allocated."""
+    """The sharded train state built abstractly: bytes per device of params and optimizer state (and of online
+    teachers), nothing allocated. Activations and the step's temporaries are not included (docs/scaling.md)."""
     from fusion_jax.convert import checkpoint
     from fusion_jax.optim import make_optimizer
     from fusion_jax.train_step import abstract_state
 
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    model_cfg = checkpoint.model_config(cfg.target, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
+    model_cfg = checkpoint.model_config(cfg.target, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
+                                        remat=cfg.remat)
     abstract = abstract_state(model_cfg, make_optimizer(cfg.optimizer, cfg.train.steps), mesh, cfg.mesh.rules)
     per_device = {}
     for name, tree in abstract.items():
@@ -348,7 +353,7 @@ def main(cfg: TrainConfig) -> dict:
     tgt_tok = cfg.target_tokenizer or cfg.target
     loader = FusionLoader(loader_config(cfg, teachers, "train"), documents, tgt_tok, split="train", mesh=mesh,
                           rules=rules, progress=cfg.train.progress)
-    model_cfg, params = checkpoint.load(cfg.target, mesh, rules, param_dtype=cfg.param_dtype,
+    model_cfg, params = checkpoint.load(cfg.target, mesh, rules, param_dtype=cfg.param_dtype, remat=cfg.remat,
                                         compute_dtype=cfg.compute_dtype)
     online, frozen = load_online(cfg, teachers, loader, mesh, rules)
     extra = () if frozen is None else (frozen,)  # the online teachers' params: an argument, never donated

@@ -121,7 +121,9 @@ def make_train_step(
         n_fus = jnp.maximum(fusion_mask.sum(), 1).astype(jnp.float32)
         blocks = tokens.shape[0]
 
-        def micro_loss(params, mb):
+        def micro_loss(master, mb):
+            # Matrices in the compute dtype before use: FSDP all-gathers move bf16, not the float32 master copy.
+            params = jax.tree.map(lambda p: p.astype(model_cfg.compute_dtype) if p.ndim > 1 else p, master)
             hidden = decoder.hidden_states(model_cfg, params, mb["tokens"], mb["segment_ids"], mb["positions"],
                                            rules=rules)
             out = sparse_losses(lambda h: decoder.unembed(model_cfg, params, h), hidden, mb["labels"],
