@@ -421,10 +421,7 @@ def _estimate(cfg, store, tok, model_cfg, n_docs, run, local) -> dict:
 def parse(argv: list[str] | None = None) -> CaptureConfig:
     parser = cli.config_parser("python -m fusion_jax.capture", __doc__, CaptureConfig)
     parser.add_argument("--estimate", action="store_true", help="print the disk and time the capture needs, then stop")
-    args = parser.parse_args(argv)
-    if args.estimate:
-        args.overrides = [*(args.overrides or []), "estimate=true"]
-    return config_loader.config_from_args(CaptureConfig, args)
+    return cli.parse_config(parser, CaptureConfig, argv, {"estimate": "estimate=true"})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,19 @@ def config_parser(prog: str, doc: str | None, config_cls: type) -> argparse.Argu
     return parser
 
 
+def parse_config(parser: argparse.ArgumentParser, config_cls: type, argv: list[str] | None,
+                 flags: dict[str, str] | None = None):
+    """Parse `argv` into a `config_cls`; each `flags` entry {argparse dest: "key=value"} turns a set flag
+    (e.g. `--dry-run`) into that config override."""
+    from fusion_jax import config_loader
+
+    args = parser.parse_args(argv)
+    for dest, override in (flags or {}).items():
+        if getattr(args, dest):
+            args.overrides = [*(args.overrides or []), override]
+    return config_loader.config_from_args(config_cls, args)
+
+
 def run(main: Callable[[C], object], parse: Callable[[], C]) -> None:
     """Parse the config and run `main`; configuration and input errors end in one clear line, not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)

@@ -51,7 +51,7 @@ from fusion_jax.data.documents import DocumentStore
 from fusion_jax.mesh import MeshConfig
 from fusion_jax.models import decoder
 from fusion_jax.models.config import DType, ModelConfig
-from fusion_jax.tokenizers import Tokenizer, check_vocab_size, load_tokenizer
+from fusion_jax.tokenizers import Tokenizer, check_vocab_size, load_tokenizer, token_from_config
 
 __all__ = ["EvaluateConfig", "bos_token_id", "ce_step", "evaluate_bpb", "main", "parse", "windows"]
 
@@ -371,13 +371,10 @@ def bos_token_id(path: str | os.PathLike, tok: Tokenizer) -> int | None:
     """The BOS id of the tokenizer loaded from `path`: tokenizer_config.json's bos_token, else SentencePiece's
     bos_id, else a special token spelled like one of BOS_PIECES; None if it has none."""
     file = _tokenizer_file(Path(path))
+    bos = token_from_config(file, "bos_token", tok.pieces)
+    if bos is not None:
+        return bos
     by_piece = {p: i for i, p in enumerate(tok.pieces) if p}
-    config = file.parent / "tokenizer_config.json"
-    if config.is_file():
-        bos = json.loads(config.read_text(encoding="utf-8")).get("bos_token")
-        bos = bos.get("content") if isinstance(bos, dict) else bos
-        if isinstance(bos, str) and bos in by_piece:
-            return by_piece[bos]
     if tok.kind == "sentencepiece":
         from sentencepiece import sentencepiece_model_pb2 as pb
 

@@ -390,14 +390,23 @@ def _load_hf(path: Path) -> Tokenizer:
     )
 
 
+def token_from_config(tokenizer_file: Path, key: str, pieces: list[str]) -> int | None:
+    """The id of ``key`` (e.g. ``eos_token``, ``bos_token``) in a ``tokenizer_config.json`` beside the tokenizer file."""
+    config = tokenizer_file.parent / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    value = json.loads(config.read_text(encoding="utf-8")).get(key)
+    value = value.get("content") if isinstance(value, dict) else value
+    if not isinstance(value, str):
+        return None
+    return next((i for i, p in enumerate(pieces) if p == value), None)
+
+
 def _hf_eos_id(path: Path, pieces: list[str], special: np.ndarray) -> int | None:
+    eos = token_from_config(path, "eos_token", pieces)
+    if eos is not None:
+        return eos
     by_piece = {p: i for i, p in enumerate(pieces) if p}
-    config = path.parent / "tokenizer_config.json"
-    if config.is_file():
-        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-        if isinstance(eos, str) and eos in by_piece:
-            return by_piece[eos]
     return next((by_piece[p] for p in EOS_PIECES if p in by_piece and special[by_piece[p]]), None)
 
 

@@ -504,10 +504,7 @@ def export_stage(cfg: TrainConfig, model_cfg: ModelConfig, params) -> str:
 def parse(argv: list[str] | None = None) -> TrainConfig:
     parser = cli.config_parser("python -m fusion_jax.train", __doc__, TrainConfig)
     parser.add_argument("--dry-run", action="store_true", help="print bytes per device of the sharded state and stop")
-    args = parser.parse_args(argv)
-    if args.dry_run:
-        args.overrides = [*(args.overrides or []), "dry_run=true"]
-    return config_loader.config_from_args(TrainConfig, args)
+    return cli.parse_config(parser, TrainConfig, argv, {"dry_run": "dry_run=true"})
 
 
 if __name__ == "__main__":
