@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusion_jax import cli, config_loader, mesh as mesh_lib
+from fusion_jax.config_loader import option as _help
 from fusion_jax.convert import checkpoint
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.data.documents import DocumentStore
@@ -38,10 +39,6 @@ from fusion_jax.tokenizers import Tokenizer, check_vocab_size, load_tokenizer
 
 log = logging.getLogger("fusion_jax.capture")
 CAPTURE_SPEC = "capture.json"
-
-
-def _help(text: str, default=dataclasses.MISSING, **kw):
-    return dataclasses.field(default=default, metadata={"help": text}, **kw)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from fusion_jax.config_loader import option as _help
 from fusion_jax.mesh import MeshConfig
 from fusion_jax.models.config import ModelConfig
-
-
-def _help(text: str, default=dataclasses.MISSING, **kw):
-    return dataclasses.field(default=default, metadata={"help": text}, **kw)
 
 
 @dataclasses.dataclass(frozen=True)

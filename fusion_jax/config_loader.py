@@ -302,3 +302,8 @@ def describe(cls: type) -> str:
         else:
             lines.append(f"  {k:<{wk}}  {t:<{wt}}  {h}".rstrip())
     return "\n".join(lines)
+
+
+def option(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
+    """A config dataclass field with its ``--help`` text: ``x: int = option("what x is", 3)``."""
+    return dataclasses.field(default=default, metadata={"help": text}, **kw)

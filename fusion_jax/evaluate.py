@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusion_jax import cli, config_loader, mesh as mesh_lib
+from fusion_jax.config_loader import option as _help
 from fusion_jax.convert import checkpoint
 from fusion_jax.data.corpus import CorpusConfig, Document, read_documents
 from fusion_jax.data.documents import DocumentStore
@@ -58,10 +59,6 @@ __all__ = ["EvaluateConfig", "bos_token_id", "ce_step", "evaluate_bpb", "main", 
 log = logging.getLogger("fusion_jax.evaluate")
 LN2 = math.log(2.0)
 BOS_PIECES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
-
-
-def _help(text: str, default=dataclasses.MISSING, **kw):
-    return dataclasses.field(default=default, metadata={"help": text}, **kw)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,9 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-def _help(text: str, default=dataclasses.MISSING, **kw):
-    return dataclasses.field(default=default, metadata={"help": text}, **kw)
+from fusion_jax.config_loader import option as _help
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ import numpy as np
 
 from fusion_jax import cli, config_loader, mesh as mesh_lib
 from fusion_jax.capture import CaptureConfig
+from fusion_jax.config_loader import option as _help
 from fusion_jax.data.corpus import CorpusConfig
 from fusion_jax.data.loader import FusionLoader, LoaderConfig, TeacherSpec
 from fusion_jax.fusion.fuse import FusionConfig
@@ -50,10 +51,6 @@ SPLITS = ("train", "validation")
 # Dense bf16 peak FLOP/s per chip, for MFU (override with train.peak_flops).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "A100": 312e12, "H100": 989e12, "H200": 989e12}
-
-
-def _help(text: str, default=dataclasses.MISSING, **kw):
-    return dataclasses.field(default=default, metadata={"help": text}, **kw)
 
 
 @dataclasses.dataclass(frozen=True)

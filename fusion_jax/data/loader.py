@@ -77,6 +77,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from fusion_jax.align.transfer import FALLBACKS, ROW_EMPTY, SparseRows, transfer_topk
+from fusion_jax.config_loader import option as _field
 from fusion_jax.data.packing import PackingPlan, block_layout
 from fusion_jax.data.teacher_cache import CacheError, TeacherCache
 
@@ -90,10 +91,6 @@ _STEPS_AHEAD = 1 << 40  # the grain range is "infinite"
 
 class LoaderError(ValueError):
     """A loader that cannot be built or a batch that cannot be made; the message names the teacher and field."""
-
-
-def _field(text: str, default=dataclasses.MISSING, **kw):
-    return dataclasses.field(default=default, metadata={"help": text}, **kw)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,16 +53,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusion_jax.align.transfer import ROW_EMPTY, ROW_TEACHER
+from fusion_jax.config_loader import option as _help
 
 METHODS = ("min_ce", "avg_ce")
 GRANULARITIES = ("sequence", "token")
 SCORES = ("bpb", "ce")
 AVG_WEIGHTS = ("official", "softmax")
 EMPTY_ROWS = ("skip", "first_teacher")
-
-
-def _help(text: str, default=dataclasses.MISSING, **kw):
-    return dataclasses.field(default=default, metadata={"help": text}, **kw)
 
 
 @dataclasses.dataclass(frozen=True)

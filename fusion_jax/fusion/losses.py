@@ -29,16 +29,13 @@ from typing import Any, Callable, Literal
 import jax
 import jax.numpy as jnp
 
+from fusion_jax.config_loader import option as _help
 from fusion_jax.fusion.fuse import FusedTarget
 
 LM_SCHEDULES = ("constant", "hard_and_decay")
 FUSION_LOSSES = ("ce", "kl")
 FUSION_MASKS = ("next_label", "attention")
 REDUCTIONS = ("tokens", "blocks")
-
-
-def _help(text: str, default=dataclasses.MISSING, **kw):
-    return dataclasses.field(default=default, metadata={"help": text}, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
