@@ -452,7 +452,7 @@ def main(cfg: EvaluateConfig) -> dict:
 
 def parse(argv: list[str] | None = None) -> EvaluateConfig:
     parser = cli.config_parser("python -m fusion_jax.evaluate", __doc__, EvaluateConfig)
-    return config_loader.config_from_args(EvaluateConfig, parser.parse_args(argv))
+    return cli.parse_config(parser, EvaluateConfig, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusion_jax import cli, config_loader, mesh as mesh_lib
+from fusion_jax import cli, mesh as mesh_lib
 from fusion_jax.config import Config
 from fusion_jax.convert import checkpoint
 from fusion_jax.models import apply, decoder
@@ -82,7 +82,7 @@ def main(cfg: Config) -> dict:
 
 def parse(argv: list[str] | None = None) -> Config:
     parser = cli.config_parser("python -m fusion_jax.forward", __doc__, Config)
-    return config_loader.config_from_args(Config, parser.parse_args(argv))
+    return cli.parse_config(parser, Config, argv)
 
 
 if __name__ == "__main__":

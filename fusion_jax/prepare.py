@@ -155,7 +155,7 @@ def _log_summary(meta: dict, read: int, split_docs: int, pieces: int, skipped: i
 
 def parse(argv: list[str] | None = None) -> PrepareConfig:
     parser = cli.config_parser("python -m fusion_jax.prepare", __doc__, PrepareConfig)
-    return config_loader.config_from_args(PrepareConfig, parser.parse_args(argv))
+    return cli.parse_config(parser, PrepareConfig, argv)
 
 
 if __name__ == "__main__":
