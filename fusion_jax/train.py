@@ -142,8 +142,9 @@ class TrainConfig:
         names = [s.name for s in self.sources] + (["target"] if self.target_as_teacher else [])
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique (and not 'target'), got {names}")
-        if not names:
-            raise ValueError("no teachers: add sources or set target_as_teacher=true")
+        if not names and (self.loss.lm_weight != 1.0 or self.loss.lm_weight_schedule != "constant"):
+            raise ValueError("no teachers, so the fusion term is empty: add sources, set target_as_teacher=true, or "
+                             "train CLM only with loss.lm_weight=1.0")
         if self.target_teacher_mode not in MODES:
             raise ValueError(f"target_teacher_mode must be one of {MODES}, got {self.target_teacher_mode!r}")
         for s in self.sources:

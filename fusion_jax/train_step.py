@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from fusion_jax import online as online_lib
-from fusion_jax.fusion.fuse import FusionConfig, Teachers, fuse
+from fusion_jax.fusion.fuse import FusedTarget, FusionConfig, fuse
 from fusion_jax.fusion.losses import LossConfig, lm_weight, sparse_losses
 from fusion_jax.models import decoder
 from fusion_jax.models.config import ModelConfig
@@ -85,8 +85,12 @@ def next_labels(tokens: jax.Array) -> jax.Array:
     return jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
 
 
-def teachers_of(batch: dict) -> Teachers:
-    return Teachers.stack(batch["teachers"])
+def _fused(fusion_cfg: FusionConfig, batch_teachers, online, frozen, rules, accumulation: int,
+           labels: jax.Array) -> FusedTarget:
+    """The teachers' rows fused, or no target at all when there are no teachers (CLM-only training)."""
+    if not batch_teachers and not online:
+        return FusedTarget.empty(labels)
+    return fuse(fusion_cfg, online_lib.stack_teachers(batch_teachers, online, frozen, rules, accumulation), labels)
 
 
 def _micro(x: jax.Array, a: int) -> jax.Array:
@@ -112,8 +116,7 @@ def make_train_step(
     def step_fn(state: State, batch: dict, frozen=()) -> tuple[State, dict]:
         tokens, seg = batch["tokens"], batch["segment_ids"]
         labels = next_labels(tokens)
-        teachers = online_lib.stack_teachers(batch["teachers"], online, frozen, rules, a)
-        target = fuse(fusion_cfg, teachers, labels)
+        target = _fused(fusion_cfg, batch["teachers"], online, frozen, rules, a, labels)
         clm_mask = batch["loss_mask"]
         base = clm_mask if loss_cfg.fusion_mask == "next_label" else seg > 0
         fusion_mask = base & target.has_target
@@ -194,7 +197,7 @@ def eval_losses(model_cfg: ModelConfig, fusion_cfg: FusionConfig, loss_cfg: Loss
     def fn(params, batch, frozen=()):
         tokens = batch["tokens"]
         labels = next_labels(tokens)
-        target = fuse(fusion_cfg, online_lib.stack_teachers(batch["teachers"], online, frozen, rules), labels)
+        target = _fused(fusion_cfg, batch["teachers"], online, frozen, rules, 1, labels)
         clm_mask = batch["loss_mask"]
         base = clm_mask if loss_cfg.fusion_mask == "next_label" else batch["segment_ids"] > 0
         fusion_mask = base & target.has_target

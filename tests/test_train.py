@@ -211,3 +211,20 @@ def test_dry_run_allocates_nothing_and_reports_bytes(assets, tmp_path, capsys):
     params = report["params"]
     assert per["params"] * 8 >= params * 4 and per["opt_state"] >= per["params"]  # fsdp-sharded fp32, Adam μ and ν
     assert not (tmp_path / "dry").exists()
+
+
+def test_clm_only_run_without_teachers(assets, prepared, tmp_path):
+    """No sources and no target teacher with λ = 1: plain continued training, nothing captured; its CLM loss at
+    step 1 equals the fusion run's (same start, same batch)."""
+    with pytest.raises(ValueError, match="lm_weight=1.0"):
+        config(assets, tmp_path / "bad", sources=(), target_as_teacher=False).validate()
+    clm_cfg = config(assets, tmp_path / "clm", sources=(), target_as_teacher=False, data=prepared["data"],
+                     loss=train.LossConfig(lm_weight=1.0), train=train.LoopConfig(
+                         steps=1, checkpoint_every=1, log_every=1, eval_batches=1, progress=False, export=False))
+    report = train.main(clm_cfg)
+    assert report["train"]["win_rate"] == {} and report["train"]["fusion_tokens"] == 0
+    assert np.isfinite(report["eval"]["bits_per_byte"]) and "cache" not in os.listdir(tmp_path / "clm")
+    fused = train.main(dataclasses.replace(clm_cfg, run_dir=str(tmp_path / "fused"), cache_dir=prepared["cache_dir"],
+                                           sources=config(assets, tmp_path).sources, target_as_teacher=True,
+                                           loss=train.LossConfig(lm_weight=0.9)))
+    assert fused["train"]["clm"] == pytest.approx(report["train"]["clm"], rel=1e-6)

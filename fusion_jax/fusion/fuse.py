@@ -179,6 +179,13 @@ class FusedTarget(NamedTuple):
     weights: Any  # float32[B, T, K]: each teacher's own share (one-hot for min_ce)
     has_target: Any  # bool[B, T]
 
+    @classmethod
+    def empty(cls, labels: jax.Array) -> "FusedTarget":
+        """No teachers (CLM-only training): one zero-probability candidate per position, no target anywhere."""
+        B, T = labels.shape
+        return cls(jnp.zeros((B, T, 1), jnp.int32), jnp.zeros((B, T, 1), jnp.float32),
+                   jnp.zeros((B, T, 0), jnp.float32), jnp.zeros((B, T), bool))
+
 
 def _bf16(x: jax.Array) -> jax.Array:
     """Round float32 to the nearest bf16 value (ties to even), kept as float32."""
