@@ -51,7 +51,7 @@ class _Ctx:
         sets = [f"--set {k}={v}" for k, v in self.set_by.items() if _is_related(k, path)]
         # A bad leaf value came wholly from its override; a section check also involves the file.
         where = sets if sets and not section else [self.source, *sets]
-        return ConfigError(f"{path or '<top level>'}: {msg} (in {', '.join(where)})")
+        return ConfigError(f"{path + ': ' if path else ''}{msg} (in {', '.join(where)})")
 
 
 def _type_name(tp: Any) -> str:
@@ -205,21 +205,52 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
     return key, value, raw.strip()
 
 
+_INDEX = re.compile(r"^([^\[\]]+)((?:\[-?[0-9]+\])*)$")
+
+
+def _key_steps(key: str, text: str) -> list[str | int]:
+    """``sources[1].align`` → ["sources", 1, "align"]."""
+    steps: list[str | int] = []
+    for part in key.split("."):
+        m = _INDEX.match(part)
+        if not m:
+            raise ConfigError(f"malformed override {text!r}: {part!r} is not a key or key[index]")
+        steps.append(m.group(1))
+        steps.extend(int(i) for i in re.findall(r"-?[0-9]+", m.group(2)))
+    return steps
+
+
+def _key_text(steps: Sequence[str | int]) -> str:
+    return "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
+
+
 def apply_overrides(data: Mapping, overrides: Sequence[str]) -> ConfigData:
     """Return a copy of `data` with each `a.b.c=value` override applied (values parsed as YAML)."""
     out = ConfigData(copy.deepcopy(dict(data)), set_by=getattr(data, "set_by", {}))
     for text in overrides:
         key, value, raw = _parse_override(text)
-        parts = key.split(".")
+        steps = _key_steps(key, text)
         node = out
-        for i, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                where = ".".join(parts[: i + 1])
-                raise ConfigError(f"--set {text}: cannot set {key}, {where} is {node[part]!r}, not a section")
-            node = node[part]
-        node[parts[-1]] = value
+        for i, step in enumerate(steps[:-1]):
+            where = _key_text(steps[: i + 1])
+            if isinstance(step, int):
+                if not isinstance(node, list) or not -len(node) <= step < len(node):
+                    raise ConfigError(f"--set {text}: {where} does not exist: an index reaches only into a list the "
+                                      f"config file gives ({_key_text(steps[:i])} has "
+                                      f"{len(node) if isinstance(node, list) else 'no'} items)")
+                node = node[step]
+                continue
+            if node.get(step) is None and not isinstance(steps[i + 1], int):
+                node[step] = {}
+            if not isinstance(node.get(step), list if isinstance(steps[i + 1], int) else dict):
+                raise ConfigError(f"--set {text}: cannot set {key}, {where} is {node.get(step)!r}, not a "
+                                  f"{'list' if isinstance(steps[i + 1], int) else 'section'}")
+            node = node[step]
+        if isinstance(steps[-1], int):
+            raise ConfigError(f"--set {text}: set a key of the list item, e.g. {key}.name=...")
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {text}: {_key_text(steps[:-1])} is not a section")
+        node[steps[-1]] = value
         out.set_by = {k: v for k, v in out.set_by.items() if not k.startswith(key + ".")}
         out.set_by[key] = raw
     return out

@@ -50,7 +50,7 @@ class PrepareConfig:
 
     def validate(self) -> None:
         try:
-            self.corpus.validate()
+            self.corpus.require()
         except ValueError as e:
             raise ValueError(f"corpus: {e}") from None
         if not self.tokenizers:

@@ -2,6 +2,8 @@
 
 Stages, each skipped when its output is already complete (so re-running after a crash continues where it stopped):
 
+0. with ``demo.enabled`` (``configs/demo.yaml``): the demo's corpus, tokenizers and pretrained models
+   (``fusion_jax/demo/build.py``), which then fill ``target``, ``sources`` and ``data.corpus``;
 1. documents: ``data.documents``, or prepared from ``data.corpus`` into ``<run_dir>/documents``;
 2. capture: every cached teacher (the target itself when ``target_as_teacher`` — the paper's setting — then
    ``sources``) over the train and validation documents into ``<cache>/{train,validation}`` (``fusion_jax.capture``);
@@ -14,7 +16,11 @@ Stages, each skipped when its output is already complete (so re-running after a 
    and leaves the last good checkpoint;
 4. evaluate: every ``train.eval_every`` steps and at the end, held-out bits per byte per domain, CLM and fusion loss
    and per-teacher win rates;
-5. export: the trained target as a Hugging Face checkpoint in ``<run_dir>/export``.
+5. export: the trained target as a Hugging Face checkpoint in ``<run_dir>/export``;
+6. with ``baseline``: the CLM baseline in ``<run_dir>/clm``, the sources and the starting target scored on the same
+   held-out documents, the alignment audit, and ``report.md`` with plots (``fusion_jax/compare.py``).
+
+With no teachers (no sources, ``target_as_teacher: false``) and ``loss.lm_weight: 1`` the run is plain CLM training.
 
 Metrics go to ``<run_dir>/metrics.jsonl`` and TensorBoard event files in ``<run_dir>/tensorboard``.
 ``--dry-run`` builds the sharded state abstractly and prints bytes per device without allocating anything.
@@ -38,6 +44,7 @@ from fusion_jax.capture import CaptureConfig
 from fusion_jax.config_loader import option as _help
 from fusion_jax.data.corpus import CorpusConfig
 from fusion_jax.data.loader import FusionLoader, LoaderConfig, TeacherSpec
+from fusion_jax.demo.build import DemoConfig
 from fusion_jax.fusion.fuse import FusionConfig
 from fusion_jax.fusion.losses import LossConfig
 from fusion_jax.mesh import MeshConfig
@@ -135,10 +142,22 @@ class TrainConfig:
     mesh: MeshConfig = _help("device mesh and sharding rules (default: params, optimizer state and batch sharded "
                              "over every device, FSDP)", default_factory=lambda: MeshConfig(data=1, fsdp=-1))
     dry_run: bool = _help("print the sharded state's bytes per device and stop (allocates nothing)", False)
+    baseline: bool = _help("also train the CLM baseline (λ = 1, no teachers) from the same start on the same batches "
+                           "in <run_dir>/clm, evaluate the sources and the starting target on the same held-out "
+                           "documents, audit the alignments, and write report.md with plots", False)
+    demo: DemoConfig = _help("the built-in demo (configs/demo.yaml): corpus, tokenizers and models made at run time",
+                             default_factory=DemoConfig)
 
     def validate(self) -> None:
+        if self.demo.enabled:
+            if self.target or self.sources or self.data.documents or self.data.corpus.paths:
+                raise ValueError("demo.enabled builds the target, sources and corpus itself: leave target, sources, "
+                                 "data.documents and data.corpus.paths unset (or set demo.enabled=false)")
+            return
         if not self.target:
             raise ValueError("target is required: a fusion_jax or Hugging Face model directory (--set target=DIR)")
+        if not self.data.documents and not self.data.corpus.paths:
+            raise ValueError("no data: set data.documents (a prepared store) or data.corpus.paths (a corpus to prepare)")
         names = [s.name for s in self.sources] + (["target"] if self.target_as_teacher else [])
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique (and not 'target'), got {names}")
@@ -299,7 +318,8 @@ def peak_flops(cfg: TrainConfig) -> float:
 
 def dry_run(cfg: TrainConfig) -> dict:
     """The sharded train state built abstractly: bytes per device of params and optimizer state (and of online
-    teachers), nothing allocated. Activations and the step's temporaries are not included (docs/scaling.md)."""
+    teachers), each param's shape and sharding, the largest per-device leaf and what stays replicated; nothing
+    allocated. Activations and the step's temporaries are not included (docs/scaling.md)."""
     from fusion_jax.convert import checkpoint
     from fusion_jax.optim import make_optimizer
     from fusion_jax.train_step import abstract_state
@@ -308,12 +328,25 @@ def dry_run(cfg: TrainConfig) -> dict:
     model_cfg = checkpoint.model_config(cfg.target, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
                                         remat=cfg.remat)
     abstract = abstract_state(model_cfg, make_optimizer(cfg.optimizer, cfg.train.steps), mesh, cfg.mesh.rules)
-    per_device = {}
+    per_device, param_leaves = {}, {}
+    largest = {"leaf": "", "bytes": -1}
+    replicated = {"leaves": 0, "bytes": 0}  # leaves every device holds whole (step counters, or a layout bug)
     for name, tree in abstract.items():
         total = 0
-        for a in jax.tree.leaves(tree):
+        for path, a in jax.tree_util.tree_leaves_with_path(tree):
             shard = a.sharding.shard_shape(a.shape)
-            total += int(np.prod(shard)) * a.dtype.itemsize
+            nbytes = int(np.prod(shard)) * a.dtype.itemsize
+            total += nbytes
+            where = "/".join(filter(None, [name, jax.tree_util.keystr(path, simple=True, separator="/")]))
+            if nbytes > largest["bytes"]:
+                largest = {"leaf": where, "bytes": nbytes}
+            if tuple(shard) == tuple(a.shape) and len(mesh.devices.flat) > 1:
+                replicated = {"leaves": replicated["leaves"] + 1, "bytes": replicated["bytes"] + nbytes}
+            if name == "params":
+                param_leaves[where.removeprefix("params/")] = {
+                    "shape": list(a.shape), "dtype": str(a.dtype), "spec": [list(s) if isinstance(s, tuple) else s
+                                                                            for s in a.sharding.spec],
+                    "shard_shape": list(shard)}
         per_device[name] = total
     for t in teacher_list(cfg):
         if t.mode == "online":  # frozen params in capture.param_dtype, sharded like the target's
@@ -324,12 +357,55 @@ def dry_run(cfg: TrainConfig) -> dict:
                 for a, s in zip(jax.tree.leaves(decoder.abstract_params(t_cfg)), jax.tree.leaves(shardings)))
     report = {"mesh": dict(mesh.shape), "params": sum(int(np.prod(a.shape)) for a in
                                                       jax.tree.leaves(abstract["params"])),
-              "bytes_per_device": per_device}
-    print(json.dumps(report, indent=1))
+              "bytes_per_device": per_device, "largest_leaf_per_device": largest, "replicated": replicated,
+              "teachers": {t.name: t.mode for t in teacher_list(cfg)}, "param_shardings": param_leaves}
+    print(_json_lines(report))
     return report
 
 
+def _json_lines(obj, depth: int = 0) -> str:
+    """JSON with one line per entry of the top two levels and anything deeper compact (one line per param leaf)."""
+    if isinstance(obj, dict) and obj and depth < 2:
+        pad = " " * (depth + 1)
+        items = ",\n".join(f"{pad}{json.dumps(k)}: {_json_lines(v, depth + 1)}" for k, v in obj.items())
+        return "{\n" + items + "\n" + " " * depth + "}"
+    return json.dumps(obj)
+
+
 def main(cfg: TrainConfig) -> dict:
+    """The run (after the demo's assets when ``demo.enabled``; then the CLM baseline and the report when
+    ``baseline``) → its report."""
+    mesh_lib.initialize_distributed(cfg.mesh)
+    timings = {}
+    if cfg.demo.enabled:
+        from fusion_jax.demo import build
+
+        t = time.perf_counter()
+        cfg = build.apply(cfg)
+        dataclasses.replace(cfg, demo=dataclasses.replace(cfg.demo, enabled=False)).validate()  # as a user's run
+        timings["demo assets"] = time.perf_counter() - t
+    if cfg.dry_run:
+        return dry_run(cfg)
+    if cfg.baseline:
+        from fusion_jax.data.documents import DocumentStore
+
+        documents = documents_stage(cfg)
+        if not len(DocumentStore(documents, "validation")):
+            raise ValueError(f"{documents} has no held-out documents to compare the runs on: raise "
+                             "data.validation_fraction or the corpus size (and use another run_dir)")
+    t = time.perf_counter()
+    report = fusion_run(cfg)
+    timings["fusion run"] = time.perf_counter() - t
+    report["timings"] = timings
+    if cfg.baseline:
+        from fusion_jax import compare
+
+        report = compare.main(cfg, report)
+    return report
+
+
+def fusion_run(cfg: TrainConfig) -> dict:
+    """Stages 1–5 of the module docstring for one run → its report (also in ``<run_dir>/report.json``)."""
     from tqdm import tqdm
 
     from fusion_jax.checkpointing import Checkpoints
@@ -337,9 +413,6 @@ def main(cfg: TrainConfig) -> dict:
     from fusion_jax.train_step import (abstract_state, eval_losses, flops_per_token, host_metrics, init_state,
                                        jit_train_step, make_train_step)
 
-    mesh_lib.initialize_distributed(cfg.mesh)
-    if cfg.dry_run:
-        return dry_run(cfg)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(config_loader.to_dict(cfg), indent=1))

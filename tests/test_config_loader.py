@@ -275,3 +275,17 @@ def test_partly_given_mapping_merges_with_its_default():
 
     rules = load(Config, None, ["mesh.rules.embed=[tensor]"]).mesh.rules
     assert rules["embed"] == ("tensor",) and rules["batch"] == ("data", "fsdp")
+
+
+def test_override_indexes_into_a_list_the_file_gives():
+    from fusion_jax.config_loader import ConfigError, apply_overrides
+
+    data = {"sources": [{"name": "a"}, {"name": "b"}]}
+    out = apply_overrides(data, ["sources[1].align=fusellm", "sources[-2].name=c", "demo.code.steps=3"])
+    assert out["sources"] == [{"name": "c"}, {"name": "b", "align": "fusellm"}]
+    assert out["demo"] == {"code": {"steps": 3}} and data["sources"][1] == {"name": "b"}  # the input is not changed
+    for bad, message in [("sources[2].x=1", "sources has 2 items"), ("sources[0]=1", "set a key of the list item"),
+                         ("demo[0].x=1", "not a list"), ("sources.x=1", "not a section"),
+                         ("sources[a].x=1", "not a key or key\\[index\\]")]:
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(data, [bad])

@@ -11,11 +11,11 @@ from fusion_jax import config_loader
 from fusion_jax.config import Config
 from fusion_jax.forward import main, parse
 
-DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+FORWARD = str(Path(__file__).resolve().parents[1] / "configs" / "forward.yaml")
 
 
 def test_forward_job_runs_sharded_from_cli_args():
-    cfg = parse(["--config", DEMO, "--set", "forward.steps=1", "--set", "forward.seq_len=32",
+    cfg = parse(["--config", FORWARD, "--set", "forward.steps=1", "--set", "forward.seq_len=32",
                  "--set", "model.num_layers=1"])
     assert cfg.model.num_layers == 1 and cfg.mesh.fsdp == -1
     report = main(cfg)

@@ -76,8 +76,8 @@ class CorpusConfig:
     max_documents: int = dataclasses.field(default=0, metadata=_help("stop after this many documents (0 = all)"))
 
     def validate(self) -> None:
-        if not self.paths:
-            raise ValueError("paths is required: files or directories, a saved hf dataset or hub id, or a TFDS name")
+        """Checks the settings; paths may be empty here (a config that reads prepared documents has no corpus):
+        :meth:`require` is the check before reading."""
         if self.format in ("hf", "tfds") and len(self.paths) != 1:
             raise ValueError(f"format {self.format!r} reads one dataset, got {len(self.paths)} paths: {list(self.paths)}")
         if self.format == "text" and (self.id_field or self.domain_field):
@@ -86,6 +86,12 @@ class CorpusConfig:
             raise ValueError(f"max_documents must be >= 0 (0 = all), got {self.max_documents}")
         if not self.text_field:
             raise ValueError("text_field must not be empty")
+
+    def require(self) -> None:
+        """:meth:`validate`, and there must be something to read."""
+        if not self.paths:
+            raise ValueError("paths is required: files or directories, a saved hf dataset or hub id, or a TFDS name")
+        self.validate()
 
 
 def split_of(doc_id: str, validation_fraction: float) -> str:
@@ -106,7 +112,7 @@ def read_documents(cfg: CorpusConfig) -> Iterator[Document]:
     Raises FileNotFoundError for a missing path and `CorpusError` for a missing field, a text that is not
     valid UTF-8 or not a string, and a duplicate id.
     """
-    cfg.validate()
+    cfg.require()
     readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet, "hf": _read_hf, "tfds": _read_tfds}
     seen: set[str] = set()
     n = empty = 0

@@ -1,0 +1,155 @@
+"""Does fusion help? A fusion run against its CLM baseline, its sources and its starting point (``baseline: true``).
+
+After the fusion run in ``<run_dir>``:
+
+1. the CLM baseline: the same target start, the same documents, batches (the loader's packing depends on the target
+   tokens and the seed only), optimizer and steps, with λ = 1 and no teachers, in ``<run_dir>/clm``;
+2. held-out bits per byte of the starting target and of every source (each with its own tokenizer; bits per byte is
+   comparable across tokenizers) on the documents the runs were evaluated on (``fusion_jax.evaluate``), cached in
+   ``<run_dir>/evaluations.json`` by model and settings;
+3. the alignment audit of every source → target pair on the held-out text (``fusion_jax.align.audit``, both modes);
+4. ``report.md``, ``plots/*.png`` and ``report.json`` with ``{"bpb": {"fused"|"clm"|"target_init"|"source:<name>":
+   {"<domain>"|"all": bits per byte}}}`` (``fusion_jax.report``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+from fusion_jax import config_loader
+
+log = logging.getLogger("fusion_jax.compare")
+
+
+def baseline_config(cfg, documents: str):
+    """The CLM baseline of ``cfg``: no teachers, λ = 1, same start, documents, loader, optimizer and steps."""
+    from fusion_jax.demo.build import DemoConfig
+
+    return dataclasses.replace(
+        cfg, run_dir=str(Path(cfg.run_dir) / "clm"), sources=(), target_as_teacher=False,
+        loss=dataclasses.replace(cfg.loss, lm_weight=1.0, lm_weight_schedule="constant"),
+        data=dataclasses.replace(cfg.data, documents=documents),
+        train=dataclasses.replace(cfg.train, export=False), baseline=False, demo=DemoConfig())
+
+
+def _bpb(report: dict) -> dict[str, float]:
+    """A run's final eval ({"domains": {d: bpb}}) or an evaluate_bpb report ({"domains": {d: {"bits_per_byte"}}})
+    → {domain: bpb, "all": bpb}."""
+    domains = {d: v["bits_per_byte"] if isinstance(v, dict) else v for d, v in report.get("domains", {}).items()}
+    return {**domains, "all": report["bits_per_byte"]}
+
+
+def evaluate_models(cfg, documents: str, cache: Path) -> dict[str, dict[str, float]]:
+    """Held-out bits per byte of the starting target and of each source → {"target_init"|"source:<name>": {domain:
+    bpb, "all": bpb}}; cached in ``cache`` by checkpoint and evaluation settings."""
+    from fusion_jax import mesh as mesh_lib
+    from fusion_jax.convert import checkpoint
+    from fusion_jax.data.documents import DocumentStore
+    from fusion_jax.evaluate import evaluate_bpb
+    from fusion_jax.tokenizers import load_tokenizer
+
+    store = DocumentStore(documents, "validation")
+    models = {"target_init": (cfg.target, cfg.target_tokenizer or cfg.target)}
+    models.update({f"source:{s.name}": (s.checkpoint, s.tokenizer or s.checkpoint) for s in cfg.sources})
+    settings = {"documents": str(Path(documents).absolute()), "batch_size": cfg.loader.global_batch_size,
+                "seq_len": cfg.loader.seq_len, "append_eos": cfg.loader.append_eos,
+                "max_documents": cfg.train.eval_documents}
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    out = {}
+    for name, (ckpt, tok) in models.items():
+        key = json.dumps({"checkpoint": str(Path(ckpt).absolute()), **settings}, sort_keys=True)
+        if key not in done:
+            model_cfg, params = checkpoint.load(ckpt, mesh, cfg.mesh.rules, compute_dtype=cfg.compute_dtype)
+            r = evaluate_bpb(model_cfg, params, load_tokenizer(tok), store, mesh=mesh, rules=cfg.mesh.rules,
+                             batch_size=cfg.loader.global_batch_size, seq_len=cfg.loader.seq_len,
+                             append_eos=cfg.loader.append_eos, max_documents=cfg.train.eval_documents)
+            done[key] = _bpb(r)
+            del params
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done, indent=1))
+            tmp.replace(cache)
+            log.info("held-out bits per byte of %s: %s", name, done[key])
+        out[name] = done[key]
+    return out
+
+
+def heldout_texts(documents: str, out_dir: Path, max_documents: int = 0) -> list[Path]:
+    """The held-out documents as one text file per domain (the audit's input)."""
+    from fusion_jax.data.documents import DocumentStore
+
+    store = DocumentStore(documents, "validation")
+    n = len(store) if not max_documents else min(max_documents, len(store))
+    by_domain: dict[str, list[str]] = {}
+    for i in range(n):
+        doc = store[i]
+        by_domain.setdefault(doc.domain, []).append(doc.text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for domain, texts in sorted(by_domain.items()):
+        path = out_dir / f"{domain}.txt"
+        path.write_text("\n\n".join(texts), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def audit_stage(cfg, documents: str, run: Path) -> dict:
+    """The alignment audit of every source → target pair on the held-out text, both modes (cached in audit.json)."""
+    from fusion_jax.align.audit import audit
+
+    path = run / "audit.json"
+    sources = [s.tokenizer or s.checkpoint for s in cfg.sources]
+    key = {"sources": sources, "target": cfg.target_tokenizer or cfg.target, "documents": documents}
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["audit"]
+    if not sources:
+        return {}
+    texts = heldout_texts(documents, run / "heldout", cfg.train.eval_documents)
+    report = audit(sources, cfg.target_tokenizer or cfg.target, texts, max_tokens=cfg.data.max_tokens,
+                   cache_dir=cfg.loader.cache_dir or None).to_json()
+    for pair, s in zip(report["pairs"], cfg.sources):
+        pair["source"] = s.name  # the report names pairs by source
+    path.write_text(json.dumps({"key": key, "audit": report}, indent=1))
+    return report
+
+
+def main(cfg, fused_report: dict) -> dict:
+    """Baseline, evaluations, audit and report after the fusion run ``cfg`` (see the module docstring)."""
+    import jax
+
+    from fusion_jax import train
+    from fusion_jax.report import write_report
+
+    run = Path(cfg.run_dir)
+    times = {}
+    t = time.perf_counter()
+    documents = train.documents_stage(cfg)
+    clm_report = train.fusion_run(baseline_config(cfg, documents))
+    times["clm baseline"] = time.perf_counter() - t
+    t = time.perf_counter()
+    bpb = {"fused": _bpb(fused_report["eval"]), "clm": _bpb(clm_report["eval"])}
+    bpb.update(evaluate_models(cfg, documents, run / "evaluations.json"))
+    times["evaluate sources and start"] = time.perf_counter() - t
+    t = time.perf_counter()
+    audit = audit_stage(cfg, documents, run)
+    times["alignment audit"] = time.perf_counter() - t
+    if jax.process_index() != 0:
+        return fused_report
+    settings = {"steps": cfg.train.steps, "lm_weight": cfg.loss.lm_weight, "fusion": cfg.fusion.method,
+                "granularity": cfg.fusion.granularity, "score": cfg.fusion.score,
+                "learning_rate": cfg.optimizer.learning_rate, "batch": cfg.loader.global_batch_size,
+                "seq_len": cfg.loader.seq_len, "k": cfg.loader.k, "target": cfg.target,
+                "sources": ", ".join(f"{s.name} ({s.align}/{s.vocab_map})" for s in cfg.sources),
+                "target_as_teacher": cfg.target_as_teacher}
+    if cfg.demo.enabled:
+        settings["seed"] = cfg.demo.seed
+    results = {"bpb": bpb, "curves": {"fused": str(run / "metrics.jsonl"), "clm": str(run / "clm" / "metrics.jsonl")},
+               "audit": audit, "settings": settings, "timings": {**fused_report.get("timings", {}), **times},
+               "config": config_loader.to_dict(cfg)}
+    return write_report(run, results)

@@ -1,0 +1,108 @@
+"""The main job (configs/demo.yaml), scaled down: every stage produces its output, the report exists and its numbers
+are finite, a second invocation reuses everything, changed settings are refused. The quality margin is
+bench/fusion_quality.py's job, not this test's."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusion_jax import config_loader, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "demo.code_bytes=120000", "demo.prose_bytes=120000", "demo.mix_bytes=40000", "demo.max_document_bytes=4000",
+    "data.max_tokens=200", "data.validation_fraction=0.25", "capture.seq_len=256", "capture.batch_size=8",
+    "demo.pretrain_batch_size=8", "demo.pretrain_seq_len=64", "loader.seq_len=64", "loader.global_batch_size=8",
+    "train.steps=4", "train.checkpoint_every=2", "train.eval_every=2", "train.eval_batches=1", "train.log_every=1",
+    "train.progress=false",
+    *[f"demo.{m}.{k}={v}" for m in ("target", "code", "prose")
+      for k, v in (("hidden_size", 32), ("num_layers", 1), ("num_heads", 2), ("steps", 3))],
+    "demo.target.vocab_size=400", "demo.code.vocab_size=400", "demo.prose.vocab_size=500",
+]
+
+
+def demo_config(run_dir: Path, *extra: str) -> train.TrainConfig:
+    return config_loader.load(train.TrainConfig, str(ROOT / "configs" / "demo.yaml"),
+                              [f"run_dir={run_dir}", *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("demo") / "run"
+    return run, train.main(demo_config(run))
+
+
+def test_every_stage_produces_its_output(demo_run):
+    run, report = demo_run
+    assets = run / "assets"
+    for p in ("corpus/code.jsonl", "corpus/prose.jsonl", "corpus/mix.jsonl", "corpus/stage.json",
+              "documents/documents.json", "cache/target/train/manifest.json", "cache/mpt_code/validation/manifest.json",
+              "cache/neox_prose/train/manifest.json", "checkpoints/4", "metrics.jsonl", "export/config.json",
+              "clm/metrics.jsonl", "clm/checkpoints/4", "evaluations.json", "audit.json", "report.md",
+              "plots/bpb.png", "plots/curves.png", "plots/win_rate.png"):
+        assert (assets.parent / p).exists() or (assets / p).exists(), p
+    assert not (run / "clm" / "cache").exists() and not (run / "clm" / "export").exists()
+    for p in run.glob("plots/*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sources_are_hugging_face_checkpoints_of_three_families(demo_run):
+    import transformers
+
+    run, _ = demo_run
+    kinds = {}
+    for name in ("llama_mix", "mpt_code", "neox_prose"):
+        hf = run / "assets" / "hf" / name
+        assert list(hf.glob("*.safetensors")) and (hf / "tokenizer.json").exists()
+        kinds[name] = transformers.AutoConfig.from_pretrained(hf).model_type
+    assert kinds == {"llama_mix": "llama", "mpt_code": "mpt", "neox_prose": "gpt_neox"}
+    from fusion_jax.tokenizers import load_tokenizer
+
+    toks = {n: load_tokenizer(run / "assets" / "hf" / n) for n in kinds}
+    assert toks["llama_mix"].dummy_prefix and not toks["mpt_code"].dummy_prefix
+    assert len({t.vocab_size for t in toks.values()}) == 2 and len({t.fingerprint for t in toks.values()}) == 3
+
+
+def test_report_holds_every_model_and_finite_numbers(demo_run):
+    run, report = demo_run
+    saved = json.loads((run / "report.json").read_text())
+    bpb = saved["bpb"]
+    assert set(bpb) == {"fused", "clm", "target_init", "source:mpt_code", "source:neox_prose"}
+    for model, domains in bpb.items():
+        assert {"code", "prose", "all"} <= set(domains), model
+        assert all(math.isfinite(v) and 0 < v < 20 for v in domains.values()), (model, domains)
+    assert report["bpb"] == bpb
+    md = (run / "report.md").read_text()
+    assert "CLM baseline" in md and "source:mpt_code" in md and "plots/bpb.png" in md
+    for name in ("fused", "clm"):
+        lines = [json.loads(x) for x in (run / ("" if name == "fused" else "clm") / "metrics.jsonl").read_text()
+                 .splitlines()]
+        train_lines = [x for x in lines if x["kind"] == "train"]
+        assert [x["step"] for x in train_lines] == [1, 2, 3, 4]
+        assert np.isfinite([x["loss"] for x in train_lines]).all()
+    assert {p["source"] for p in saved["audit"]["pairs"]} == {"mpt_code", "neox_prose"}
+
+
+def test_second_invocation_reuses_every_stage(demo_run, caplog):
+    run, first = demo_run
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "assets").rglob("stage.json")}
+    caplog.set_level("INFO")
+    again = train.main(demo_config(run))
+    assert {p: p.stat().st_mtime_ns for p in (run / "assets").rglob("stage.json")} == stamps
+    assert "pretraining" not in caplog.text and again["bpb"] == first["bpb"]
+
+
+def test_changed_settings_are_refused_not_mixed(demo_run):
+    run, _ = demo_run
+    with pytest.raises(ValueError, match=r"code_bytes differ.*another run_dir"):
+        train.main(demo_config(run, "demo.code_bytes=130000"))
+
+
+def test_demo_refuses_a_user_target():
+    with pytest.raises(config_loader.ConfigError, match="demo.enabled builds the target"):
+        config_loader.load(train.TrainConfig, str(ROOT / "configs" / "demo.yaml"), ["target=/some/model"])
