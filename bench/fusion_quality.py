@@ -1,7 +1,7 @@
 """Does fusion help, and which choices matter? The demo's comparison over seeds, plus the paper's ablations at this scale.
 
-For each seed, the main job (``configs/demo.yaml`` with ``demo.seed``: the corpus order and code/prose partition,
-every initialisation and the data order change with it) runs in ``<out>/seed<N>``: assets, the fused run (λ = 0.9,
+For each seed, the main job (``configs/demo.yaml`` with ``demo.seed`` and ``loader.seed``: the corpus order and
+code/prose partition, every initialisation and every run's data order change with it) runs in ``<out>/seed<N>``: assets, the fused run (λ = 0.9,
 MinCE, byte alignment + prefix vocab map, two sources and the target as teacher 0) and its CLM baseline (λ = 1).
 Then, from the same target start, on the same documents, batches and teacher caches (a capture serves every
 alignment), one fusion run per ablation in ``<out>/seed<N>/ablations/<name>``:
@@ -72,7 +72,7 @@ def _bpb(report: dict) -> dict[str, float]:
 def run_seed(seed: int, out: Path, overrides: list[str], ablations: list[str]) -> dict[str, dict[str, float]]:
     run_dir = out / f"seed{seed}"
     cfg = config_loader.load(train.TrainConfig, str(ROOT / "configs" / "demo.yaml"),
-                             [f"run_dir={run_dir}", f"demo.seed={seed}", *overrides])
+                             [f"run_dir={run_dir}", f"demo.seed={seed}", f"loader.seed={seed}", *overrides])
     t = time.perf_counter()
     report = train.main(cfg)
     logging.info("seed %d: demo in %.0f s", seed, time.perf_counter() - t)
