@@ -46,6 +46,8 @@ def _bpb(report: dict) -> dict[str, float]:
 def evaluate_models(cfg, documents: str, cache: Path) -> dict[str, dict[str, float]]:
     """Held-out bits per byte of the starting target and of each source → {"target_init"|"source:<name>": {domain:
     bpb, "all": bpb}}; cached in ``cache`` by checkpoint and evaluation settings."""
+    import jax
+
     from fusion_jax import mesh as mesh_lib
     from fusion_jax.convert import checkpoint
     from fusion_jax.data.documents import DocumentStore
@@ -70,9 +72,10 @@ def evaluate_models(cfg, documents: str, cache: Path) -> dict[str, dict[str, flo
                              append_eos=cfg.loader.append_eos, max_documents=cfg.train.eval_documents)
             done[key] = _bpb(r)
             del params
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done, indent=1))
-            tmp.replace(cache)
+            if jax.process_index() == 0:  # one writer (multi-host: every process computes the same report)
+                tmp = cache.with_suffix(".tmp")
+                tmp.write_text(json.dumps(done, indent=1))
+                tmp.replace(cache)
             log.info("held-out bits per byte of %s: %s", name, done[key])
         out[name] = done[key]
     return out
@@ -137,7 +140,7 @@ def main(cfg, fused_report: dict) -> dict:
     bpb.update(evaluate_models(cfg, documents, run / "evaluations.json"))
     times["evaluate sources and start"] = time.perf_counter() - t
     t = time.perf_counter()
-    audit = audit_stage(cfg, documents, run)
+    audit = audit_stage(cfg, documents, run) if jax.process_index() == 0 else {}  # host-side only
     times["alignment audit"] = time.perf_counter() - t
     if jax.process_index() != 0:
         return fused_report

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -58,31 +58,75 @@ class MeshConfig:
                 raise ValueError(f"rules.{name} names unknown mesh axes {bad}; mesh axes are {list(MESH_AXES)}")
 
 
-def _cluster_detected() -> bool:
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+def _on_cloud_tpu_vm() -> bool:
+    """JAX's own import-time check (libtpu installed and TPU chips present): true on every Cloud TPU VM worker."""
+    try:
+        from jax._src import cloud_tpu_init
+    except ImportError:  # a JAX without the module: no TPU detection
+        return False
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int | None:
+    value = environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _cluster_detected(environ: Mapping[str, str], on_cloud_tpu: bool) -> bool:
+    hosts = environ.get("TPU_WORKER_HOSTNAMES", "")
+    platforms = environ.get("JAX_PLATFORMS", "")
     return (
-        "," in hosts
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-        or "JAX_COORDINATOR_ADDRESS" in os.environ
+        (on_cloud_tpu and (not platforms or "tpu" in platforms))  # Cloud TPU VMs: JAX reads the slice from metadata
+        or "," in hosts
+        or (_env_int(environ, "SLURM_NTASKS") or 1) > 1
+        or (_env_int(environ, "OMPI_COMM_WORLD_SIZE") or 1) > 1
+        or bool(environ.get("JAX_COORDINATOR_ADDRESS"))
     )
+
+
+def distributed_kwargs(
+    cfg: MeshConfig, environ: Mapping[str, str] | None = None, on_cloud_tpu: bool | None = None
+) -> dict[str, Any] | None:
+    """The keyword arguments ``initialize_distributed`` passes to ``jax.distributed.initialize``; None: this process
+    runs alone (or ``multihost: off``), so nothing is started.
+
+    Each of coordinator address, process count and process id comes from ``mesh.*`` when set, else from the
+    environment: ``JAX_COORDINATOR_ADDRESS`` (also read by JAX itself), ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``
+    (``launch/slurm_gpu.sbatch`` sets all three). Arguments given neither way are left to JAX's cluster detection
+    (Cloud TPU VMs, SLURM, Open MPI), and ``{}`` means "detect everything". ``JAX_LOCAL_DEVICE_IDS`` (which
+    accelerators this process drives) is read by JAX itself.
+    """
+    env = os.environ if environ is None else environ
+    if cfg.multihost == "off":
+        return None
+    given = {
+        "coordinator_address": cfg.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None,
+        "num_processes": cfg.num_processes if cfg.num_processes is not None else _env_int(env, "JAX_NUM_PROCESSES"),
+        "process_id": cfg.process_id if cfg.process_id is not None else _env_int(env, "JAX_PROCESS_ID"),
+    }
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    if kwargs:
+        return kwargs
+    if _cluster_detected(env, _on_cloud_tpu_vm() if on_cloud_tpu is None else on_cloud_tpu):
+        return {}
+    return None
 
 
 def initialize_distributed(cfg: MeshConfig) -> None:
     """Start JAX's multi-controller runtime when this is one process of several; a no-op on one host."""
-    if cfg.multihost == "off" or jax.distributed.is_initialized():
+    if jax.distributed.is_initialized():
         return
-    if cfg.coordinator_address is not None or _cluster_detected():
-        # CPU processes (tests, CPU clusters) need a collectives backend; accelerators ignore this setting.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if cfg.coordinator_address is not None:
-        jax.distributed.initialize(
-            coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id
-        )
-    elif _cluster_detected():
-        jax.distributed.initialize()  # TPU pods, SLURM and Open MPI describe themselves
-    else:
+    kwargs = distributed_kwargs(cfg)
+    if kwargs is None:
         return
+    # CPU processes (tests, CPU clusters) need a collectives backend; accelerators ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)  # {}: TPU pods, SLURM and Open MPI describe themselves
     log.info("process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count())
 
 

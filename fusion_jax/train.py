@@ -206,7 +206,12 @@ def documents_stage(cfg: TrainConfig) -> str:
         tokenizers = (cfg.target_tokenizer or cfg.target, *tokenizers)
     pcfg = prepare.PrepareConfig(corpus=cfg.data.corpus, tokenizers=tokenizers, max_tokens=cfg.data.max_tokens,
                                  validation_fraction=cfg.data.validation_fraction, output=str(out))
-    if (out / "documents.json").exists():
+    # Multi-host: process 0 prepares (the run_dir is shared), the others wait for it and read the same store.
+    fresh = jax.process_index() == 0 and not (out / "documents.json").exists()
+    if fresh:
+        prepare.main(pcfg)
+    mesh_lib.sync(f"fusion_jax:documents:{out}")
+    if not fresh:
         have = read_meta(out).get("prepare", {})
         want = config_loader.to_dict(pcfg)
         if have != want:
@@ -214,8 +219,6 @@ def documents_stage(cfg: TrainConfig) -> str:
             raise ValueError(f"{out} was prepared with other settings ({', '.join(diff)} differ); use another run_dir "
                              "or delete the directory")
         log.info("documents: %s (already prepared)", out)
-        return str(out)
-    prepare.main(pcfg)
     return str(out)
 
 
@@ -415,7 +418,8 @@ def fusion_run(cfg: TrainConfig) -> dict:
 
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(config_loader.to_dict(cfg), indent=1))
+    if jax.process_index() == 0:  # one writer per file in a multi-host run (the run_dir is shared)
+        (run / "config.json").write_text(json.dumps(config_loader.to_dict(cfg), indent=1))
     documents = documents_stage(cfg)
     teachers = capture_stage(cfg, documents)
 
@@ -511,7 +515,8 @@ def fusion_run(cfg: TrainConfig) -> dict:
               "eval": final_eval}
     if cfg.train.export:
         report["export"] = export_stage(cfg, model_cfg, state["params"])
-    (run / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    if jax.process_index() == 0:
+        (run / "report.json").write_text(json.dumps(report, indent=1, default=float))
     return report
 
 

@@ -379,3 +379,23 @@ def test_two_real_processes_make_the_global_batch(world, tmp_path):
     ref = loader(w).local_batch(0)
     for path, x in jax.tree_util.tree_leaves_with_path(ref):
         np.testing.assert_array_equal(got[jax.tree_util.keystr(path)], x)
+
+
+def test_ids_beyond_the_tokenizer_are_dropped_like_online():
+    """A model with more embedding rows than tokenizer ids: captured top-k ids past the map are dropped (mass
+    renormalised over the rest), not an error — the cached path does what online.padded_vocab_map does."""
+    from fusion_jax.align.transfer import transfer_topk
+    from fusion_jax.data.loader import covering
+    from fusion_jax.online import padded_vocab_map
+
+    table = np.array([0, 1, 2, -1], np.int32)
+    assert covering(table, np.array([[0, 3]])) is table
+    np.testing.assert_array_equal(covering(table, np.array([[5, 1]])), padded_vocab_map(table, 6))
+    ids = np.array([[5, 1], [2, 4]], np.int32)
+    lp = np.log(np.array([[0.6, 0.4], [0.7, 0.3]], np.float32))
+    end = np.array([1, 2], np.int32)
+    rows = transfer_topk(end, end, np.array([1, 2], np.int32), ids, lp, covering(table, ids), k_out=2)
+    np.testing.assert_array_equal(rows.ids[:, 0], [1, 2])
+    np.testing.assert_allclose(rows.logprobs[:, 0], [0.0, 0.0], atol=1e-6)
+    with pytest.raises(ValueError, match="vocab sizes differ"):
+        transfer_topk(end, end, np.array([1, 2], np.int32), ids, lp, table, k_out=2)

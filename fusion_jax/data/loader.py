@@ -317,11 +317,21 @@ class _Teacher:
     def transfer(self, rec, tgt_ids: np.ndarray, tgt_byte_end: np.ndarray, k: int, target) -> SparseRows:
         s = self.spec
         if s.align == "bytes":
-            return transfer_topk(rec.byte_end, tgt_byte_end, tgt_ids, rec.topk_ids, rec.topk_logprobs, self.table,
-                                 fallback=s.fallback, k_out=k)
+            return transfer_topk(rec.byte_end, tgt_byte_end, tgt_ids, rec.topk_ids, rec.topk_logprobs,
+                                 covering(self.table, rec.topk_ids), fallback=s.fallback, k_out=k)
         return self.pair(target).transfer(rec.ids, tgt_ids, rec.topk_ids[:, :k], rec.topk_logprobs[:, :k],
                                           vocab_align=s.vocab_align, onehot_target=s.onehot_target,
                                           tie_order=s.tie_order)
+
+
+def covering(table: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:
+    """The vocab map extended with −1 (dropped) up to the largest captured id: a model whose embedding has more rows
+    than its tokenizer has ids (MPT-7B: 50432 vs 50277) can put those rows in its top-k; as in the online path
+    (``online.padded_vocab_map``) their mass is dropped and the row renormalised."""
+    top = int(topk_ids.max(initial=-1)) + 1
+    if top <= len(table):
+        return table
+    return np.concatenate([table, np.full(top - len(table), -1, table.dtype)])
 
 
 @dataclasses.dataclass(frozen=True)
