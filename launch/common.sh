@@ -94,6 +94,12 @@ need_value() {
   fi
 }
 
+# need_set_env NAME: --pass-env NAME needs a variable name that is set here.
+need_set_env() {
+  if ! [[ $1 =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then die_usage "--pass-env needs a variable name, got '$1'"; fi
+  if [[ -z ${!1+set} ]]; then die_usage "--pass-env $1: $1 is not set here"; fi
+}
+
 # require NAME VALUE: a required option that was not given.
 require() {
   if [[ -z $2 ]]; then

@@ -48,7 +48,7 @@ while [[ $# -gt 0 ]]; do
     --copy) setup_args+=("$1"); shift ;;
     --pass-env)
       need_value "$1" "$#"
-      if ! [[ $2 =~ ^[A-Za-z_][A-Za-z0-9_]*$ && -n ${!2+set} ]]; then die_usage "--pass-env $2: $2 is not set here"; fi
+      need_set_env "$2"
       run_args+=("$1" "$2"); shift 2 ;;
     --venv | --env) need_value "$1" "$#"; run_args+=("$1" "$2"); shift 2 ;;
     --no-venv) run_args+=("$1"); shift ;;

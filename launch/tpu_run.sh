@@ -44,8 +44,7 @@ while [[ $# -gt 0 ]]; do
     --env) need_value "$1" "$#"; add_env "$2"; shift 2 ;;
     --pass-env)
       need_value "$1" "$#"
-      if ! [[ $2 =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then die_usage "--pass-env needs a variable name, got '$2'"; fi
-      if [[ -z ${!2+set} ]]; then die_usage "--pass-env $2: $2 is not set here"; fi
+      need_set_env "$2"
       add_env "$2=${!2}"; shift 2 ;;
     --project) need_value "$1" "$#"; project=$2; shift 2 ;;
     --worker) need_value "$1" "$#"; worker=$2; shift 2 ;;

@@ -217,7 +217,7 @@ def tokenizer_stage(model: DemoModel, files: list[Path], out: Path, validation_f
     return out
 
 
-def model_config(model: DemoModel, vocab_size: int, max_len: int):
+def model_config(model: DemoModel, vocab_size: int):
     """The demo model's ModelConfig in its family's conventions (as its HF config would say)."""
     from fusion_jax.models.config import ModelConfig
 
@@ -253,7 +253,7 @@ def init_stage(model: DemoModel, tokenizer_dir: Path, out: Path, seed: int, max_
     settings = {**config_loader.to_dict(model), "seed": seed, "max_len": max_len}
     if _stage(out, settings):
         return out
-    cfg = model_config(model, load_tokenizer(tokenizer_dir).vocab_size, max_len)
+    cfg = model_config(model, load_tokenizer(tokenizer_dir).vocab_size)
     cfg.validate()
     arch = architecture(model.architecture)
     hf_config = {**arch.config_to_hf(cfg), "max_position_embeddings": max_len}
