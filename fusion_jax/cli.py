@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from typing import Callable, TypeVar
@@ -36,11 +37,37 @@ def parse_config(parser: argparse.ArgumentParser, config_cls: type, argv: list[s
 
 
 def run(main: Callable[[C], object], parse: Callable[[], C]) -> None:
-    """Parse the config and run `main`; configuration and input errors end in one clear line, not a traceback."""
+    """Parse the config and run `main`. What the user can fix ends in one `error: …` line (exit 1): our error
+    classes, ValueErrors raised on purpose, and file-system errors (naming the path). Ctrl-C exits 130 with a
+    note that the command resumes. Anything else is our bug and keeps its traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     logging.getLogger("jax").setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         main(parse())
-    except (ValueError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
+        print("\ninterrupted: everything written so far is kept; run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(130)
+    except ValueError as e:  # UserError and its subclasses included
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {os_error_message(e)}")
+
+
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "free some space or choose another output, then run the same command again to resume",
+    errno.EDQUOT: "free some space or choose another output, then run the same command again to resume",
+    errno.EACCES: "check the permissions, or choose a directory you can write to",
+    errno.EPERM: "check the permissions, or choose a directory you can write to",
+    errno.EROFS: "the file system is read-only: choose a writable directory",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for a file-system error: what failed, on which path, and what to do about it."""
+    message = e.strerror or str(e)
+    if e.filename:
+        message += f": {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    hint = _OS_ERROR_HINTS.get(e.errno or 0)
+    return f"{message} ({hint})" if hint else message

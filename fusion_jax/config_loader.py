@@ -14,8 +14,7 @@ from typing import Any, Literal, Union
 import yaml
 
 
-class ConfigError(ValueError):
-    """An invalid config file, override or value."""
+from fusion_jax.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
 
 class _Loader(yaml.SafeLoader):

@@ -30,6 +30,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from fusion_jax.errors import InputError
+
 __all__ = [
     "Encoding",
     "Tokenizer",
@@ -47,15 +49,15 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SP_SPACE = "\u2581"  # "▁"
 
 
-class TokenizationError(ValueError):
+class TokenizationError(InputError):
     """The text cannot be tokenized so that the tokens' bytes reproduce it (or is not valid UTF-8)."""
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(InputError):
     """A file that cannot be read as a tokenizer."""
 
 
-class VocabSizeError(ValueError):
+class VocabSizeError(InputError):
     """A tokenizer produces ids outside a model's embedding table."""
 
 

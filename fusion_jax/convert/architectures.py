@@ -13,13 +13,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fusion_jax.errors import CheckpointError
 from fusion_jax.models.config import ModelConfig, RopeScaling
 
 Path = tuple[str, ...]
 Arrays = list[np.ndarray]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(CheckpointError):
     pass
 
 

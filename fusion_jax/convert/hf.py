@@ -31,8 +31,7 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointError(ValueError):
-    pass
+from fusion_jax.errors import CheckpointError  # noqa: F401
 
 
 class HFCheckpoint:

@@ -29,6 +29,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from fusion_jax.errors import InputError
+
 __all__ = ["CorpusConfig", "CorpusError", "Document", "read_documents", "split_of"]
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ DEFAULT_GLOB = {"text": "**/*.txt", "jsonl": "**/*.jsonl", "parquet": "**/*.parq
 _MISSING = object()
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """A corpus that cannot be read as configured; the message names the place and the fix."""
 
 

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from fusion_jax.errors import InputError
 from fusion_jax.data.corpus import Document
 
 __all__ = ["DocumentStore", "DocumentWriter", "StoreError", "SPLITS", "read_meta", "write_documents"]
@@ -40,7 +41,7 @@ _READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # random access (
 _FINGERPRINT_SALT = b"fusion_jax.documents.v1\0"
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     """A documents store that is missing, incomplete, of another version, or in the way of a new one."""
 
 

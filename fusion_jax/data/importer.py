@@ -66,6 +66,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from fusion_jax.errors import InputError
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.data.corpus import Document
 from fusion_jax.data.documents import SPLITS, DocumentWriter
@@ -82,7 +83,7 @@ DOMAIN = "fusellm"
 _ALIGNED = re.compile(r"^per_step_aligned_logits_(\d+)$")
 
 
-class FuseLLMImportError(ValueError):
+class FuseLLMImportError(InputError):
     """An official dataset that cannot be imported; the message names the column, row and position."""
 
 

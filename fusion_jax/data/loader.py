@@ -76,6 +76,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from fusion_jax.errors import InputError
 from fusion_jax.align.transfer import FALLBACKS, ROW_EMPTY, SparseRows, transfer_topk
 from fusion_jax.config_loader import option as _field
 from fusion_jax.data.packing import PackingPlan, block_layout
@@ -89,7 +90,7 @@ _LENGTHS_VERSION = 1
 _STEPS_AHEAD = 1 << 40  # the grain range is "infinite"
 
 
-class LoaderError(ValueError):
+class LoaderError(InputError):
     """A loader that cannot be built or a batch that cannot be made; the message names the teacher and field."""
 
 

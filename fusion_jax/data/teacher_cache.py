@@ -47,6 +47,8 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 
+from fusion_jax.errors import InputError
+
 FORMAT = "fusion_jax.teacher_cache"
 VERSION = 1
 MAGIC = b"FJTC"
@@ -59,7 +61,7 @@ _GAP_MAX = 254
 MANIFEST = "manifest.json"
 
 
-class CacheError(ValueError):
+class CacheError(InputError):
     """A teacher cache that cannot be used: missing, incomplete, corrupted, or captured for something else."""
 
 
