@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ from fusion_jax.config_loader import option as _help
 from fusion_jax.convert import checkpoint
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.data.documents import DocumentStore
+from fusion_jax.files import DirectoryLock, read_json
 from fusion_jax.mesh import MeshConfig
 from fusion_jax.models import decoder
 from fusion_jax.models.config import DType, ModelConfig
@@ -44,23 +45,29 @@ CAPTURE_SPEC = "capture.json"
 @dataclasses.dataclass(frozen=True)
 class CaptureConfig:
     documents: str = _help("prepared document store (python -m fusion_jax.prepare)", "")
-    split: str = _help("which split of the store: train | validation", "train")
+    split: Literal["train", "validation"] = _help("which split of the store", "train")
     source: str = _help("source model: a fusion_jax checkpoint or a Hugging Face directory (converted on the fly)", "")
     tokenizer: str = _help("the source's tokenizer (file or directory); default: the source directory", "")
     output: str = _help("cache directory to write (resumed if it holds finished shards of the same capture)", "")
-    k: int = _help("candidates stored per position", 10)
+    k: int = _help("candidates stored per position", 10, minimum=1, maximum=255)
     seq_len: int = _help("tokens per packed row; every document (+EOS) must fit (prepare with max_tokens < seq_len)",
-                         2048)
-    batch_size: int = _help("global rows per forward (a multiple of the process count and the batch mesh axes)", 8)
-    docs_per_shard: int = _help("documents per cache shard (the unit of resumption and of multi-host work)", 256)
-    logits_chunk: int = _help("positions per log_softmax/top-k chunk (bounds the float32 [B, chunk, V] buffer)", 512)
+                         2048, minimum=2)
+    batch_size: int = _help("global rows per forward (a multiple of the process count and the batch mesh axes)", 8,
+                            minimum=1)
+    docs_per_shard: int = _help("documents per cache shard (the unit of resumption and of multi-host work)", 256,
+                                minimum=1)
+    logits_chunk: int = _help("positions per log_softmax/top-k chunk (bounds the float32 [B, chunk, V] buffer)", 512,
+                              minimum=1)
     append_eos: bool = _help("append the tokenizer's EOS to every document, as the official pipeline does", True)
-    logprob_format: str = _help("quantized (37 B/token at k=10) | float16 (46 B/token)", "quantized")
+    logprob_format: Literal["quantized", "float16"] = _help(
+        "quantized (37 B/token at k=10) | float16 (46 B/token)", "quantized")
     param_dtype: DType = _help("dtype the source's params are loaded in", "bfloat16")
     compute_dtype: DType = _help("dtype of the forward's activations", "bfloat16")
-    max_documents: int = _help("capture only the first N documents (0 = all)", 0)
+    max_documents: int = _help("capture only the first N documents (0 = all)", 0, minimum=0)
     estimate: bool = _help("print the disk and time the capture needs, then stop", False)
-    estimate_sample: int = _help("documents tokenized for the estimate", 512)
+    estimate_sample: int = _help("documents tokenized for the estimate", 512, minimum=1)
+    allow_tokenizer_mismatch: bool = _help("use a tokenizer other than the one the source was saved with (warn "
+                                           "instead of refusing)", False)
     mesh: MeshConfig = _help("device mesh and sharding rules", default_factory=MeshConfig)
 
     def validate(self) -> None:
@@ -199,16 +206,29 @@ def _record(d: _Doc, top_lp: np.ndarray, top_ids: np.ndarray, ce: np.ndarray) ->
 
 
 def model_identity(path: str) -> dict:
-    """What identifies a model for the cache manifest: its directory name, config digest and weight bytes (cheap;
-    hashing the weights of a 70B model would cost minutes at every start)."""
+    """What identifies a model for the cache manifest: its directory name, config digest and a content fingerprint
+    of its weight files, so a checkpoint changed in place (same shapes, same bytes count) is noticed. The weights are
+    hashed once; later starts reuse the hashes, remembered by path, size and mtime (`files.cached_file_sha256`)."""
     p = Path(path)
-    if checkpoint.kind(p) == "fusion_jax":
-        config = p / checkpoint.META
-        weights = [f for f in (p / "params").rglob("*") if f.is_file() and not f.name.startswith("_")]
-    else:
-        config, weights = p / "config.json", sorted(p.glob("*.safetensors"))
+    config = p / (checkpoint.META if checkpoint.kind(p) == "fusion_jax" else "config.json")
     return {"name": p.name, "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
-            "weight_bytes": sum(f.stat().st_size for f in weights)}
+            "weights_sha256": checkpoint.weights_fingerprint(p)}
+
+
+def _source_changed(out: Path, recorded: dict, spec: dict, source: str) -> tc.CacheError | None:
+    """The error for a cache captured from this very source before its weights changed (None otherwise)."""
+    old, new = recorded.get("model") if isinstance(recorded, dict) else None, spec["model"]
+    if not isinstance(old, dict) or old == new or old.get("name") != new["name"]:
+        return None
+    if "weights_sha256" not in old:
+        what = "captured by a fusion_jax that did not fingerprint the weights"
+    else:
+        what = ", ".join(f"{k.removesuffix('_sha256')} fingerprint then {str(old.get(k))[:12]}, now {new[k][:12]}"
+                         for k in ("config_sha256", "weights_sha256") if old.get(k) != new[k])
+    return tc.CacheError(
+        f"{out} was captured from a model named {new['name']} whose weights or config differ from {source} now "
+        f"({what}): the source changed since the capture, so the cache does not hold its predictions. Delete {out} "
+        "to capture again, or write the capture to another directory (output; cache_dir in a training run)")
 
 
 def capture_spec(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, model_cfg: ModelConfig, n_docs: int) -> dict:
@@ -222,14 +242,19 @@ def capture_spec(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, model
     }
 
 
-def _check_resume(out: Path, spec: dict) -> None:
+def _check_resume(out: Path, spec: dict, source: str) -> None:
     """A directory with an earlier capture's files continues only if it was the same capture."""
     path = out / CAPTURE_SPEC
     if not path.exists():
         if any(out.glob("shard-*")):
             raise tc.CacheError(f"{out} holds shard files but no {CAPTURE_SPEC}: not a capture of ours; use a new output")
         return
-    old = json.loads(path.read_text())
+    old = read_json(path, tc.CacheError, f"delete {out} and capture again")
+    if not isinstance(old, dict):
+        raise tc.CacheError(f"{path}: expected a JSON object; delete {out} and capture again")
+    changed = _source_changed(out, old, spec, source)
+    if changed is not None:
+        raise changed
     diff = [k for k in spec if old.get(k) != spec[k]]
     if diff:
         k = diff[0]
@@ -245,9 +270,18 @@ def _shard_rows(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, n_docs
 
 
 def main(cfg: CaptureConfig) -> dict:
+    """The capture into ``cfg.output``, which it holds alone: a second capture into the same output fails at once,
+    naming the holder (process 0 holds the lock in a multi-host run)."""
+    mesh_lib.initialize_distributed(cfg.mesh)
+    if cfg.estimate or jax.process_index() != 0:
+        return _capture(cfg)
+    with DirectoryLock(cfg.output, "capture output"):
+        return _capture(cfg)
+
+
+def _capture(cfg: CaptureConfig) -> dict:
     from tqdm import tqdm
 
-    mesh_lib.initialize_distributed(cfg.mesh)
     mesh = mesh_lib.make_mesh(cfg.mesh)
     rules = cfg.mesh.rules
     pid, nproc = jax.process_index(), jax.process_count()
@@ -256,12 +290,13 @@ def main(cfg: CaptureConfig) -> dict:
     store = DocumentStore(cfg.documents, cfg.split)
     n_docs = len(store) if not cfg.max_documents else min(cfg.max_documents, len(store))
     tok = load_tokenizer(cfg.tokenizer or cfg.source)
+    checkpoint.check_tokenizer(cfg.source, tok, cfg.tokenizer or cfg.source,
+                               allow_mismatch=cfg.allow_tokenizer_mismatch)
     if cfg.append_eos and tok.eos_id is None:
         raise ValueError(f"tokenizer {tok.name!r} has no EOS token; set append_eos=false or give a tokenizer with one")
     model_cfg, params = checkpoint.load(cfg.source, mesh, rules, param_dtype=cfg.param_dtype,
                                         compute_dtype=cfg.compute_dtype)
     check_vocab_size(tok, model_cfg.vocab_size, cfg.source)
-    spec = capture_spec(cfg, store, tok, model_cfg, n_docs)
     out = Path(cfg.output)
 
     batch_spec = mesh_lib.logical_to_spec(("batch", "seq"), rules, mesh, (cfg.batch_size, cfg.seq_len))
@@ -304,10 +339,14 @@ def main(cfg: CaptureConfig) -> dict:
 
     if cfg.estimate:
         return _estimate(cfg, store, tok, model_cfg, n_docs, run, local)
+    spec = capture_spec(cfg, store, tok, model_cfg, n_docs)  # (hashes the weights the first time)
 
     all_shards = list(range(tc.num_shards(n_docs, cfg.docs_per_shard)))
     out.mkdir(parents=True, exist_ok=True)
     if (out / tc.MANIFEST).exists():
+        changed = _source_changed(out, read_json(out / tc.MANIFEST, tc.CacheError, tc.MANIFEST_FIX), spec, cfg.source)
+        if changed is not None:
+            raise changed
         try:
             tc.TeacherCache(out, expect=spec, verify="size")
         except tc.CacheError as e:
@@ -315,11 +354,11 @@ def main(cfg: CaptureConfig) -> dict:
         log.info("%s: capture already complete (%d documents); nothing to do", out, n_docs)
         return {"output": str(out), "skipped": True}
     if pid == 0:
-        _check_resume(out, spec)
+        _check_resume(out, spec, cfg.source)
         if not (out / CAPTURE_SPEC).exists():
             tc.write_atomic(out / CAPTURE_SPEC, json.dumps(spec, indent=1).encode())
     mesh_lib.sync("capture_spec")
-    _check_resume(out, spec)
+    _check_resume(out, spec, cfg.source)
     mine = [s for s in all_shards if s % nproc == pid]
     done = tc.done_shards(out, mine)
     pending = [s for s in mine if s not in done]

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from fusion_jax import config_loader
+from fusion_jax.files import atomic_write_json
 
 log = logging.getLogger("fusion_jax.compare")
 
@@ -73,9 +74,7 @@ def evaluate_models(cfg, documents: str, cache: Path) -> dict[str, dict[str, flo
             done[key] = _bpb(r)
             del params
             if jax.process_index() == 0:  # one writer (multi-host: every process computes the same report)
-                tmp = cache.with_suffix(".tmp")
-                tmp.write_text(json.dumps(done, indent=1))
-                tmp.replace(cache)
+                atomic_write_json(cache, done)  # a NaN bits per byte as null: strict JSON
             log.info("held-out bits per byte of %s: %s", name, done[key])
         out[name] = done[key]
     return out
@@ -118,7 +117,7 @@ def audit_stage(cfg, documents: str, run: Path) -> dict:
                    cache_dir=cfg.loader.cache_dir or None).to_json()
     for pair, s in zip(report["pairs"], cfg.sources):
         pair["source"] = s.name  # the report names pairs by source
-    path.write_text(json.dumps({"key": key, "audit": report}, indent=1))
+    atomic_write_json(path, {"key": key, "audit": report})
     return report
 
 

@@ -16,14 +16,10 @@ from fusion_jax.models.config import ModelConfig
 class ForwardConfig:
     """`python -m fusion_jax.forward`: score text (or random tokens) with a model on the mesh."""
 
-    batch_size: int = _help("sequences per batch (a multiple of the data·fsdp mesh size)", 8)
-    seq_len: int = _help("tokens per sequence", 128)
-    steps: int = _help("timed forward passes after the compiling one", 3)
+    batch_size: int = _help("sequences per batch (a multiple of the data·fsdp mesh size)", 8, minimum=1)
+    seq_len: int = _help("tokens per sequence", 128, minimum=1)
+    steps: int = _help("timed forward passes after the compiling one", 3, minimum=1)
     text: str | None = _help("UTF-8 text file to score with the checkpoint's tokenizer (default: random tokens)", None)
-
-    def validate(self) -> None:
-        if min(self.batch_size, self.seq_len, self.steps) <= 0:
-            raise ValueError("batch_size, seq_len and steps must be positive")
 
 
 @dataclasses.dataclass(frozen=True)

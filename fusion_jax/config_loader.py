@@ -1,10 +1,16 @@
-"""Typed configs: frozen dataclass trees loaded from YAML plus `--set key=value` overrides."""
+"""Typed configs: frozen dataclass trees loaded from YAML plus `--set key=value` overrides.
+
+Every value is checked at load against its field's type (a `Literal` lists the choices) and, for numbers, the range
+its `option(...)` declares (`minimum=`, `maximum=`, `exclusive_minimum=`, `exclusive_maximum=`); a key given twice
+in a YAML mapping is an error. `describe` (the commands' `--help`) lists types, ranges, choices and defaults.
+"""
 
 import argparse
 import copy
 import dataclasses
 import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -28,6 +34,49 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _check_unique_keys(node: yaml.Node, source: str, path: str = "", seen: set[int] | None = None) -> None:
+    """ConfigError for a key given twice in one mapping (YAML itself keeps the last one without a word)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, source, f"{path}[{i}]", seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[tuple[str, str], yaml.Node] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: explicit keys may override merged ones
+            _check_unique_keys(value_node, source, path, seen)
+            continue
+        key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+        dotted = f"{path}.{key}" if path else key
+        if isinstance(key_node, yaml.ScalarNode):
+            earlier = first.setdefault((key_node.tag, key_node.value), key_node)
+            if earlier is not key_node:
+                a, b = earlier.start_mark, key_node.start_mark
+                where = (f"line {a.line + 1} and line {b.line + 1}" if a.line != b.line
+                         else f"line {a.line + 1}, columns {a.column + 1} and {b.column + 1}")
+                raise ConfigError(f"{source}: key {dotted!r} is given twice ({where}); YAML would silently keep only "
+                                  "the second: merge the two into one")
+        _check_unique_keys(value_node, source, dotted, seen)
+
+
+def _load_yaml(text: str, source: str, path: str = "") -> Any:
+    """Parse YAML text with `_Loader`, refusing duplicate keys; `source` names the text in messages and `path` is the
+    dotted key the text is the value of."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node, source, path)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 class ConfigData(dict):
     """A plain config dict that remembers which dotted keys were set by `--set` (key -> raw value)."""
 
@@ -36,8 +85,56 @@ class ConfigData(dict):
         self.set_by = dict(set_by)
 
 
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric config field (of each item of a tuple field); NaN and ±inf are outside it."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: float | None = None
+    exclusive_maximum: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.minimum is not None and self.exclusive_minimum is not None:
+            raise TypeError("give minimum or exclusive_minimum, not both")
+        if self.maximum is not None and self.exclusive_maximum is not None:
+            raise TypeError("give maximum or exclusive_maximum, not both")
+
+    def __bool__(self) -> bool:
+        return any(b is not None for b in dataclasses.astuple(self))
+
+    def contains(self, x: float) -> bool:
+        return (math.isfinite(x)
+                and (self.minimum is None or x >= self.minimum)
+                and (self.exclusive_minimum is None or x > self.exclusive_minimum)
+                and (self.maximum is None or x <= self.maximum)
+                and (self.exclusive_maximum is None or x < self.exclusive_maximum))
+
+    def __str__(self) -> str:
+        """``>= 1``, ``> 0``, ``<= 255``, ``in [0, 1)``."""
+        low = (f"[{self.minimum!r}" if self.minimum is not None
+               else f"({self.exclusive_minimum!r}" if self.exclusive_minimum is not None else None)
+        high = (f"{self.maximum!r}]" if self.maximum is not None
+                else f"{self.exclusive_maximum!r})" if self.exclusive_maximum is not None else None)
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return (">= " if low[0] == "[" else "> ") + low[1:]
+        return ("<= " if high[-1] == "]" else "< ") + high[:-1]
+
+
+def _numbers(value: Any, path: str) -> list[tuple[str, float]]:
+    """(dotted key, number) for a number or each number of a tuple; bools and None are not numbers here."""
+    if isinstance(value, (tuple, list)):
+        return [item for i, v in enumerate(value) for item in _numbers(v, f"{path}[{i}]")]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [(path, value)]
+    return []
+
+
 def _is_related(key: str, path: str) -> bool:
-    """True if one dotted key is the other or an ancestor of it."""
+    """True if one dotted key is the other or an ancestor of it (`a.b` of `a.b[1]`)."""
+    key, path = key.replace("[", ".["), path.replace("[", ".[")
     return not path or (key + ".").startswith(path + ".") or (path + ".").startswith(key + ".")
 
 
@@ -159,6 +256,10 @@ def _build(cls: type, data: Any, path: str, ctx: _Ctx) -> Any:
             if isinstance(value, Mapping) and (dataclasses.is_dataclass(default) or isinstance(default, dict)):
                 value = _merge(to_dict(default), value)
             kwargs[name] = _convert(hints[name], value, prefix + name, ctx)
+            bounds = f.metadata.get("bounds")
+            for key, number in _numbers(kwargs[name], prefix + name) if bounds else ():
+                if not bounds.contains(number):
+                    raise ctx.error(key, f"must be {bounds}, got {number!r}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ctx.error(prefix + name, f"missing required key ({_type_name(hints[name])})", section=True)
     obj = cls(**kwargs)
@@ -193,7 +294,7 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
         raise ConfigError(f"malformed override {text!r}: expected --set key=value "
                           "(dotted key, YAML value), e.g. --set model.num_heads=8")
     try:
-        value = yaml.load(raw, Loader=_Loader)
+        value = _load_yaml(raw, f"--set {text}", key)
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {text}: value is not valid YAML ({getattr(e, 'problem', e)})") from e
     if isinstance(value, str):
@@ -257,12 +358,20 @@ def apply_overrides(data: Mapping, overrides: Sequence[str]) -> ConfigData:
 
 def _read_yaml(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_Loader)
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: not valid UTF-8 at byte offset {e.start} (line {line}: "
+                          f"{raw[e.start:e.start + 4]!r}, {e.reason}); save the file as UTF-8") from None
+    try:
+        data = _load_yaml(text, path)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -315,8 +424,22 @@ def _describe_rows(cls: type, prefix: str, defaults: Any = None) -> list[tuple[s
         # JSON is valid YAML, so a default can be pasted into --set.
         default = "(required)" if value is dataclasses.MISSING else json.dumps(to_dict(value))
         help_lines = str(f.metadata.get("help", "")).strip().splitlines()
-        rows.append((key, f"{_type_name(tp)} = {default}", help_lines[0] if help_lines else ""))
+        bounds = f.metadata.get("bounds")
+        type_text = f"{_type_name(tp)} ({bounds})" if bounds else _type_name(tp)
+        rows.append((key, f"{type_text} = {default}", help_lines[0] if help_lines else ""))
+        item = _section_type(tp)
+        if item is not None:  # a list of sections (`sources[].name`) or an optional section (`corpus.paths`)
+            rows += _describe_rows(item, key + ("[]." if typing.get_origin(tp) is tuple else "."))
     return rows
+
+
+def _section_type(tp: Any) -> type | None:
+    """The dataclass of a `tuple[Section, ...]` or a `Section | None` field, else None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None) and a is not Ellipsis]
+    origin = typing.get_origin(tp)
+    if origin in (tuple, Union, types.UnionType) and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
 
 
 def describe(cls: type) -> str:
@@ -334,6 +457,14 @@ def describe(cls: type) -> str:
     return "\n".join(lines)
 
 
-def option(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
-    """A config dataclass field with its ``--help`` text: ``x: int = option("what x is", 3)``."""
-    return dataclasses.field(default=default, metadata={"help": text}, **kw)
+def option(text: str, default: Any = dataclasses.MISSING, *, minimum: float | None = None,
+           maximum: float | None = None, exclusive_minimum: float | None = None,
+           exclusive_maximum: float | None = None, **kw) -> Any:
+    """A config dataclass field with its ``--help`` text and, for numbers, its allowed range:
+    ``steps: int = option("optimizer steps", 1000, minimum=1)``. The loader refuses a given value outside the range
+    (each item of a tuple), naming the key and the range, and ``--help`` lists the range."""
+    metadata: dict[str, Any] = {"help": text}
+    bounds = Bounds(minimum, maximum, exclusive_minimum, exclusive_maximum)
+    if bounds:
+        metadata["bounds"] = bounds
+    return dataclasses.field(default=default, metadata=metadata, **kw)

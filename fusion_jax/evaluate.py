@@ -39,6 +39,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,7 @@ from fusion_jax.config_loader import option as _help
 from fusion_jax.convert import checkpoint
 from fusion_jax.data.corpus import CorpusConfig, Document, read_documents
 from fusion_jax.data.documents import DocumentStore
+from fusion_jax.errors import CheckpointError
 from fusion_jax.mesh import MeshConfig
 from fusion_jax.models import decoder
 from fusion_jax.models.config import DType, ModelConfig
@@ -66,23 +68,27 @@ class EvaluateConfig:
     checkpoint: str = _help("model to evaluate: a fusion_jax checkpoint or a Hugging Face directory", "")
     tokenizer: str = _help("the model's tokenizer (file or directory); default: the checkpoint directory", "")
     documents: str = _help("prepared document store (python -m fusion_jax.prepare); or give corpus instead", "")
-    split: str = _help("which split of the store: train | validation", "validation")
+    split: Literal["train", "validation"] = _help("which split of the store", "validation")
     max_documents: int = _help("score only the first N documents of the store (0 = all; a corpus uses "
-                               "corpus.max_documents)", 0)
+                               "corpus.max_documents)", 0, minimum=0)
     corpus: CorpusConfig | None = _help(
         "any corpus read directly instead of a store (corpus.format, corpus.paths, corpus.domain_field, "
         "corpus.max_documents, ...: see fusion_jax.data.corpus); its documents are held in memory", None)
-    batch_size: int = _help("global rows per forward (a multiple of the process count)", 8)
-    seq_len: int = _help("tokens per packed row; longer documents are scored in windows of seq_len tokens", 2048)
+    batch_size: int = _help("global rows per forward (a multiple of the process count)", 8, minimum=1)
+    seq_len: int = _help("tokens per packed row; longer documents are scored in windows of seq_len tokens", 2048,
+                         minimum=2)
     context: int = _help("tokens of preceding text each window after the first of a long document conditions on "
-                         "(1 .. seq_len-1; -1 = seq_len // 2)", -1)
-    logits_chunk: int = _help("positions per log-sum-exp chunk (bounds the float32 [B, chunk, V] buffer)", 512)
+                         "(1 .. seq_len-1; -1 = seq_len // 2)", -1, minimum=-1)
+    logits_chunk: int = _help("positions per log-sum-exp chunk (bounds the float32 [B, chunk, V] buffer)", 512,
+                              minimum=1)
     append_eos: bool = _help("append the tokenizer's EOS to every document and score its prediction", True)
     bos: bool = _help("prepend the tokenizer's BOS so the first token is scored too (only for tokenizers with one)",
                       False)
     param_dtype: DType = _help("dtype the params are loaded in", "bfloat16")
     compute_dtype: DType = _help("dtype of the forward's activations (logits are float32 either way)", "bfloat16")
     output: str = _help("write the report as JSON to this file (optional)", "")
+    allow_tokenizer_mismatch: bool = _help("score with a tokenizer other than the one the checkpoint was saved with "
+                                           "(warn instead of refusing)", False)
     mesh: MeshConfig = _help("device mesh and sharding rules", default_factory=MeshConfig)
 
     def validate(self) -> None:
@@ -394,6 +400,21 @@ def format_table(report: dict) -> str:
     return "\n".join([head, line("all", report), *(line("  " + d, r) for d, r in report["domains"].items())])
 
 
+def check_finite_report(report: dict, model: str, compute_dtype: str) -> None:
+    """A NaN or infinite cross-entropy is an error, not a figure: the model's logits overflowed (its parameters load
+    finite: `checkpoint.load` checks them)."""
+    if math.isfinite(report["ce_nats"]):
+        return
+    bad = [d for d, r in report["domains"].items() if not math.isfinite(r["ce_nats"])]
+    fix = (f"the activations may overflow in {compute_dtype}: evaluate with compute_dtype=float32 (and "
+           "param_dtype=float32); if that fails too, the weights are unusable" if compute_dtype != "float32" else
+           "its weights make the logits overflow even in float32: the model is unusable (it diverged in training, or "
+           "its weights were damaged)")
+    raise CheckpointError(
+        f"{model}: its cross-entropy is {report['ce_nats']} (bits per byte {report['bits_per_byte']}) on domain(s) "
+        f"{', '.join(bad)}: its logits are NaN or infinite, so there is no score to report; {fix}")
+
+
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
@@ -408,6 +429,7 @@ def main(cfg: EvaluateConfig) -> dict:
     checkpoint.kind(cfg.checkpoint)  # a clear error for a missing model before anything else is read
     tok_path = cfg.tokenizer or cfg.checkpoint
     tok = load_tokenizer(tok_path)
+    checkpoint.check_tokenizer(cfg.checkpoint, tok, tok_path, allow_mismatch=cfg.allow_tokenizer_mismatch)
     bos_id = None
     if cfg.bos:
         bos_id = bos_token_id(tok_path, tok)
@@ -432,6 +454,7 @@ def main(cfg: EvaluateConfig) -> dict:
                           max_documents=cfg.max_documents if cfg.corpus is None else 0, chunk=cfg.logits_chunk,
                           context=context, bos_id=bos_id, progress=True)
     seconds = time.perf_counter() - t0
+    check_finite_report(result, cfg.checkpoint, cfg.compute_dtype)
     report = {
         **result,
         "checkpoint": cfg.checkpoint, "tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint,

@@ -1,9 +1,11 @@
-"""Files written so that a crash never leaves half of one, JSON that strict parsers read, and the exclusive lock
-that keeps two commands out of one output directory."""
+"""Files written so that a crash never leaves half of one, JSON that strict parsers read, the exclusive lock
+that keeps two commands out of one output directory, the checks that keep an output from replacing what it should
+not, and content hashes remembered across runs."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -11,9 +13,9 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
-from fusion_jax.errors import RunDirError
+from fusion_jax.errors import InputError, RunDirError, UserError
 
 LOCK_FILE = ".lock"
 
@@ -114,3 +116,106 @@ class DirectoryLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def read_json(path: str | os.PathLike, error: type[UserError] = InputError, fix: str = "") -> Any:
+    """The JSON in `path`; a truncated or otherwise invalid file is an `error` naming the file (and `fix`, what to do
+    about it). A missing file stays the OSError it is."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}): the file is truncated or corrupted"
+                    + (f"; {fix}" if fix else "")) from None
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    return outer == inner or outer in inner.parents
+
+
+def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
+                      error: type[UserError] = RunDirError) -> None:
+    """Refuse an output that is, contains or lies inside one of the command's `inputs` (compared as real paths, so
+    `./a`, `a` and a symlink to `a` are one path): writing it would replace or change what is being read."""
+    real_out = Path(out).resolve()
+    for given in inputs:
+        real_in = Path(given).resolve()
+        if real_out == real_in:
+            problem = f"is the input {given} itself"
+        elif _contains(real_out, real_in):
+            problem = f"contains the input {given}: replacing it would delete the input"
+        elif _contains(real_in, real_out):
+            problem = f"lies inside the input {given}"
+        else:
+            continue
+        raise error(f"{out}: the output {problem}; choose an output directory outside the input")
+
+
+def check_replaceable(out: str | os.PathLike, overwrite: bool, *, markers: Sequence[str], what: str,
+                      error: type[UserError] = RunDirError, overwrite_flag: str = "--set overwrite=true") -> None:
+    """Refuse to write `out` where that would lose something: it exists and `overwrite` is off, or it is not what
+    this command writes (`what`, recognised by one of the `markers` files in it; an empty directory is fine too), so
+    overwrite never deletes a directory of someone else's files."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    ours = out.is_dir() and not out.is_symlink() and any((out / m).is_file() for m in markers)
+    if not overwrite:
+        raise error(f"{out}: already exists ({what if ours else 'not ' + what}); keep it, choose another output, "
+                    f"or pass overwrite ({overwrite_flag}) to replace it")
+    if out.is_symlink() or not out.is_dir() or (not ours and any(out.iterdir())):
+        raise error(f"{out}: exists and is not {what} (no {' or '.join(markers)}); refusing to replace it even "
+                    "with overwrite: remove it yourself or choose another output")
+
+
+# ------------------------------------------------------------------------------------------------ content hashes
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_cache_dir() -> Path:
+    """Where content hashes are remembered: $FUSION_JAX_CACHE_DIR, else $XDG_CACHE_HOME/fusion_jax, else
+    ~/.cache/fusion_jax (one small JSON per hashed file under `sha256/`)."""
+    root = os.environ.get("FUSION_JAX_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or
+                                                           Path.home() / ".cache") / "fusion_jax"
+    return Path(root) / "sha256"
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    # ctime and inode change on every write or replacement, even when size and mtime are made to look the same.
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def cached_file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of the file's content, remembered in `hash_cache_dir()` by path + size + mtime (+ ctime, inode): a
+    large checkpoint is read once, not at every start, and a file changed in place is hashed again.
+
+    Safe for concurrent processes: each entry is one file replaced atomically (two processes hashing the same file
+    write the same entry), and a file that changes while it is hashed is not remembered. An unwritable cache only
+    costs the re-hash."""
+    path = Path(path).resolve()
+    entry = hash_cache_dir() / (hashlib.sha256(str(path).encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".json")
+    before = _stat_key(os.stat(path))
+    try:
+        known = json.loads(entry.read_text())
+        if known.get("path") == str(path) and known.get("stat") == before:
+            return str(known["sha256"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    digest = file_sha256(path)
+    if _stat_key(os.stat(path)) == before:
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(entry, {"path": str(path), "stat": before, "sha256": digest}, indent=None)
+        except OSError:
+            pass
+    return digest

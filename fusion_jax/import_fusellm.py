@@ -20,6 +20,16 @@ from fusion_jax.data import teacher_cache as tc
 from fusion_jax.data.importer import import_fusellm
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fusion_jax.import_fusellm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +40,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="train", help="split of a DatasetDict to import (default: train)")
     p.add_argument("--store-split", default=None, choices=["train", "validation"],
                    help="document-store split to write (default: --split)")
-    p.add_argument("--docs-per-shard", type=int, default=256, help="documents per cache shard (default: 256)")
+    p.add_argument("--docs-per-shard", type=_positive_int, default=256, metavar="N",
+                   help="documents per cache shard, >= 1 (default: 256)")
     p.add_argument("--logprob-format", default="quantized", choices=list(tc.LOGPROB_FORMATS),
                    help="cache storage: quantized (37 B/token at k=10) or float16 (46 B/token)")
     p.add_argument("--no-check-reencode", dest="check_reencode", action="store_false",

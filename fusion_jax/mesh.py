@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from fusion_jax.config_loader import option as _opt
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -37,14 +39,18 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 class MeshConfig:
     """Mesh shape (−1 on one axis: all remaining devices) and the logical-axis sharding rules."""
 
-    data: int = -1
+    data: int = -1  # the sizes (positive, or -1 on one axis) are checked by validate
     fsdp: int = 1
     tensor: int = 1
-    rules: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
-    multihost: Literal["auto", "off"] = "auto"
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
+    rules: dict[str, tuple[str, ...]] = _opt("logical axis name → the mesh axes it is split over",
+                                             default_factory=lambda: dict(DEFAULT_RULES))
+    multihost: Literal["auto", "off"] = _opt(
+        "auto: start jax.distributed when a cluster is detected or the fields below are set; off: this process alone",
+        "auto")
+    coordinator_address: str | None = _opt("host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS or detected)",
+                                           None)
+    num_processes: int | None = _opt("processes in the run (default: $JAX_NUM_PROCESSES or detected)", None, minimum=1)
+    process_id: int | None = _opt("this process's index (default: $JAX_PROCESS_ID or detected)", None, minimum=0)
 
     def validate(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)

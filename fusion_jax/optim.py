@@ -25,28 +25,21 @@ from fusion_jax.config_loader import option as _help
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    learning_rate: float = _help("peak learning rate (FuseLLM: 1e-5)", 1e-5)
+    learning_rate: float = _help("peak learning rate (FuseLLM: 1e-5)", 1e-5, exclusive_minimum=0)
     schedule: Literal["cosine", "as_run", "constant"] = _help(
         "cosine: warmup + cosine (the official flags); as_run: DeepSpeed's log warmup + linear decay (what the official "
         "runs executed); constant: warmup then flat", "cosine")
-    warmup_ratio: float = _help("share of the steps spent warming up (FuseLLM: 0.008)", 0.008)
-    min_lr_ratio: float = _help("cosine: final learning rate as a share of the peak", 0.0)
-    b1: float = _help("Adam β1", 0.9)
-    b2: float = _help("Adam β2 (official flags 0.95; the as-run DeepSpeed optimizer used 0.999)", 0.95)
-    eps: float = _help("Adam ε", 1e-8)
-    weight_decay: float = _help("decoupled weight decay on matrices (not on norms or biases)", 0.0)
-    grad_clip: float = _help("clip the global gradient norm to this (0 = off)", 1.0)
-    accumulation: int = _help("micro-batches per optimizer step (each is global_batch_size / accumulation rows)", 1)
-
-    def validate(self) -> None:
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
-        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1) or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("b1, b2 must be in [0, 1); eps > 0; weight_decay and grad_clip ≥ 0")
-        if self.accumulation < 1:
-            raise ValueError(f"accumulation must be ≥ 1, got {self.accumulation}")
+    warmup_ratio: float = _help("share of the steps spent warming up (FuseLLM: 0.008)", 0.008, minimum=0,
+                                exclusive_maximum=1)
+    min_lr_ratio: float = _help("cosine: final learning rate as a share of the peak", 0.0, minimum=0, maximum=1)
+    b1: float = _help("Adam β1", 0.9, minimum=0, exclusive_maximum=1)
+    b2: float = _help("Adam β2 (official flags 0.95; the as-run DeepSpeed optimizer used 0.999)", 0.95, minimum=0,
+                      exclusive_maximum=1)
+    eps: float = _help("Adam ε", 1e-8, exclusive_minimum=0)
+    weight_decay: float = _help("decoupled weight decay on matrices (not on norms or biases)", 0.0, minimum=0)
+    grad_clip: float = _help("clip the global gradient norm to this (0 = off)", 1.0, minimum=0)
+    accumulation: int = _help("micro-batches per optimizer step (each is global_batch_size / accumulation rows)", 1,
+                              minimum=1)
 
 
 def warmup_steps(cfg: OptimizerConfig, steps: int) -> int:

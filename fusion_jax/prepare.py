@@ -8,15 +8,18 @@ document stay in one split), splits documents longer than max_tokens under any o
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import itertools
 import logging
 import multiprocessing
+import os
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Literal
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 from fusion_jax import cli, config_loader
+from fusion_jax.config_loader import option as _help
 from fusion_jax.data.corpus import CorpusConfig, Document, read_documents, split_of
 from fusion_jax.data.documents import SPLITS, DocumentWriter
 from fusion_jax.data.splitting import split_long
@@ -25,28 +28,24 @@ from fusion_jax.tokenizers import TokenizationError, Tokenizer, load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig:
-    corpus: CorpusConfig = CorpusConfig()
-    tokenizers: tuple[str, ...] = dataclasses.field(default=(), metadata=_help(
+    corpus: CorpusConfig = _help("the corpus to read", default_factory=CorpusConfig)
+    tokenizers: tuple[str, ...] = _help(
         "every tokenizer of the run (target and sources: tokenizer.json, .model or a directory); "
-        "a document is split when it is too long under any of them"))
-    max_tokens: int = dataclasses.field(default=2000, metadata=_help(
-        "longest document in tokens (FuseLLM: block 2048 - 48)"))
-    validation_fraction: float = dataclasses.field(default=0.01, metadata=_help(
-        "share of documents (by a hash of the id) in the validation split"))
-    output: str = dataclasses.field(default="", metadata=_help("store directory to write"))
-    overwrite: bool = dataclasses.field(default=False, metadata=_help("replace an existing store at output"))
-    normalize: Literal["nfc", "none"] = dataclasses.field(default="nfc", metadata=_help(
-        "Unicode-normalize texts first; NFC-normalizing tokenizers (GPT-NeoX/MPT, Qwen2) cannot reproduce other text"))
-    on_tokenization_error: Literal["error", "skip"] = dataclasses.field(default="error", metadata=_help(
-        "a document some tokenizer cannot reproduce byte for byte: stop, or skip it (counted)"))
-    workers: int = dataclasses.field(default=0, metadata=_help(
-        "processes that tokenize and split (0: in this process); the output is the same"))
+        "a document is split when it is too long under any of them", ())
+    max_tokens: int = _help("longest document in tokens (FuseLLM: block 2048 - 48)", 2000, minimum=1)
+    validation_fraction: float = _help("share of documents (by a hash of the id) in the validation split", 0.01,
+                                       minimum=0, exclusive_maximum=1)
+    output: str = _help("store directory to write", "")
+    overwrite: bool = _help("replace an existing store at output", False)
+    normalize: Literal["nfc", "none"] = _help(
+        "Unicode-normalize texts first; NFC-normalizing tokenizers (GPT-NeoX/MPT, Qwen2) cannot reproduce other text",
+        "nfc")
+    on_tokenization_error: Literal["error", "skip"] = _help(
+        "a document some tokenizer cannot reproduce byte for byte: stop, or skip it (counted)", "error")
+    workers: int = _help("processes that tokenize and split (0: in this process); the output is the same", 0,
+                         minimum=0)
 
     def validate(self) -> None:
         try:
@@ -57,12 +56,29 @@ class PrepareConfig:
             raise ValueError("tokenizers is required: the run's target and source tokenizers (the split rule uses all)")
         if not self.output:
             raise ValueError("output is required: the store directory to write")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(path) if path else path
+
+
+def normalised(settings: Mapping[str, Any]) -> dict:
+    """A store's prepare settings (``to_dict(PrepareConfig)``, as documents.json records them) with every local path
+    absolute and normal, so that ``corpus.jsonl``, ``./corpus.jsonl`` and ``/data/corpus.jsonl`` (from /data) compare
+    equal. Hub ids and TFDS names stay as given. Idempotent."""
+    out = copy.deepcopy(dict(settings))
+    corpus = out.get("corpus")
+    if isinstance(corpus, dict):
+        local = corpus.get("format") in ("text", "jsonl", "parquet")
+        corpus["paths"] = [_absolute(p) if local or (corpus.get("format") == "hf" and os.path.exists(p)) else p
+                           for p in corpus.get("paths", [])]
+        if corpus.get("data_dir"):
+            corpus["data_dir"] = _absolute(corpus["data_dir"])
+    if "tokenizers" in out:
+        out["tokenizers"] = [_absolute(p) for p in out["tokenizers"]]
+    if "output" in out:
+        out["output"] = _absolute(out["output"])
+    return out
 
 
 # One document → its pieces, or None when skipped. Worker processes keep their own tokenizers.
@@ -117,7 +133,7 @@ def main(cfg: PrepareConfig) -> dict:
 
     tokenizers = [load_tokenizer(p) for p in cfg.tokenizers]
     meta = {
-        "prepare": config_loader.to_dict(cfg),
+        "prepare": normalised(config_loader.to_dict(cfg)),
         "tokenizers": [{"path": p, "name": t.name, "fingerprint": t.fingerprint} for p, t in zip(cfg.tokenizers, tokenizers)],
     }
     read = split_docs = pieces = skipped = 0

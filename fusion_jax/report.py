@@ -29,6 +29,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from fusion_jax.files import atomic_write_json, atomic_write_text
+
 __all__ = ["PLOTS", "margin", "model_order", "read_metrics", "write_report"]
 
 PLOTS: tuple[str, ...] = ("bpb.png", "curves.png", "win_rate.png")
@@ -604,9 +606,8 @@ def _merge_json(path: Path, results: dict) -> dict:
             os.replace(path, path.with_name(path.name + ".bad"))
             merged = {}
     merged.update(results)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(merged, indent=1, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    # numpy values and dataclasses as plain JSON first, then every NaN/±inf as null: strict parsers read the file.
+    atomic_write_json(path, json.loads(json.dumps(merged, default=_json_default)))
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -616,7 +617,8 @@ def write_report(run_dir: str | Path, results: dict) -> dict:
     * ``run_dir/report.md``: headline (fused vs CLM per domain), all models × domains, training curves, teacher win
       rates, the alignment audit, settings and timings — each part only when its input is in ``results``;
     * ``run_dir/plots/{bpb,curves,win_rate}.png`` (plots of a part that is now missing are removed);
-    * ``run_dir/report.json``: ``results`` merged over the existing report.json's keys.
+    * ``run_dir/report.json``: ``results`` merged over the existing report.json's keys, as strict JSON (NaN and ±inf
+      are written as null).
 
     results: {"bpb": {model: {domain: bpb}}, "curves": {run: metrics.jsonl path}, "audit": AuditReport JSON (or the
     AuditReport), "settings": {name: value}, "timings": {stage: seconds}}; see the module docstring. Returns the
@@ -643,5 +645,5 @@ def write_report(run_dir: str | Path, results: dict) -> dict:
     for name in PLOTS:
         if f"plots/{name}" not in written:
             (plots / name).unlink(missing_ok=True)
-    (run_dir / "report.md").write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+    atomic_write_text(run_dir / "report.md", "\n".join(md).rstrip() + "\n")
     return _merge_json(run_dir / "report.json", results)

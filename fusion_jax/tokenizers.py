@@ -44,7 +44,8 @@ __all__ = [
 ]
 
 # End-of-document spellings, for tokenizer.json files that come without a tokenizer_config.json.
-EOS_PIECES: tuple[str, ...] = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>", "<|eot_id|>")
+EOS_PIECES: tuple[str, ...] = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>", "<|eot_id|>",
+                              "<｜end▁of▁sentence｜>")
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SP_SPACE = "\u2581"  # "▁"
 
@@ -111,6 +112,10 @@ class Tokenizer:
     vocab_size:    number of ids V (max id + 1, added tokens included).
     token_bytes:   list[bytes] of length V, exact UTF-8 bytes per id (``b""`` for special tokens).
     special:       bool[V], True for special/control/unknown tokens (and unused ids).
+    added:         bool[V], True for the non-special tokens the backend matches in the raw text *before* its model
+                   runs (HF ``added_tokens`` with ``special: false``, SentencePiece user-defined pieces): for their
+                   bytes the tokenizer emits them, never a model piece with the same bytes (GPT-NeoX-20B's
+                   whitespace runs ``'  '``…``' '×24`` at ids 50254–50276 shadow the BPE pieces ``ĠĠ``…).
     eos_id:        the end-of-document token (SentencePiece ``eos_id``; for ``tokenizer.json`` the ``eos_token`` of a
                    ``tokenizer_config.json`` beside it, else a special token spelled like one of ``EOS_PIECES``),
                    or None. Vocabulary maps send the source's EOS to the target's.
@@ -134,6 +139,7 @@ class Tokenizer:
     vocab_size: int
     token_bytes: list[bytes] = field(repr=False)
     special: np.ndarray = field(repr=False)
+    added: np.ndarray = field(repr=False)
     pieces: list[str] = field(repr=False)
     eos_id: int | None
     dummy_prefix: bool
@@ -269,10 +275,9 @@ def _load_sentencepiece(path: Path) -> Tokenizer:
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             special[i] = True
             token_bytes.append(b"")
-        elif sp.is_byte(i):
-            token_bytes.append(_sp_piece_bytes(sp.id_to_piece(i)))
         else:
             token_bytes.append(_sp_piece_bytes(sp.id_to_piece(i)))
+    added = np.array([p.type == pb.ModelProto.SentencePiece.USER_DEFINED for p in proto.pieces], bool)
     ns = proto.normalizer_spec
     dummy = bool(ns.add_dummy_prefix) and not proto.trainer_spec.treat_whitespace_as_suffix
     descriptor = {
@@ -298,7 +303,7 @@ def _load_sentencepiece(path: Path) -> Tokenizer:
     eos_id = eos if 0 <= eos < V else None
     descriptor["eos_id"] = eos_id
     return Tokenizer(
-        name=path.stem, kind="sentencepiece", vocab_size=V, token_bytes=token_bytes, special=special,
+        name=path.stem, kind="sentencepiece", vocab_size=V, token_bytes=token_bytes, special=special, added=added,
         pieces=pieces, eos_id=eos_id, dummy_prefix=dummy, fingerprint=_fingerprint(token_bytes, special, pieces, descriptor),
         _encode_ids=encode_ids,
     )
@@ -352,17 +357,23 @@ def _load_hf(path: Path) -> Tokenizer:
 
     token_bytes: list[bytes] = [b""] * V
     special = np.ones(V, bool)  # ids with no token at all stay special (never produced)
-    unk = model.get("unk_token")
-    for piece, i in vocab.items():
-        token_bytes[i], special[i] = to_bytes(piece), False
-        if piece == unk:
-            token_bytes[i], special[i] = b"", True
+    is_added = np.zeros(V, bool)
+    # Added tokens first: an id that is also in the model vocab (DeepSeek-V3 lists `<｜begin▁of▁sentence｜>` there)
+    # is the added token, whose content is raw text, not a model piece to convert (as the library's `id_to_token`).
     for a in added:
         i = a["id"]
         if a.get("special"):
             token_bytes[i], special[i] = b"", True
         else:
-            token_bytes[i], special[i] = a["content"].encode("utf-8"), False
+            token_bytes[i], special[i], is_added[i] = a["content"].encode("utf-8"), False, True
+    added_ids = {a["id"] for a in added}
+    unk = model.get("unk_token")
+    for piece, i in vocab.items():
+        if i in added_ids:
+            continue
+        token_bytes[i], special[i] = to_bytes(piece), False
+        if piece == unk:
+            token_bytes[i], special[i] = b"", True
 
     descriptor = {
         "backend": "tokenizers",
@@ -386,7 +397,7 @@ def _load_hf(path: Path) -> Tokenizer:
     eos_id = _hf_eos_id(path, pieces, special)
     descriptor["eos_id"] = eos_id
     return Tokenizer(
-        name=name, kind=kind, vocab_size=V, token_bytes=token_bytes, special=special,
+        name=name, kind=kind, vocab_size=V, token_bytes=token_bytes, special=special, added=is_added,
         pieces=pieces, eos_id=eos_id, dummy_prefix=dummy, fingerprint=_fingerprint(token_bytes, special, pieces, descriptor),
         _encode_ids=encode_ids,
     )

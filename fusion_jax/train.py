@@ -12,29 +12,40 @@ Stages, each skipped when its output is already complete (so re-running after a 
    (``fusion_jax/online.py``);
 3. train: the loader aligns the teachers to the target's blocks; the jitted, sharded step fuses them and trains the
    target on ``λ·CLM + (1−λ)·fusion``; Orbax checkpoints every ``train.checkpoint_every`` steps (restored with the
-   loader's state, so a resumed run sees exactly the batches it would have seen); a non-finite loss stops the run
-   and leaves the last good checkpoint;
+   loader's state, so a resumed run sees exactly the batches it would have seen; a damaged newest checkpoint falls
+   back to the one before it); a non-finite loss, or a run that stops learning (``train.stall_steps``), stops the
+   run with nothing exported;
 4. evaluate: every ``train.eval_every`` steps and at the end, held-out bits per byte per domain, CLM and fusion loss
    and per-teacher win rates;
-5. export: the trained target as a Hugging Face checkpoint in ``<run_dir>/export``;
+5. export: the trained target as a Hugging Face checkpoint in ``<run_dir>/export`` (the step it holds in its
+   marker: an export of an earlier step is replaced);
 6. with ``baseline``: the CLM baseline in ``<run_dir>/clm``, the sources and the starting target scored on the same
    held-out documents, the alignment audit, and ``report.md`` with plots (``fusion_jax/compare.py``).
 
 With no teachers (no sources, ``target_as_teacher: false``) and ``loss.lm_weight: 1`` the run is plain CLM training.
 
-Metrics go to ``<run_dir>/metrics.jsonl`` and TensorBoard event files in ``<run_dir>/tensorboard``.
-``--dry-run`` builds the sharded state abstractly and prints bytes per device without allocating anything.
+The run directory is the run's: ``<run_dir>/run_config.json`` records the settings that define it (not logging,
+evaluation, mesh or paths' spelling: :data:`NOT_IDENTITY`) before anything else is written, and a rerun with other
+settings is refused naming the keys; ``--set train.extend=true`` continues a run to another ``train.steps``
+(:func:`schedule_optimizer` says what that means for the schedule). A directory that holds a model or files not of
+a run is refused, and one command at a time holds a run directory (a lock; a second one fails at once).
+
+Metrics go to ``<run_dir>/metrics.jsonl`` (strict JSON: NaN as null) and TensorBoard event files in
+``<run_dir>/tensorboard``. ``--dry-run`` builds the sharded state abstractly and prints bytes per device without
+allocating anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Literal
 
 import jax
 import numpy as np
@@ -45,6 +56,8 @@ from fusion_jax.config_loader import option as _help
 from fusion_jax.data.corpus import CorpusConfig
 from fusion_jax.data.loader import FusionLoader, LoaderConfig, TeacherSpec
 from fusion_jax.demo.build import DemoConfig
+from fusion_jax.errors import ConfigError, RunDirError, UserError
+from fusion_jax.files import LOCK_FILE, DirectoryLock, atomic_write_json, json_dumps, read_json
 from fusion_jax.fusion.fuse import FusionConfig
 from fusion_jax.fusion.losses import LossConfig
 from fusion_jax.mesh import MeshConfig
@@ -69,16 +82,18 @@ class SourceConfig:
     checkpoint: str = _help("fusion_jax or Hugging Face model directory")
     tokenizer: str = _help("its tokenizer (default: the checkpoint directory)", "")
     cache: str = _help("teacher cache directory (default: <cache_dir>/<name>)", "")
-    align: str = _help("bytes (exact byte alignment) | fusellm (official DTW)", "bytes")
-    vocab_map: str = _help("bytes mode: prefix | exact | identity", "prefix")
-    fallback: str = _help("bytes mode: onehot_next | mask for positions without a teacher row", "onehot_next")
-    vocab_align: str = _help("fusellm mode: hard (EM) | soft (MinED)", "hard")
-    onehot_target: str = _help("fusellm mode: current (official) | next", "current")
-    tie_order: str = _help("fusellm mode: official | fusechat_v2", "official")
-    mode: str = _help("cached (capture once, read the cache) | online (run inside the train step, no cache; "
-                      "align=bytes only)", "cached")
+    align: Literal["bytes", "fusellm"] = _help("bytes (exact byte alignment) | fusellm (official DTW)", "bytes")
+    vocab_map: Literal["prefix", "exact", "identity"] = _help("bytes mode: prefix | exact | identity", "prefix")
+    fallback: Literal["onehot_next", "mask"] = _help(
+        "bytes mode: onehot_next | mask for positions without a teacher row", "onehot_next")
+    vocab_align: Literal["hard", "soft"] = _help("fusellm mode: hard (EM) | soft (MinED)", "hard")
+    onehot_target: Literal["current", "next"] = _help("fusellm mode: current (official) | next", "current")
+    tie_order: Literal["official", "fusechat_v2"] = _help("fusellm mode: official | fusechat_v2", "official")
+    mode: Literal["cached", "online"] = _help(
+        "cached (capture once, read the cache) | online (run inside the train step, no cache; align=bytes only)",
+        "cached")
     seq_len: int = _help("online: source tokens per block (0: 2 × loader.seq_len); overflow falls back and is counted "
-                         "in the metrics' src_overflow", 0)
+                         "in the metrics' src_overflow", 0, minimum=0)
 
 
 MODES = ("cached", "online")
@@ -88,32 +103,41 @@ MODES = ("cached", "online")
 class DataConfig:
     documents: str = _help("prepared document store; empty: prepare data.corpus into <run_dir>/documents", "")
     corpus: CorpusConfig = _help("corpus to prepare when documents is empty", default_factory=CorpusConfig)
-    max_tokens: int = _help("prepare: longest document in tokens of any tokenizer (FuseLLM: block − 48)", 2000)
-    validation_fraction: float = _help("prepare: share of documents held out", 0.01)
+    max_tokens: int = _help("prepare: longest document in tokens of any tokenizer (FuseLLM: block − 48)", 2000,
+                            minimum=1)
+    validation_fraction: float = _help("prepare: share of documents held out", 0.01, minimum=0, exclusive_maximum=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class CaptureSettings:
-    k: int = _help("candidates stored per position", 10)
-    seq_len: int = _help("rows the sources run on (≥ max_tokens + 1)", 2048)
-    batch_size: int = _help("global rows per capture step", 8)
-    docs_per_shard: int = _help("documents per cache shard", 256)
+    k: int = _help("candidates stored per position", 10, minimum=1, maximum=255)
+    seq_len: int = _help("rows the sources run on (≥ max_tokens + 1)", 2048, minimum=2)
+    batch_size: int = _help("global rows per capture step", 8, minimum=1)
+    docs_per_shard: int = _help("documents per cache shard", 256, minimum=1)
     param_dtype: DType = _help("sources' param dtype", "bfloat16")
     compute_dtype: DType = _help("sources' compute dtype", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    steps: int = _help("optimizer steps", 1000)
-    checkpoint_every: int = _help("save every N steps (and at the end)", 100)
-    keep_checkpoints: int = _help("checkpoints kept", 3)
-    log_every: int = _help("metrics to JSONL / TensorBoard every N steps", 10)
-    eval_every: int = _help("held-out evaluation every N steps (0: only at the end)", 0)
-    eval_batches: int = _help("held-out batches for the fusion loss and win rates", 4)
-    eval_documents: int = _help("held-out documents for bits per byte (0: all)", 0)
-    peak_flops: float = _help("peak FLOP/s per device for MFU (0: by device kind)", 0.0)
+    steps: int = _help("optimizer steps", 1000, minimum=1)
+    checkpoint_every: int = _help("save every N steps (and at the end)", 100, minimum=1)
+    keep_checkpoints: int = _help("checkpoints kept", 3, minimum=1)
+    log_every: int = _help("metrics to JSONL / TensorBoard every N steps", 10, minimum=1)
+    eval_every: int = _help("held-out evaluation every N steps (0: only at the end)", 0, minimum=0)
+    eval_batches: int = _help("held-out batches for the fusion loss and win rates (0: bits per byte only)", 4,
+                              minimum=0)
+    eval_documents: int = _help("held-out documents for bits per byte (0: all)", 0, minimum=0)
+    peak_flops: float = _help("peak FLOP/s per device for MFU (0: by device kind)", 0.0, minimum=0)
     export: bool = _help("export the trained target as a Hugging Face checkpoint at the end", True)
     progress: bool = _help("progress bar", True)
+    extend: bool = _help("continue this run_dir's run to a new train.steps (more steps than it was started with); "
+                         "the learning-rate and λ schedules then span the new total, the warmup keeps its length "
+                         "(see fusion_jax.train.schedule_optimizer). Without it a changed train.steps is refused",
+                         False)
+    stall_steps: int = _help("stop when, for this many steps in a row, the gradient norm is exactly 0 or the CLM loss "
+                             "sits at ln V (a uniform prediction: the model stopped learning; 0: never check)", 20,
+                             minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +147,11 @@ class TrainConfig:
                            "runs on the same documents: one capture serves any number of targets", "")
     target: str = _help("the target: a fusion_jax or Hugging Face model directory", "")
     target_tokenizer: str = _help("the target's tokenizer (default: the target directory)", "")
+    allow_tokenizer_mismatch: bool = _help("let target_tokenizer / sources[].tokenizer differ from the tokenizer a "
+                                           "checkpoint was saved with (warn instead of refusing)", False)
     target_as_teacher: bool = _help("capture the target too and make it teacher 0 (the paper's setting)", True)
-    target_teacher_mode: str = _help("the target as teacher: cached | online (a frozen copy runs in the step)",
-                                     "cached")
+    target_teacher_mode: Literal["cached", "online"] = _help(
+        "the target as teacher: cached | online (a frozen copy runs in the step)", "cached")
     param_dtype: DType = _help("the target's master weights (and optimizer state)", "float32")
     compute_dtype: DType = _help("the target's forward/backward activations", "bfloat16")
     sources: tuple[SourceConfig, ...] = _help("the source models", ())
@@ -183,6 +209,279 @@ class TrainConfig:
                              f"({self.data.max_tokens}) so that every document plus EOS fits one row")
 
 
+# ------------------------------------------------------------------------------------------------ the run directory
+
+RUN_CONFIG = "run_config.json"  # the run's marker and identity; named so that it never collides with a model file
+LEGACY_RUN_CONFIG = "config.json"  # what runs wrote before run_config.json (a model's file name: see _check_run_dir)
+RUN_FORMAT = "fusion_jax.run"
+RUN_VERSION = 1
+EXPORT_STEP = "run_step"  # the key, in an export's marker (checkpoint.EXPORT_MARKER), of the step it holds
+
+# Keys of the config that change how a run is watched, evaluated, laid out on the devices or fed, but not what it
+# computes: they may change between invocations of one run (a run resumes on another mesh, with accumulation for
+# memory, more or fewer evaluations). Every other key defines the run.
+NOT_IDENTITY = (
+    "run_dir", "dry_run", "baseline", "remat", "mesh", "allow_tokenizer_mismatch",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.eval_documents", "train.peak_flops", "train.export", "train.progress", "train.extend", "train.stall_steps",
+    "capture.batch_size", "optimizer.accumulation", "loss.chunk_size",
+    "loader.worker_count", "loader.prefetch", "loader.cache_dir", "loader.doc_cache", "loader.verify",
+)
+# What the demo fills in from its own settings (which its stages check): not part of a demo run's identity.
+DEMO_FILLED = ("target", "target_tokenizer", "sources", "data.documents", "data.corpus")
+
+
+class TrainingError(ConfigError, FloatingPointError):
+    """The run diverged (a non-finite loss) or stopped learning: settings to change (learning rate, clipping), not a
+    bug, so one ``error:`` line. A FloatingPointError too, for callers that catch that."""
+
+
+def _not_learning(metrics: dict, uniform_loss: float) -> bool:
+    """A step of a run that stopped learning: no gradient at all, or a CLM loss at ln V — a uniform prediction, which
+    a trained model never makes and an untrained one leaves within a few steps (float32 round-off allowed)."""
+    return metrics["grad_norm"] == 0.0 or abs(metrics["clm"] - uniform_loss) <= 1e-5 * uniform_loss
+
+
+def _stall_message(cfg: TrainConfig, steps: list[int], uniform_loss: float, ckpts) -> str:
+    before = [s for s in ckpts.manager.all_steps() if s < steps[0]]
+    where = (f"the newest checkpoint from before it is step {max(before)} in {ckpts.directory}" if before
+             else "no checkpoint from before it is kept")
+    return (f"the run stopped learning: for {len(steps)} steps in a row (steps {steps[0]}–{steps[-1]}) the gradient "
+            f"norm was exactly 0 or the CLM loss sat at ln V = {uniform_loss:.4f}, the loss of a uniform prediction. "
+            f"That is what a learning rate far too high does (optimizer.learning_rate={cfg.optimizer.learning_rate:g}, "
+            f"optimizer.grad_clip={cfg.optimizer.grad_clip:g}): the weights blew up and the model collapsed. Stopped "
+            f"without exporting it; {where}. Start again with a lower optimizer.learning_rate (and check "
+            f"optimizer.grad_clip; 0 turns clipping off) in another run_dir, or delete {cfg.run_dir}. "
+            "train.stall_steps=0 turns this check off")
+
+
+def _differences(have: Any, want: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, have, want) wherever two settings trees differ; dicts by key, equally long lists item by item."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        return [d for k in sorted(set(have) | set(want), key=str)
+                for d in _differences(have.get(k), want.get(k), f"{key}.{k}" if key else str(k))]
+    if isinstance(have, list) and isinstance(want, list) and len(have) == len(want) and have != want:
+        return [d for i, (a, b) in enumerate(zip(have, want)) for d in _differences(a, b, f"{key}[{i}]")]
+    return [] if have == want else [(key or "(settings)", have, want)]
+
+
+def differing_keys(have: Any, want: Any) -> list[str]:
+    """The dotted keys (``optimizer.learning_rate``, ``sources[1].checkpoint``) whose values differ between two
+    settings trees: what the refusals of a changed run, document store or demo stage name."""
+    return [k for k, _, _ in _differences(have, want)]
+
+
+def _absolute(path: str) -> str:
+    return os.path.normpath(os.path.abspath(os.path.expanduser(path))) if path else path
+
+
+def run_identity(settings: dict) -> dict:
+    """The settings that define a run: ``config_loader.to_dict(cfg)`` (or a run's recorded config) without the keys
+    of :data:`NOT_IDENTITY`, with local paths absolute, so that a run given ``corpus.jsonl`` once and
+    ``./corpus.jsonl`` (or a relative and an absolute run_dir) the next time is the same run."""
+    from fusion_jax import prepare
+
+    out = json.loads(json_dumps(settings))
+    demo = out.get("demo")
+    for key in NOT_IDENTITY + (DEMO_FILLED if isinstance(demo, dict) and demo.get("enabled") else ()):
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    for key in ("target", "target_tokenizer", "cache_dir"):
+        if isinstance(out.get(key), str):
+            out[key] = _absolute(out[key])
+    for source in out.get("sources") or ():
+        for key in ("checkpoint", "tokenizer", "cache"):
+            if isinstance(source, dict) and isinstance(source.get(key), str):
+                source[key] = _absolute(source[key])
+    data = out.get("data")
+    if isinstance(data, dict):
+        if isinstance(data.get("documents"), str):
+            data["documents"] = _absolute(data["documents"])
+        if isinstance(data.get("corpus"), dict):
+            data["corpus"] = prepare.normalised({"corpus": data["corpus"]})["corpus"]
+    return out
+
+
+def schedule_optimizer(opt: OptimizerConfig, steps: int, warmup: int) -> OptimizerConfig:
+    """``opt`` with its schedule over ``steps`` steps and a warmup of exactly ``warmup`` steps.
+
+    What "more steps" means for an extended run (``train.extend``): the schedule's length is part of the optimizer,
+    so a run of 4 steps extended to 8 cannot continue "its" schedule, which ended at step 4. Its steps 5–8 follow the
+    schedule of an 8-step run instead — the decay (and a λ schedule) spans the new total — but the warmup keeps the
+    length the run started with (recorded in run_config.json): ``warmup_ratio × 8`` may be longer than the steps
+    already done, and the run must not go back up a warmup it finished. Where the decay had already brought the
+    learning rate down, it comes back up to the 8-step schedule's value: that is what asking for a longer run means,
+    and why extending is refused unless asked for."""
+    from fusion_jax.optim import warmup_steps
+
+    if warmup_steps(opt, steps) == warmup:
+        return opt
+    # warmup_steps() is max(1, ceil(ratio · steps)) for ratio > 0: half a step below `warmup` rounds up to it.
+    out = dataclasses.replace(opt, warmup_ratio=(warmup - 0.5) / steps if warmup else 0.0)
+    assert warmup_steps(out, steps) == warmup, (warmup, steps)
+    return out
+
+
+def _is_model_dir(path: Path) -> bool:
+    from fusion_jax.convert.checkpoint import META
+
+    weights = (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
+               or any(path.glob("pytorch_model*.bin")))
+    return (path / META).exists() or ((path / "config.json").is_file() and weights)
+
+
+def _legacy_settings(run: Path) -> dict | None:
+    """The config.json that runs wrote before run_config.json, or None (none there, or not one of ours)."""
+    path = run / LEGACY_RUN_CONFIG
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) and {"run_dir", "train", "optimizer"} <= set(settings) else None
+
+
+def _check_run_dir(run: Path) -> None:
+    """Refuse, before anything is written there, a run_dir that is not a run of ours (nor new, nor empty)."""
+    if not run.exists():
+        return
+    if not run.is_dir():
+        raise RunDirError(f"run_dir {run} is a file: give a directory (a new one, or an earlier run's)")
+    if _is_model_dir(run):
+        raise RunDirError(f"run_dir {run} is a model checkpoint (config.json and weights): the run's files would "
+                          "land among the model's and break it; give run_dir a new directory of its own")
+    if (run / RUN_CONFIG).exists() or _legacy_settings(run) is not None:
+        return
+    others = sorted(p.name for p in run.iterdir() if p.name != LOCK_FILE and not p.name.startswith(f".{RUN_CONFIG}."))
+    if others:
+        shown = ", ".join(others[:5]) + (", …" if len(others) > 5 else "")
+        raise RunDirError(f"run_dir {run} holds files and is not a fusion_jax run (no {RUN_CONFIG}): {shown}. The run "
+                          "would mix its checkpoints, metrics and export with them: give a new or empty directory")
+
+
+def _warmup_of(settings: dict, where: Path) -> int:
+    from fusion_jax.optim import warmup_steps
+
+    try:
+        opt = config_loader.from_dict(OptimizerConfig, settings["optimizer"])
+        return warmup_steps(opt, int(settings["train"]["steps"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunDirError(f"{where}: the run's recorded settings cannot be read by this version of fusion_jax ({e}); "
+                          "use another run_dir (or delete this one)") from None
+
+
+def _read_run(run: Path) -> dict | None:
+    """The run recorded in ``run`` (run_config.json, or a pre-run_config.json run's config.json, marked legacy), or
+    None for a new run."""
+    path = run / RUN_CONFIG
+    if path.exists():
+        record = read_json(path, RunDirError, fix="it records the run's settings: restore it, or use another run_dir")
+        if not isinstance(record, dict) or record.get("format") != RUN_FORMAT or "identity" not in record:
+            raise RunDirError(f"{path} is not a fusion_jax run record; use another run_dir")
+        if record.get("version") != RUN_VERSION:
+            raise RunDirError(f"{path} is version {record.get('version')!r} of the run record; this fusion_jax reads "
+                              f"version {RUN_VERSION}: use the fusion_jax that started the run, or another run_dir")
+        return record
+    legacy = _legacy_settings(run)
+    if legacy is None:
+        return None
+    return {**_new_record(legacy, run / LEGACY_RUN_CONFIG), "legacy": True}
+
+
+def _new_record(settings: dict, where: Path) -> dict:
+    return {"format": RUN_FORMAT, "version": RUN_VERSION, "identity": run_identity(settings),
+            "warmup_steps": _warmup_of(settings, where), "steps": [int(settings["train"]["steps"])],
+            "config": settings}
+
+
+def _checkpoint_steps(run: Path) -> list[int]:
+    directory = run / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "…"
+
+
+def _admit(cfg: TrainConfig, run: Path, record: dict | None) -> tuple[dict, bool]:
+    """This invocation's settings against the run recorded in ``run`` → (the run's record, whether to write it);
+    refuses other settings, naming the keys that differ."""
+    settings = json.loads(json_dumps(config_loader.to_dict(cfg)))
+    if record is None:
+        return _new_record(settings, run), True
+    legacy = record.pop("legacy", False)
+    want = run_identity(settings)
+    diffs = _differences(record["identity"], want)
+    if not diffs:
+        return record, legacy
+    keys = [k for k, _, _ in diffs]
+    if keys == ["train.steps"] and cfg.train.extend:
+        newest = max(_checkpoint_steps(run), default=0)
+        if cfg.train.steps < newest:
+            raise RunDirError(f"{run}: train.steps={cfg.train.steps} is below step {newest}, where this run's newest "
+                              "checkpoint is; a run cannot be shortened: use another run_dir")
+        log.info("%s: extending the run from %s to %d steps", run, record["identity"]["train"]["steps"],
+                 cfg.train.steps)
+        return {**record, "identity": want, "steps": [*record.get("steps", []), cfg.train.steps]}, True
+    detail = "; ".join(f"{k}: {_short(a)} in the run, {_short(b)} now" for k, a, b in diffs[:8])
+    hint = (f"; or, to continue this run to {cfg.train.steps} steps, add --set train.extend=true"
+            if keys == ["train.steps"] else "")
+    raise RunDirError(f"{run} holds a run with other settings ({', '.join(keys)} differ: {detail}). Its checkpoints, "
+                      f"metrics and export belong to those settings: use another run_dir for these (or delete "
+                      f"{run}){hint}")
+
+
+_open_runs: dict[str, dict] = {}  # run directories this process holds → their records
+
+
+@contextlib.contextmanager
+def open_run(cfg: TrainConfig) -> Iterator[dict]:
+    """Hold ``cfg.run_dir`` for the run and yield its record (run_config.json).
+
+    Before anything is written there, refuses a directory that is not a run of ours (a model checkpoint, someone's
+    files). Then takes the directory's lock (a second command on it fails at once, naming the holder), compares the
+    settings with the run's recorded ones (refusing a difference, naming the keys; ``train.extend`` allows a new
+    ``train.steps``) and records them when the run is new or extended. Process 0 does this in a multi-host run; every
+    process fails when it refuses. Nested runs hold their own directories (the demo's pretraining runs, the CLM
+    baseline in ``<run_dir>/clm``); a directory this process holds already is held once (``main`` →
+    ``fusion_run``)."""
+    run = Path(cfg.run_dir)
+    key = os.path.realpath(run)
+    if key in _open_runs:
+        yield _open_runs[key]
+        return
+    lock, record, failure = None, None, None
+    if jax.process_index() == 0:
+        try:
+            _check_run_dir(run)
+            lock = DirectoryLock(run, "run directory").acquire()
+            record, write = _admit(cfg, run, _read_run(run))
+            if write:
+                atomic_write_json(run / RUN_CONFIG, record)
+        except (UserError, OSError) as e:
+            failure = e
+    if jax.process_count() > 1 and mesh_lib.max_over_processes(int(failure is not None)) and failure is None:
+        failure = RunDirError(f"{run}: process 0 refused this run directory (its error says why)")
+    if failure is not None:
+        if lock is not None:
+            lock.release()
+        raise failure
+    if record is None:  # another process of a multi-host run: what process 0 recorded
+        record = _read_run(run)
+    _open_runs[key] = record
+    try:
+        yield record
+    finally:
+        del _open_runs[key]
+        if lock is not None:
+            lock.release()
+
+
+
 # ------------------------------------------------------------------------------------------------ stages
 
 
@@ -212,12 +511,11 @@ def documents_stage(cfg: TrainConfig) -> str:
         prepare.main(pcfg)
     mesh_lib.sync(f"fusion_jax:documents:{out}")
     if not fresh:
-        have = read_meta(out).get("prepare", {})
-        want = config_loader.to_dict(pcfg)
+        have = prepare.normalised(read_meta(out).get("prepare", {}))
+        want = prepare.normalised(config_loader.to_dict(pcfg))
         if have != want:
-            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-            raise ValueError(f"{out} was prepared with other settings ({', '.join(diff)} differ); use another run_dir "
-                             "or delete the directory")
+            raise RunDirError(f"{out} was prepared with other settings ({', '.join(differing_keys(have, want))} "
+                              "differ); use another run_dir or delete the directory")
         log.info("documents: %s (already prepared)", out)
     return str(out)
 
@@ -235,7 +533,7 @@ def capture_stage(cfg: TrainConfig, documents: str) -> list[SourceConfig]:
                 documents=documents, split=split, source=t.checkpoint, tokenizer=t.tokenizer,
                 output=str(Path(t.cache) / split), k=c.k, seq_len=c.seq_len, batch_size=c.batch_size,
                 docs_per_shard=c.docs_per_shard, param_dtype=c.param_dtype, compute_dtype=c.compute_dtype,
-                append_eos=cfg.loader.append_eos, mesh=cfg.mesh))
+                append_eos=cfg.loader.append_eos, mesh=cfg.mesh, allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch))
     return teachers
 
 
@@ -289,7 +587,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+            f.write(json_dumps({"step": step, "kind": kind, **values}) + "\n")  # NaN as null: strict JSON
         for k, v in _flat(values).items():
             self.tb.add_scalar(f"{kind}/{k}", v, step)
         self.tb.flush()
@@ -370,15 +668,23 @@ def _json_lines(obj, depth: int = 0) -> str:
     """JSON with one line per entry of the top two levels and anything deeper compact (one line per param leaf)."""
     if isinstance(obj, dict) and obj and depth < 2:
         pad = " " * (depth + 1)
-        items = ",\n".join(f"{pad}{json.dumps(k)}: {_json_lines(v, depth + 1)}" for k, v in obj.items())
+        items = ",\n".join(f"{pad}{json_dumps(k)}: {_json_lines(v, depth + 1)}" for k, v in obj.items())
         return "{\n" + items + "\n" + " " * depth + "}"
-    return json.dumps(obj)
+    return json_dumps(obj)
 
 
 def main(cfg: TrainConfig) -> dict:
     """The run (after the demo's assets when ``demo.enabled``; then the CLM baseline and the report when
-    ``baseline``) → its report."""
+    ``baseline``) → its report. The run directory is held (and checked against the run's recorded settings) from
+    start to end: :func:`open_run`."""
     mesh_lib.initialize_distributed(cfg.mesh)
+    if cfg.dry_run and not cfg.demo.enabled:  # reads the target's config only: writes and holds nothing
+        return dry_run(cfg)
+    with open_run(cfg):
+        return _main(cfg)
+
+
+def _main(cfg: TrainConfig) -> dict:
     timings = {}
     if cfg.demo.enabled:
         from fusion_jax.demo import build
@@ -408,7 +714,13 @@ def main(cfg: TrainConfig) -> dict:
 
 
 def fusion_run(cfg: TrainConfig) -> dict:
-    """Stages 1–5 of the module docstring for one run → its report (also in ``<run_dir>/report.json``)."""
+    """Stages 1–5 of the module docstring for one run → its report (also in ``<run_dir>/report.json``), with its run
+    directory held (:func:`open_run`)."""
+    with open_run(cfg) as record:
+        return _fusion_run(cfg, record)
+
+
+def _fusion_run(cfg: TrainConfig, record: dict) -> dict:
     from tqdm import tqdm
 
     from fusion_jax.checkpointing import Checkpoints
@@ -416,10 +728,7 @@ def fusion_run(cfg: TrainConfig) -> dict:
     from fusion_jax.train_step import (abstract_state, eval_losses, flops_per_token, host_metrics, init_state,
                                        jit_train_step, make_train_step)
 
-    run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:  # one writer per file in a multi-host run (the run_dir is shared)
-        (run / "config.json").write_text(json.dumps(config_loader.to_dict(cfg), indent=1))
+    run = Path(cfg.run_dir)  # made, and its settings recorded (run_config.json), by open_run
     documents = documents_stage(cfg)
     teachers = capture_stage(cfg, documents)
 
@@ -428,22 +737,40 @@ def fusion_run(cfg: TrainConfig) -> dict:
     tgt_tok = cfg.target_tokenizer or cfg.target
     loader = FusionLoader(loader_config(cfg, teachers, "train"), documents, tgt_tok, split="train", mesh=mesh,
                           rules=rules, progress=cfg.train.progress)
+    for name, ckpt, tok in [("target", cfg.target, tgt_tok)] + [(t.name, t.checkpoint, t.tokenizer or t.checkpoint)
+                                                             for t in teachers if t.mode == "online"]:
+        # Captured teachers were checked by their capture.
+        checkpoint.check_tokenizer(ckpt, tokenizer_path=tok, allow_mismatch=cfg.allow_tokenizer_mismatch,
+                                   setting="target_tokenizer" if name == "target" else f"sources[{name}].tokenizer")
     model_cfg, params = checkpoint.load(cfg.target, mesh, rules, param_dtype=cfg.param_dtype, remat=cfg.remat,
                                         compute_dtype=cfg.compute_dtype)
     online, frozen = load_online(cfg, teachers, loader, mesh, rules)
     extra = () if frozen is None else (frozen,)  # the online teachers' params: an argument, never donated
-    step_fn, opt = make_train_step(model_cfg, cfg.fusion, cfg.loss, cfg.optimizer, cfg.train.steps, rules,
-                                   online=online)
+    optimizer = schedule_optimizer(cfg.optimizer, cfg.train.steps, record["warmup_steps"])
+    step_fn, opt = make_train_step(model_cfg, cfg.fusion, cfg.loss, optimizer, cfg.train.steps, rules, online=online)
     abstract = abstract_state(model_cfg, opt, mesh, rules)
     ckpts = Checkpoints(run / "checkpoints", keep=cfg.train.keep_checkpoints)
     start = ckpts.latest_step()
     if start is not None:
         del params
-        state, loader_state, start = ckpts.restore(abstract)
+        try:
+            state, loader_state, start = ckpts.restore(abstract)
+        except BaseException:
+            ckpts.close()
+            raise
         loader.restore(loader_state)
         log.info("resumed from %s at step %d", ckpts.directory / str(start), start)
     else:
         state, start = init_state(params, opt, abstract), 0
+    if start > cfg.train.steps:  # open_run refuses this; a guard against logging step `start`'s results as `steps`
+        ckpts.close()
+        raise RunDirError(f"{run}: its checkpoint is at step {start}, beyond train.steps={cfg.train.steps}; a run "
+                          "cannot be shortened: use another run_dir")
+    if start < cfg.train.steps and jax.process_index() == 0:
+        for name in ("report.json", "report.md"):  # of fewer steps than the run is about to train
+            (run / name).unlink(missing_ok=True)
+    uniform_loss = math.log(model_cfg.vocab_size)  # the CLM loss of a uniform prediction
+    stalled: list[int] = []  # the latest steps in a row that did not learn
     train_step = jit_train_step(step_fn, abstract, loader.element_spec(), mesh, frozen=frozen)
     metrics_log = MetricsLog(run, jax.process_index() == 0)
     tokens_per_step = cfg.loader.global_batch_size * cfg.loader.seq_len
@@ -466,10 +793,14 @@ def fusion_run(cfg: TrainConfig) -> dict:
         if not all(math.isfinite(m[k]) for k in ("loss", "clm", "fusion", "grad_norm")):
             where = f"the last good checkpoint is step {last_good} in {ckpts.directory}" if last_good is not None \
                 else "no checkpoint was written yet"
-            raise FloatingPointError(
+            raise TrainingError(
                 f"step {step}: the loss is not finite (loss {m['loss']}, clm {m['clm']}, fusion {m['fusion']}, grad "
                 f"norm {m['grad_norm']}); stopping without saving — {where}. Lower optimizer.learning_rate or check "
                 "the teachers' caches")
+        if cfg.train.stall_steps:
+            stalled[:] = [*stalled, step] if _not_learning(m, uniform_loss) else []
+            if len(stalled) >= cfg.train.stall_steps:
+                raise TrainingError(_stall_message(cfg, stalled, uniform_loss, ckpts))
         dt = max(now - t_prev, 1e-9)
         t_prev = now
         wins = np.asarray(m.pop("teacher_wins"))
@@ -511,12 +842,13 @@ def fusion_run(cfg: TrainConfig) -> dict:
         ckpts.close()
         metrics_log.close()
         loader.close()
-    report = {"run_dir": str(run), "steps": cfg.train.steps, "resumed_from": start, "train": last,
-              "eval": final_eval}
-    if cfg.train.export:
-        report["export"] = export_stage(cfg, model_cfg, state["params"])
+    report = {"run_dir": str(run), "steps": cfg.train.steps, "step": cfg.train.steps, "resumed_from": start,
+              "train": last, "eval": final_eval}
+    if cfg.train.export or (run / "export").exists():  # an export of an earlier step is brought up to date too
+        report["export"] = export_stage(cfg, model_cfg, state["params"], cfg.train.steps)
+        report["export_step"] = cfg.train.steps
     if jax.process_index() == 0:
-        (run / "report.json").write_text(json.dumps(report, indent=1, default=float))
+        atomic_write_json(run / "report.json", report)  # NaN (MFU on CPU) as null: strict JSON
     return report
 
 
@@ -563,17 +895,39 @@ class _Evaluator:
         return out
 
 
-def export_stage(cfg: TrainConfig, model_cfg: ModelConfig, params) -> str:
+def export_step(export_dir: str | os.PathLike) -> int | None:
+    """The step of its run an export holds (``run_step`` in its marker, ``fusion_jax_export.json``), or None: no
+    export, or one whose write did not finish or that predates the record."""
+    from fusion_jax.convert.checkpoint import EXPORT_MARKER
+
+    try:
+        return int(json.loads((Path(export_dir) / EXPORT_MARKER).read_text())[EXPORT_STEP])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def export_stage(cfg: TrainConfig, model_cfg: ModelConfig, params, step: int) -> str:
+    """The params of ``step`` as a Hugging Face checkpoint in ``<run_dir>/export``, the step recorded in its marker;
+    an export of another step (or of an unknown one) is replaced: written beside it, then swapped in."""
+    import shutil
+
     from fusion_jax.convert import checkpoint
 
     out = Path(cfg.run_dir) / "export"
-    if (out / "config.json").exists():
-        log.info("export: %s exists; kept", out)
+    if export_step(out) == step:
+        log.info("export: %s holds step %d already; kept", out, step)
         return str(out)
+    if out.exists() and not (out / checkpoint.EXPORT_MARKER).exists() and jax.process_index() == 0:
+        log.info("export: %s is of an earlier fusion_jax (no marker): replacing it", out)
+        shutil.rmtree(out)  # the run's own; convert's overwrite check knows an export by its marker
+    mesh_lib.sync(f"fusion_jax:export:{out}")
     model_type, hf_config = checkpoint.source_info(cfg.target)
     tok_dir = Path(cfg.target_tokenizer or cfg.target)
     checkpoint.save_hf(out, model_cfg, params, model_type=model_type, hf_config=hf_config,
-                       tokenizer_dir=tok_dir if tok_dir.is_dir() else tok_dir.parent)
+                       tokenizer_dir=tok_dir if tok_dir.is_dir() else tok_dir.parent, overwrite=True)
+    if jax.process_index() == 0:  # a crash before this leaves no step: the next run exports again
+        marker = json.loads((out / checkpoint.EXPORT_MARKER).read_text())
+        atomic_write_json(out / checkpoint.EXPORT_MARKER, {**marker, EXPORT_STEP: step})
     return str(out)
 
 

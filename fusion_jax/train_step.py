@@ -10,8 +10,8 @@ One step on a global batch of B blocks (``data/loader.py``):
    this does not depend on the student's parameters, so it is computed once for the whole batch;
 2. the batch is split into ``accumulation`` micro-batches (rows ``i, i+A, …`` so that every device keeps its own rows);
    each runs the target forward and the chunked sparse losses, and the gradients are summed with
-   ``lax.scan`` — each micro-batch's loss is normalised by the *whole* batch's token count (or block count), so the
-   summed gradient is exactly the full batch's;
+   ``lax.scan`` — each micro-batch's loss is normalised by the *whole* batch's token count (or count of non-empty
+   blocks), so the summed gradient is exactly the full batch's;
 3. clip, AdamW, and the metrics of the step (losses, λ, learning rate, gradient norm, per-teacher win counts).
 
 Online teachers (``fusion_jax/online.py``): ``make_train_step(..., online=[OnlineTeacher, …])`` gives
@@ -34,7 +34,7 @@ import optax
 
 from fusion_jax import online as online_lib
 from fusion_jax.fusion.fuse import FusedTarget, FusionConfig, fuse
-from fusion_jax.fusion.losses import LossConfig, lm_weight, sparse_losses
+from fusion_jax.fusion.losses import LossConfig, block_means, lm_weight, sparse_losses
 from fusion_jax.models import decoder
 from fusion_jax.models.config import ModelConfig
 from fusion_jax.optim import OptimizerConfig, make_optimizer, schedule
@@ -122,7 +122,10 @@ def make_train_step(
         fusion_mask = base & target.has_target
         n_clm = jnp.maximum(clm_mask.sum(), 1).astype(jnp.float32)
         n_fus = jnp.maximum(fusion_mask.sum(), 1).astype(jnp.float32)
-        blocks = tokens.shape[0]
+        # ``blocks``: the whole batch's non-empty blocks, not each micro-batch's (that would weigh a micro-batch
+        # holding an empty block differently from the rest)
+        n_clm_blocks = jnp.maximum(clm_mask.any(1).sum(), 1).astype(jnp.float32)
+        n_fus_blocks = jnp.maximum(fusion_mask.any(1).sum(), 1).astype(jnp.float32)
 
         def micro_loss(master, mb):
             # Matrices in the compute dtype before use: FSDP all-gathers move bf16, not the float32 master copy.
@@ -134,9 +137,9 @@ def make_train_step(
             if loss_cfg.reduction == "tokens":
                 clm = jnp.where(out["clm_tokens"] > 0, out["clm"] * out["clm_tokens"], 0.0) / n_clm
                 fus = jnp.where(out["fusion_tokens"] > 0, out["fusion"] * out["fusion_tokens"], 0.0) / n_fus
-            else:  # per-block means, averaged over the blocks of the whole batch
-                share = mb["tokens"].shape[0] / blocks
-                clm, fus = out["clm"] * share, out["fusion"] * share
+            else:  # per-block means, averaged over the non-empty blocks of the whole batch
+                clm = jnp.sum(block_means(out["clm_block_sum"], out["clm_block_tokens"])) / n_clm_blocks
+                fus = jnp.sum(block_means(out["fusion_block_sum"], out["fusion_block_tokens"])) / n_fus_blocks
             lam = lm_weight(loss_cfg, state["step"], steps)
             return lam * clm + (1 - lam) * fus, (clm, fus)
 

@@ -186,6 +186,27 @@ def test_same_tokenizer_is_perfect(tiny, name):
     assert d.coverage["special"].count == len(docs) and d.coverage["special"].teacher == 1.0
 
 
+def test_group_kinds_count_byte_owning_tokens(tiny, tmp_path):
+    """Documents that start with whitespace begin with a SentencePiece `▁` that owns no bytes (the dummy prefix): the
+    same tokenizer on both sides is still all 1:1 groups, not a leading n:m (nor 1:n against a byte-level source)."""
+    sp, bl = tiny["sp_tok"], tiny["bl_tok"]
+    text = tmp_path / "indented.txt"
+    text.write_text(" leading space\n  two spaces\n\tand a tab\n", encoding="utf-8")
+    docs = load_documents([text], sp, max_tokens=16)
+    assert len(docs) == 3 and all(d.data[:1].isspace() for d in docs)
+    assert all(d.target.byte_end[0] == 0 for d in docs), "each document must start with a target token of no bytes"
+    r = audit_pair(sp, sp, docs, eos=False, cache_dir=tiny["cache"])
+    _check_invariants(r)
+    assert r.groups["1:1"] == 1.0 and r.group_counts["1:1"] == r.target_tokens
+    # " leading space\n": one byte per token on both sides (byte-level `Ġ`,`l`,…; SentencePiece `▁`(no bytes),`▁`,`l`,…)
+    first = docs[0]
+    src = bl.encode(first.data)
+    assert (np.diff(src.byte_end, prepend=0) == 1).all() and len(first.target.ids) == len(src.ids) + 1
+    r = audit_pair(bl, sp, [first], eos=False, cache_dir=tiny["cache"])
+    _check_invariants(r)
+    assert r.group_counts["1:1"] == r.target_tokens
+
+
 def test_modes_and_audit_entry_point(tiny):
     rep = audit([tiny["bl"]], tiny["sp"], [tiny["text"]], modes=("default",), max_tokens=64, cache_dir=tiny["cache"])
     assert list(rep.pairs[0].modes) == ["default"] and [v.method for v in rep.pairs[0].vocab] == ["prefix"]

@@ -8,13 +8,18 @@ from fusion_jax.align.bytes import GROUP_KINDS, align_bytes
 
 
 def naive_groups(src_end, tgt_end):
-    """Walk both token lists; close a group whenever both sides sit on the same boundary."""
+    """Walk both token lists; close a group whenever both sides sit on the same boundary. A group's kind counts the
+    tokens that own bytes (end after the previous token's end)."""
     common = sorted(set(src_end) & set(tgt_end))
     src_group = [next(i for i, b in enumerate(common) if e <= b) for e in src_end]
     tgt_group = [next(i for i, b in enumerate(common) if e <= b) for e in tgt_end]
+
+    def owning(groups, ends, g):
+        return sum(1 for i, (h, e) in enumerate(zip(groups, ends)) if h == g and e > (ends[i - 1] if i else 0))
+
     kinds = []
     for g in range(len(common)):
-        ns, nt = src_group.count(g), tgt_group.count(g)
+        ns, nt = owning(src_group, src_end, g), owning(tgt_group, tgt_end, g)
         kinds.append({(True, True): "1:1", (False, True): "n:1", (True, False): "1:n", (False, False): "n:m"}[ns <= 1, nt <= 1])
     return src_group, tgt_group, common, kinds
 
@@ -52,6 +57,23 @@ def test_worked_example():
     np.testing.assert_array_equal(a.src_group, [0, 1])
     np.testing.assert_array_equal(a.tgt_group, [0, 0, 1, 1])
     assert [GROUP_KINDS[k] for k in a.kind] == ["1:n", "1:n"]
+
+
+def test_empty_span_tokens_do_not_change_a_group_kind():
+    """EOS after the last word, a SentencePiece leading `▁` with no bytes, BOS: they join a group without making it
+    n:m or 1:n (the audit's group statistics count byte-owning tokens)."""
+    # "Hello world" + EOS on both sides: source "Hello| world|EOS", target "Hello| world|EOS"
+    a = align_bytes([5, 11, 11], [5, 11, 11])
+    assert [GROUP_KINDS[k] for k in a.kind] == ["1:1", "1:1"]
+    np.testing.assert_array_equal(a.tgt_group, [0, 1, 1])
+    # " hi" (starts with whitespace): source "Ġhi"; target SentencePiece "▁" (dummy prefix, empty span) + "▁hi"
+    a = align_bytes([3], [0, 3])
+    assert [GROUP_KINDS[k] for k in a.kind] == ["1:1"]
+    # empty-span tokens on one side only, and at a boundary both have (BOS at 0 on both sides)
+    a = align_bytes([0, 2, 5, 5], [0, 5])
+    assert [GROUP_KINDS[k] for k in a.kind] == ["1:1", "n:1"]
+    a = align_bytes([0, 0, 2, 5], [0, 2, 2, 3, 5, 5])
+    assert [GROUP_KINDS[k] for k in a.kind] == ["1:1", "1:1", "1:n"]
 
 
 def test_rejects_different_texts_and_unsorted_offsets():

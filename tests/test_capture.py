@@ -205,3 +205,95 @@ def test_two_processes_write_disjoint_shards_equal_to_one_process(setup, tmp_pat
         mine = [s for s in range(5) if s % 2 == i]
         assert f"process {i}/2: {len(mine)} of {len(mine)} shards to capture" in text, text
     _assert_same_cache(one, two)
+
+
+# ------------------------------------------------------------------------------------------ bad inputs (issue 12)
+
+def test_disk_full_is_one_error_line_and_the_rerun_resumes_identically(setup, tmp_path, monkeypatch):
+    """ArrayRecord reports a full disk as a RuntimeError (a traceback before); now one `error:` line naming the shard
+    and the fix, and the rerun completes the cache with the same bytes."""
+    from array_record.python import array_record_module as arm
+
+    from fusion_jax import cli
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux) to make a real write fail with ENOSPC")
+    clean = tmp_path / "clean"
+    capture.main(config(setup, clean))
+    out = tmp_path / "full"
+    real, opened = arm.ArrayRecordWriter, []
+
+    def third_shard_hits_a_full_disk(path, options):
+        opened.append(path)
+        return real("/dev/full" if len(opened) == 3 else path, options)
+
+    monkeypatch.setattr(arm, "ArrayRecordWriter", third_shard_hits_a_full_disk)
+    with pytest.raises(SystemExit) as e:
+        cli.run(capture.main, lambda: config(setup, out))
+    monkeypatch.undo()
+    message = str(e.value.code)
+    assert message == (f"error: No space left on device: {out / 'shard-00002.array_record.partial'} (free some space "
+                       "or choose another output, then run the same command again to resume)"), message
+    assert len(list(out.glob("shard-*.json"))) == 2 and not (out / tc.MANIFEST).exists()
+    assert capture.main(config(setup, out))["shards_written"] == 3
+    _assert_same_cache(clean, out)
+
+
+def _hf_source(setup, path: Path) -> Path:
+    checkpoint.save_hf(path, setup["cfg"], setup["params"], model_type="llama", tokenizer_dir=setup["root"] / "model")
+    return path
+
+
+def test_source_changed_in_place_is_not_served_from_the_stale_cache(setup, tmp_path):
+    """Issue 12, item 10: the cache's identity held the weights' byte count, so a checkpoint rewritten in place with
+    other values (same shapes, same bytes) reused the stale cache as "capture already complete"."""
+    from safetensors.numpy import load_file, save_file
+
+    source = _hf_source(setup, tmp_path / "hf")
+    out = tmp_path / "cache"
+    capture.main(config(setup, out, source=str(source), max_documents=4))
+    assert capture.main(config(setup, out, source=str(source), max_documents=4))["skipped"]
+
+    weights = source / "model.safetensors"
+    size = weights.stat().st_size
+    tensors = load_file(weights)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"][::-1].copy()  # same shape and dtype, other values
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata={"format": "pt"})
+    with open(weights, "r+b") as f:  # in place: same file, same size
+        f.write((tmp_path / "edited.safetensors").read_bytes())
+    assert weights.stat().st_size == size
+    for finished in (True, False):
+        with pytest.raises(tc.CacheError, match=rf"{out} was captured from a model named hf whose weights or config "
+                                                rf"differ from {source} now .*Delete {out} to capture again"):
+            capture.main(config(setup, out, source=str(source), max_documents=4))
+        (out / tc.MANIFEST).unlink(missing_ok=True)  # an unfinished capture is refused the same way
+
+
+def test_truncated_manifest_is_named_and_deleting_it_rebuilds_it(setup, tmp_path):
+    out = tmp_path / "cache"
+    capture.main(config(setup, out, max_documents=4))
+    manifest = (out / tc.MANIFEST).read_bytes()
+    (out / tc.MANIFEST).write_bytes(manifest[:100])
+    with pytest.raises(tc.CacheError, match=r"manifest\.json: not valid JSON .*delete manifest\.json and run the "
+                                            "capture again"):
+        capture.main(config(setup, out, max_documents=4))
+    (out / tc.MANIFEST).unlink()
+    assert capture.main(config(setup, out, max_documents=4))["shards_written"] == 0
+    assert (out / tc.MANIFEST).read_bytes() == manifest
+
+
+def test_a_tokenizer_other_than_the_sources_is_refused(setup, tmp_path, caplog):
+    """Issue 12, item 10: a tokenizer with a vocabulary that fits the model but is not the one it was saved with."""
+    from tiny_tokenizers import CODE_CORPUS
+
+    other = tmp_path / "other"
+    other.mkdir()
+    train_byte_level(other / "tokenizer.json", corpus=CODE_CORPUS, vocab_size=setup["tok"].vocab_size)
+    assert load_tokenizer(other).vocab_size <= setup["cfg"].vocab_size
+    with pytest.raises(checkpoint.CheckpointError, match=rf"tokenizer={other} .* is not the tokenizer "
+                                                         rf"{setup['root'] / 'model'} was saved with"):
+        capture.main(config(setup, tmp_path / "c1", tokenizer=str(other), max_documents=2))
+    assert not list((tmp_path / "c1").glob("*.json"))  # refused before anything was captured
+    capture.main(config(setup, tmp_path / "c2", tokenizer=str(other), max_documents=2, allow_tokenizer_mismatch=True))
+    assert "allowed by allow_tokenizer_mismatch" in caplog.text
+    capture.main(config(setup, tmp_path / "c3", tokenizer=str(setup["root"] / "model"), max_documents=2))

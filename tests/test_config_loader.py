@@ -289,3 +289,71 @@ def test_override_indexes_into_a_list_the_file_gives():
                          ("sources[a].x=1", "not a key or key\\[index\\]")]:
         with pytest.raises(ConfigError, match=message):
             apply_overrides(data, [bad])
+
+
+# --- ranges (option bounds), duplicate keys, list-item sections in --help ----------------------------------------
+
+def _ranged_classes():
+    from fusion_jax.config_loader import option
+
+    @dataclasses.dataclass(frozen=True)
+    class Item:
+        name: str = option("its name")
+        share: float = option("a share", 0.5, minimum=0, exclusive_maximum=1)
+
+    @dataclasses.dataclass(frozen=True)
+    class Ranged:
+        steps: int = option("how many", 3, minimum=1)
+        rate: float = option("how fast", 0.1, exclusive_minimum=0)
+        limit: int | None = option("at most", None, maximum=255)
+        weights: tuple[float, ...] = option("one per item", (), minimum=0)
+        flag: bool = option("a bool is not a number here", False)
+        items: tuple[Item, ...] = option("the items", ())
+        extra: Item | None = option("an optional section", None)
+
+    return Item, Ranged
+
+
+@pytest.mark.parametrize("override, message", [
+    ("steps=0", "steps: must be >= 1, got 0"),
+    ("rate=0", "rate: must be > 0, got 0.0"),
+    ("rate=.nan", "rate: must be > 0, got nan"),
+    ("rate=.inf", "rate: must be > 0, got inf"),
+    ("limit=256", "limit: must be <= 255, got 256"),
+    ("weights=[1, 2, -0.5]", r"weights\[2\]: must be >= 0, got -0.5"),
+    ("items=[{name: a, share: 1}]", r"items\[0\].share: must be in \[0, 1\), got 1.0"),
+    ("extra={name: a, share: -1}", r"extra.share: must be in \[0, 1\), got -1.0"),
+])
+def test_bounds_name_the_key_and_the_range(override, message):
+    _, Ranged = _ranged_classes()
+    with pytest.raises(ConfigError, match=f"^{message} \\(in --set "):
+        load(Ranged, None, [override])
+
+
+def test_bounds_accept_their_edges_and_none():
+    Item, Ranged = _ranged_classes()
+    cfg = load(Ranged, None, ["steps=1", "rate=1e-9", "limit=255", "weights=[0, 3]", "flag=true",
+                              "items=[{name: a, share: 0}]"])
+    assert (cfg.steps, cfg.limit, cfg.weights, cfg.items) == (1, 255, (0.0, 3.0), (Item("a", 0.0),))
+    assert load(Ranged, None, ["limit=null"]).limit is None
+
+
+def test_describe_lists_ranges_and_the_fields_of_list_items_and_optional_sections():
+    _, Ranged = _ranged_classes()
+    lines = {line.split()[0]: line for line in describe(Ranged).splitlines()}
+    assert list(lines) == ["steps", "rate", "limit", "weights", "flag", "items", "items[].name", "items[].share",
+                           "extra", "extra.name", "extra.share"]
+    assert "int (>= 1) = 3" in lines["steps"] and "float (> 0) = 0.1" in lines["rate"]
+    assert "int | None (<= 255) = null" in lines["limit"] and "tuple[float, ...] (>= 0) = []" in lines["weights"]
+    assert "str = (required)" in lines["items[].name"] and "float (in [0, 1)) = 0.5" in lines["items[].share"]
+    assert "bool = false" in lines["flag"] and lines["steps"].endswith("how many")
+
+
+def test_duplicate_keys_are_an_error(tmp_path):
+    path = write(tmp_path, "steps: 1\nmodel:\n  hidden: 8\nsteps: 2\n")
+    assert error(load, Run, path) == (f"{path}: key 'steps' is given twice (line 1 and line 4); YAML would silently "
+                                      "keep only the second: merge the two into one")
+    path = write(tmp_path, "model:\n  attn: {kind: dot, kind: flash}\n")
+    assert "key 'model.attn.kind' is given twice (line 2, columns 10 and 21)" in error(load, Run, path)
+    assert "--set model={hidden: 8, hidden: 16}: key 'model.hidden' is given twice" in error(
+        load, Run, None, ["model={hidden: 8, hidden: 16}"])

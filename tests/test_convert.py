@@ -23,6 +23,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from fusion_jax import convert, models  # noqa: E402
 from fusion_jax.convert import CheckpointError, UnsupportedModelError  # noqa: E402
 from fusion_jax.convert.__main__ import main, parse  # noqa: E402
+from fusion_jax.errors import RunDirError  # noqa: E402
 from fusion_jax.mesh import MeshConfig, make_mesh  # noqa: E402
 
 LLAMA_LIKE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
@@ -194,6 +195,31 @@ def test_tokenizer_files_are_copied(hf_model, tmp_path):
     assert loaded("hello world")["input_ids"] == [1, 2]
 
 
+def test_tokenizer_fingerprint_is_stored_with_the_model(hf_model, tmp_path):
+    """Issue 12, item 10: the tokenizer a model is saved with is recorded (fusion_jax.json / fusion_jax_export.json),
+    so that a run or an evaluation given another tokenizer is refused."""
+    from tiny_tokenizers import CODE_CORPUS, train_byte_level
+
+    from fusion_jax.tokenizers import load_tokenizer
+
+    src = hf_model("llama").copy(tmp_path / "src")
+    train_byte_level(src / "tokenizer.json")
+    fingerprint = load_tokenizer(src).fingerprint
+    convert_cli(src, tmp_path / "ours")
+    convert_cli(tmp_path / "ours", tmp_path / "back", "--to", "hf")
+    assert json.loads((tmp_path / "ours" / "fusion_jax.json").read_text())["tokenizer"]["fingerprint"] == fingerprint
+    marker = json.loads((tmp_path / "back" / "fusion_jax_export.json").read_text())
+    assert marker["format"] == "fusion_jax.hf_export" and marker["tokenizer"]["fingerprint"] == fingerprint
+    other = tmp_path / "other"
+    other.mkdir()
+    train_byte_level(other / "tokenizer.json", corpus=CODE_CORPUS)
+    for model in ("ours", "back"):
+        convert.check_tokenizer(tmp_path / model, tokenizer_path=src)
+        with pytest.raises(CheckpointError, match=f"tokenizer={other} .* is not the tokenizer {tmp_path / model} was "
+                                                  "saved with"):
+            convert.check_tokenizer(tmp_path / model, tokenizer_path=other)
+
+
 # 4. Bad input -------------------------------------------------------------------------------------------------------
 
 
@@ -291,15 +317,52 @@ def test_existing_output_is_kept_unless_overwrite(hf_model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(CheckpointError, match="out already exists; pass overwrite"):
+    with pytest.raises(RunDirError, match=r"out: already exists \(not a model directory written by fusion_jax\).*"
+                                          r"pass overwrite \(--set overwrite=true\)"):
         convert_cli(src.path, out)
+    # overwrite replaces only what convert wrote: never a directory of someone else's files (issue 12, item 9)
+    with pytest.raises(RunDirError, match="out: exists and is not a model directory written by fusion_jax .*refusing"):
+        convert_cli(src.path, out, "--set", "overwrite=true")
     assert sorted(os.listdir(out)) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
     assert not os.path.exists(f"{out}.partial")
 
+    (out / "keep.txt").unlink()  # an empty directory holds nothing to lose
     convert_cli(src.path, out, "--set", "overwrite=true")
-    assert not (out / "keep.txt").exists() and (out / "fusion_jax.json").exists()
+    assert (out / "fusion_jax.json").exists()
     cfg, params = convert.load(out, compute_dtype="float32")
     np.testing.assert_allclose(our_logits(cfg, params), src.logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("to", ["fusion_jax", "hf"])
+def test_overwrite_replaces_our_own_output_of_either_kind(hf_model, tmp_path, to):
+    src = hf_model("llama")
+    out = tmp_path / "out"
+    convert_cli(src.path, out, "--to", to)
+    marker = "fusion_jax.json" if to == "fusion_jax" else "fusion_jax_export.json"
+    assert (out / marker).is_file()
+    (out / "stale.txt").write_text("left by the earlier conversion")
+    convert_cli(src.path, out, "--to", "hf" if to == "fusion_jax" else "fusion_jax", "--set", "overwrite=true")
+    assert not (out / "stale.txt").exists() and not (out / marker).exists()
+
+
+def test_overwrite_never_touches_the_source(hf_model, tmp_path):
+    """OUT equal to SRC, a parent of SRC (the source and its siblings would be deleted: issue 12, item 9), or a
+    directory inside SRC: refused before anything is read or written, even with overwrite."""
+    parent = tmp_path / "models"
+    src = hf_model("llama").copy(parent / "src")
+    (parent / "sibling.txt").write_text("another model")
+    convert_cli(src, parent / "fj")  # a fusion_jax dir of ours: parent/fj
+    (parent / "fusion_jax.json").write_text((parent / "fj" / "fusion_jax.json").read_text())  # parent looks like ours
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for out, problem in [(src, "is the input .*src itself"), (parent, "contains the input .*would delete the input"),
+                         (src / "fj", "lies inside the input"), (tmp_path / "models" / ".." / "models", "contains")]:
+        for to in ("fusion_jax", "hf"):
+            with pytest.raises(RunDirError, match=problem):
+                convert_cli(src, out, "--to", to, "--set", "overwrite=true")
+    with pytest.raises(RunDirError, match="is the input .* itself"):  # the same directory, spelled another way
+        convert_cli(parent / "fj", f"{parent}/./fj", "--set", "overwrite=true")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert_same_weights(from_pretrained(src), hf_model("llama").model)
 
 
 def test_crash_mid_hf_write_leaves_only_partial(hf_model, tmp_path, monkeypatch):

@@ -294,6 +294,27 @@ def test_cli(tiny, tmp_path):
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
+def test_a_wrong_tokenizer_is_named_as_the_likely_cause(tiny, tmp_path):
+    """Ids read with another vocabulary seldom spell UTF-8: the error says the tokenizer is the likely cause."""
+    from tiny_tokenizers import train_byte_level
+
+    other = load_tokenizer(train_byte_level(tmp_path / "other.json", vocab_size=400))
+    assert other.vocab_size >= tiny["tok"].vocab_size  # every id is in range: only the bytes are wrong
+    ds = save(official_rows(tiny["tok"]), tmp_path / "ds")
+    with pytest.raises(FuseLLMImportError, match=r"^row 0: the tokens' bytes are not valid UTF-8 .*\. The likely cause "
+                                                 r"is the tokenizer: other is not the one the dataset was built with"):
+        import_fusellm(ds, other, tmp_path / "out")
+
+
+def test_a_damaged_dataset_names_the_directory(tiny, tmp_path):
+    ds = save(official_rows(tiny["tok"]), tmp_path / "ds")
+    state = ds / "state.json"
+    state.write_text(state.read_text()[:20])
+    with pytest.raises(FuseLLMImportError, match=rf"^{ds}: damaged dataset, datasets.load_from_disk failed \(.*\); "
+                                                 "save it again"):
+        import_fusellm(ds, tiny["tok"], tmp_path / "out")
+
+
 # ------------------------------------------------------------------------------------------ the official goldens
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fusion_jax.align.fusellm import FuseLLMPair
-from fusion_jax.align.transfer import ROW_EMPTY, transfer_topk
+from fusion_jax.align.transfer import ROW_EMPTY, ROW_TEACHER, transfer_topk
 from fusion_jax.align.vocab import vocab_map
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.data.corpus import Document
@@ -44,9 +44,9 @@ TEXTS = [
 
 
 def write_cache(path, store, tok, k, seed, *, per_shard=3, append_eos=True, fingerprint=None, bad_id_at=None,
-                num_docs=None):
+                num_docs=None, model_rows=None):
     """A teacher cache for the first ``num_docs`` (all) documents of ``store``: the teacher's real encoding (+EOS),
-    random sorted top-k log-probs."""
+    random sorted top-k log-probs over ``model_rows`` (default: the tokenizer's size) ids."""
     rng = np.random.default_rng(seed)
     records = []
     for i in range(len(store) if num_docs is None else num_docs):
@@ -56,7 +56,7 @@ def write_cache(path, store, tok, k, seed, *, per_shard=3, append_eos=True, fing
         ids, be = enc.ids, enc.byte_end
         if append_eos:
             ids, be = np.append(ids, tok.eos_id).astype(np.int32), np.append(be, nbytes).astype(np.int32)
-        n, V = len(ids), tok.vocab_size
+        n, V = len(ids), model_rows or tok.vocab_size
         logits = rng.normal(size=(n, V)) * 3
         lp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         order = np.argsort(-lp, axis=1)[:, :k]
@@ -70,7 +70,7 @@ def write_cache(path, store, tok, k, seed, *, per_shard=3, append_eos=True, fing
     sidecars = []
     for s in range(tc.num_shards(len(records), per_shard)):
         recs = [records[i] for i in tc.shard_docs(s, len(records), per_shard)]
-        sidecars.append(tc.write_shard(path, s, (tc.encode_record(r, tok.vocab_size) for r in recs),
+        sidecars.append(tc.write_shard(path, s, (tc.encode_record(r, model_rows or tok.vocab_size) for r in recs),
                                        [len(r.ids) for r in recs]))
     spec = {"model": f"teacher-{seed}", "tokenizer": fingerprint or tok.fingerprint, "k": k,
             "docs_per_shard": per_shard, "append_eos": append_eos,
@@ -399,3 +399,36 @@ def test_ids_beyond_the_tokenizer_are_dropped_like_online():
     np.testing.assert_allclose(rows.logprobs[:, 0], [0.0, 0.0], atol=1e-6)
     with pytest.raises(ValueError, match="vocab sizes differ"):
         transfer_topk(end, end, np.array([1, 2], np.int32), ids, lp, table, k_out=2)
+
+
+@pytest.mark.parametrize("vocab_align", ["hard", "soft"])
+def test_fusellm_teacher_with_more_model_rows_than_tokenizer_ids(world, tmp_path, vocab_align):
+    """An MPT-7B-like teacher (embedding 50,432 rows, tokenizer 50,277 ids) puts ids past its tokenizer in the captured
+    top-k. The cached `fusellm` path drops them like unmapped candidates (the row's softmax renormalises over the
+    rest), as the `bytes` path does, instead of failing with "top-k ids must lie in [0, V)"."""
+    w = world
+    V = w.bpe.vocab_size
+    cache = write_cache(tmp_path / "mpt_like", w.store, w.bpe, k=6, seed=7, model_rows=V + 40)
+    spec = TeacherSpec(cache=str(cache), tokenizer=str(w.bpe_path), name="mpt", align="fusellm",
+                       vocab_align=vocab_align)
+    ld = loader(w, teachers=(spec,))
+    pair = FuseLLMPair(w.bpe, w.target, mined=vocab_map(w.bpe, w.target, "mined", w.cache_dir))
+    beyond_rows = teacher_rows = 0
+    for d in range(ld.num_docs):
+        rec, doc = TeacherCache(cache)[d], ld.builder.document(d)
+        ids, lp = rec.topk_ids[:, :4], rec.topk_logprobs[:, :4]
+        beyond = ids >= V
+        beyond_rows += int(beyond.any(axis=1).sum())
+        # the reference: those candidates given as pads (−inf), which the transfer never keeps
+        want = pair.transfer(rec.ids, doc.ids, np.where(beyond, 0, ids), np.where(beyond, -np.inf, lp), vocab_align)
+        got = doc.teachers[0].rows
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(got.logprobs, want.logprobs)
+        np.testing.assert_array_equal(got.kind, want.kind)
+        assert (got.ids[np.isfinite(got.logprobs)] < w.target.vocab_size).all()
+        teacher_rows += int((got.kind == ROW_TEACHER).sum())
+    assert beyond_rows > 10 and teacher_rows > 10  # the case occurs, and real rows remain
+    batch = ld.local_batch(0)
+    assert batch["teachers"][0]["ids"].shape == (B, T, 4)
+    with pytest.raises(ValueError, match=rf"top-k ids must lie in \[0, {V}\)"):  # the pair alone still refuses
+        pair.transfer(rec.ids, doc.ids, rec.topk_ids, rec.topk_logprobs, vocab_align)

@@ -106,3 +106,14 @@ def test_changed_settings_are_refused_not_mixed(demo_run):
 def test_demo_refuses_a_user_target():
     with pytest.raises(config_loader.ConfigError, match="demo.enabled builds the target"):
         config_loader.load(train.TrainConfig, str(ROOT / "configs" / "demo.yaml"), ["target=/some/model"])
+
+
+def test_relative_run_dir_and_another_mesh_are_the_same_run(demo_run, monkeypatch, caplog):
+    """The run_dir given relative instead of absolute, on another mesh: every stage (the demo's pretraining runs,
+    the documents, the fusion run and its baseline) is recognised as done, nothing is refused or redone."""
+    run, first = demo_run
+    monkeypatch.chdir(run.parent)
+    caplog.set_level("INFO")
+    again = train.main(demo_config(Path(run.name), "mesh.data=2", "mesh.fsdp=4"))
+    assert "pretraining" not in caplog.text and again["bpb"]["fused"] == pytest.approx(first["bpb"]["fused"], rel=1e-5)
+    assert json.loads((run / train.RUN_CONFIG).read_text())["steps"] == [4]

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -284,3 +285,52 @@ def test_cli_two_processes_equal_one(setup, tmp_path):
     for a, b in [(report, one), *((report["domains"][d], one["domains"][d]) for d in one["domains"])]:
         assert (a["tokens"], a["bytes"], a["documents"]) == (b["tokens"], b["bytes"], b["documents"])
         np.testing.assert_allclose(a["bits_per_byte"], b["bits_per_byte"], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ issue 12, item 10
+
+
+def _base(setup) -> dict:
+    return dict(documents=str(setup["root"] / "docs"), batch_size=4, seq_len=SEQ, logits_chunk=16,
+                param_dtype="float32", compute_dtype="float32", mesh=MeshConfig(data=2, fsdp=4))
+
+
+def test_a_nan_score_is_an_error_not_a_figure(setup, tmp_path, capsys):
+    """Finite weights whose logits overflow (±3e38 in the unembedding) gave `bits/byte nan` and exit 0."""
+    params = dict(setup["params"])
+    signs = np.sign(np.random.default_rng(0).standard_normal(params["lm_head"].shape))
+    params["lm_head"] = jax.numpy.asarray(signs * 3e38, jax.numpy.float32)
+    checkpoint.save(tmp_path / "overflow", setup["cfg"], params, model_type="llama", tokenizer_dir=setup["tok_dir"])
+    report = tmp_path / "report.json"
+    with pytest.raises(CheckpointError, match=r"overflow: its cross-entropy is (nan|inf) .* on domain\(s\) prose, "
+                                              r"tiny, unicode: its logits are NaN or infinite, so there is no score"):
+        evaluate.main(EvaluateConfig(checkpoint=str(tmp_path / "overflow"), output=str(report), **_base(setup)))
+    assert not report.exists() and "bits/byte" not in capsys.readouterr().out
+
+
+def test_a_tokenizer_other_than_the_checkpoints_is_refused(setup, tmp_path, caplog):
+    """Another tokenizer whose ids fit the model was used without a word (bits per byte 4.06 instead of 3.31)."""
+    from tiny_tokenizers import CODE_CORPUS
+
+    model = setup["root"] / "model"
+    assert json.loads((model / "fusion_jax.json").read_text())["tokenizer"]["fingerprint"] == setup["tok"].fingerprint
+    other = tmp_path / "other"
+    other.mkdir()
+    train_byte_level(other / "tokenizer.json", corpus=CODE_CORPUS, vocab_size=setup["tok"].vocab_size)
+    with pytest.raises(CheckpointError, match=rf"tokenizer={other} \(.*\) is not the tokenizer {model} was saved "
+                                              r"with .*set allow_tokenizer_mismatch=true if the swap is intended"):
+        evaluate.main(EvaluateConfig(checkpoint=str(model), tokenizer=str(other), **_base(setup)))
+    allowed = evaluate.main(EvaluateConfig(checkpoint=str(model), tokenizer=str(other), allow_tokenizer_mismatch=True,
+                                           **_base(setup)))
+    assert "allowed by allow_tokenizer_mismatch" in caplog.text and math.isfinite(allowed["bits_per_byte"])
+    own = evaluate.main(EvaluateConfig(checkpoint=str(model), tokenizer=str(setup["tok_dir"] / "tokenizer.json"),
+                                       **_base(setup)))
+    np.testing.assert_allclose(own["bits_per_byte"], setup["result"]["bits_per_byte"], rtol=1e-5)
+
+    # The checkpoint's own tokenizer files replaced after it was saved: the stored fingerprint notices.
+    swapped = tmp_path / "swapped"
+    shutil.copytree(model, swapped)
+    shutil.copy(other / "tokenizer.json", swapped / "tokenizer.json")
+    with pytest.raises(CheckpointError, match=rf"the tokenizer now in {swapped} \(its tokenizer files were replaced\) "
+                                              rf".* is not the tokenizer {swapped} was saved with"):
+        evaluate.main(EvaluateConfig(checkpoint=str(swapped), **_base(setup)))

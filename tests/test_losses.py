@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fusion_jax import config_loader
 from fusion_jax.fusion import FusedTarget, FusionConfig, LossConfig, fuse, lm_weight, make_fusion_mask, sparse_losses
-from fusion_jax.fusion import total_loss
+from fusion_jax.fusion import block_means, total_loss
 from fusion_jax.mesh import MeshConfig, make_mesh
 
 B, T, D, V, E = 4, 12, 8, 40, 6
@@ -102,6 +102,27 @@ def test_losses_match_naive(fusion_loss, fusion_mask, reduction):
     assert float(got["fusion_tokens"]) == np.asarray(got["fusion_block_tokens"]).sum()
     total = total_loss(LossConfig(lm_weight=0.9), got)
     np.testing.assert_allclose(float(total), 0.9 * exp["clm"] + 0.1 * exp["fusion"], rtol=2e-6)
+
+
+@pytest.mark.parametrize("fusion_mask", ["next_label", "attention"])
+def test_blocks_reduction_combines_over_micro_batches(fusion_mask):
+    """``blocks`` over micro-batches (as the train step accumulates): each micro-batch's Σ block_means divided by
+    the *whole* batch's count of non-empty blocks sums to the full batch's value. Rows 1 and 3 hold the padding: the
+    second micro-batch has fewer non-empty blocks, so its own mean scaled by its share of the rows would not."""
+    cfg = LossConfig(reduction="blocks", fusion_mask=fusion_mask)
+    hidden, w, labels, loss_mask, seg, target = random_problem(4)
+    fmask = np.asarray(make_fusion_mask(cfg, loss_mask, seg)) & target.has_target
+    full = _losses_fn(cfg)(hidden, w, labels, loss_mask, target, fmask)
+    n_clm, n_fus = loss_mask.any(1).sum(), fmask.any(1).sum()
+    clm = fus = own_means = 0.0
+    for rows in ([0, 2], [1, 3]):
+        part = _losses_fn(cfg)(hidden[rows], w, labels[rows], loss_mask[rows],
+                               FusedTarget(*(np.asarray(a)[rows] for a in target)), fmask[rows])
+        clm += float(jnp.sum(block_means(part["clm_block_sum"], part["clm_block_tokens"]))) / n_clm
+        fus += float(jnp.sum(block_means(part["fusion_block_sum"], part["fusion_block_tokens"]))) / n_fus
+        own_means += float(part["clm"]) * len(rows) / B
+    np.testing.assert_allclose([clm, fus], [float(full["clm"]), float(full["fusion"])], rtol=2e-6)
+    assert abs(own_means - float(full["clm"])) > 1e-3  # the per-micro-batch mean is not the batch's
 
 
 def test_fusion_mask_and_config():

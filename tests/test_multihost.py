@@ -121,7 +121,7 @@ def _assert_same_cache(a: Path, b: Path) -> None:
     assert ma == mb
 
 
-SHARED_FILES = ("metrics.jsonl", "report.json", "config.json", "tensorboard", "export", "documents")
+SHARED_FILES = ("metrics.jsonl", "report.json", "run_config.json", "tensorboard", "export", "documents")
 
 
 def _shared(writes: list[str]) -> list[str]:
@@ -210,12 +210,15 @@ def test_two_processes_equal_one_process(assets, tmp_path):
         np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), x, err_msg=key)
 
     # One writer per shared file: process 0 writes the metrics, TensorBoard, reports, documents and manifests.
-    assert "metrics.jsonl" in first[0]["writes"] and "config.json" in first[0]["writes"]
+    assert "metrics.jsonl" in first[0]["writes"] and "run_config.json" in first[0]["writes"]
     assert any(w.startswith("documents") for w in first[0]["writes"])
     assert _shared(first[1]["writes"]) == [], first[1]["writes"]
 
     # 2. Resume in two processes with more steps: steps 5-6 and the final evaluation equal the uninterrupted run.
-    second = _two_processes(_cfg(assets, run, steps=6, export=True), tmp_path / "second", cache)
+    # train.extend: a run's train.steps changes only when asked for (constant schedule: the same steps 5-6).
+    extended = _cfg(assets, run, steps=6, export=True)
+    extended = dataclasses.replace(extended, train=dataclasses.replace(extended.train, extend=True))
+    second = _two_processes(extended, tmp_path / "second", cache)
     assert [r["report"]["resumed_from"] for r in second] == [4, 4]
     losses = _train_losses(run)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]

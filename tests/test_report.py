@@ -214,7 +214,7 @@ def test_report_json_merges_and_keeps_keys(full):
     on_disk = json.loads((run / "report.json").read_text())
     assert json.dumps(on_disk, sort_keys=True) == json.dumps(out, sort_keys=True)  # (NaN ≠ NaN for ==)
     assert out["run_dir"] == str(run) and out["train"]["loss"] == 1.5      # kept
-    assert math.isnan(out["train"]["mfu"])
+    assert out["train"]["mfu"] is None                                    # NaN written as null: strict JSON
     assert out["settings"] == results["settings"]                          # replaced by the new one
     assert out["bpb"] == results["bpb"] and out["curves"] == results["curves"]
     assert out["audit"]["pairs"][0]["modes"]["default"]["positions"] > 0
@@ -292,7 +292,7 @@ def test_nan_missing_domains_and_only_all(tmp_path):
         assert not (tmp_path / "plots" / name).exists()
     for head in ("## Training curves", "## Teacher win rates", "## Alignment audit", "## Settings", "## Timings"):
         assert head not in md
-    assert math.isinf(out["bpb"]["source:a"]["all"])
+    assert out["bpb"]["source:a"]["all"] is None  # inf written as null: strict JSON
 
 
 def test_headline_omitted_without_clm(tmp_path):
@@ -353,3 +353,15 @@ if __name__ == "__main__":
     out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/report_example")
     _write_quiet(out_dir, realistic_results(out_dir / "inputs", tiny_audit(out_dir / "inputs" / "audit", 2)))
     print(out_dir / "report.md")
+
+
+def test_report_json_is_strict_json(tmp_path):
+    """NaN and ±inf (MFU on CPU, a diverged model's bits per byte), numpy ones included, are written as null:
+    strict JSON parsers reject NaN."""
+    def reject(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    write_report(tmp_path, {"bpb": {"fused": {"all": float("nan")}, "clm": {"all": 1.0}},
+                            "settings": {"peak": float("inf"), "per_step": np.array([1.0, np.nan])}})
+    saved = json.loads((tmp_path / "report.json").read_text(), parse_constant=reject)
+    assert saved["bpb"]["fused"]["all"] is None and saved["settings"] == {"peak": None, "per_step": [1.0, None]}

@@ -167,3 +167,36 @@ def test_empty_rows_round_trip(fmt):
     lp[1] = -np.inf  # an empty row (imported official `hard` rows can be empty)
     out = tc.decode_record(tc.encode_record(TeacherRecord(**{**rec.__dict__, "topk_logprobs": lp}), 300, fmt))
     assert np.isneginf(out.topk_logprobs[1]).all() and np.isfinite(out.topk_logprobs[[0, 2, 3], 0]).all()
+
+
+def test_truncated_manifest_names_the_file_and_the_fix(tmp_path):
+    """Issue 12, item 11: a truncated manifest.json was a bare JSONDecodeError that named no file."""
+    _write_cache(tmp_path, np.random.default_rng(6))
+    manifest = tmp_path / tc.MANIFEST
+    manifest.write_bytes(manifest.read_bytes()[:40])
+    with pytest.raises(CacheError, match=r"manifest\.json: not valid JSON .*truncated or corrupted; delete "
+                                         r"manifest\.json and run the capture again"):
+        TeacherCache(tmp_path)
+    manifest.write_text("[1, 2]")
+    with pytest.raises(CacheError, match=r"manifest\.json: expected a JSON object"):
+        TeacherCache(tmp_path)
+
+
+def test_disk_full_while_writing_a_shard_is_an_os_error_naming_it(tmp_path, monkeypatch):
+    """Issue 12, item 11: ArrayRecord reports a full disk as a RuntimeError (at close); it becomes OSError(ENOSPC)
+    naming our file, which the CLI prints as one line with the fix."""
+    import errno
+    import os
+
+    from array_record.python import array_record_module as arm
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux) to make a real write fail with ENOSPC")
+    real = arm.ArrayRecordWriter
+    monkeypatch.setattr(arm, "ArrayRecordWriter", lambda path, options: real("/dev/full", options))
+    rec = make_record(np.random.default_rng(7))
+    with pytest.raises(OSError) as e:
+        tc.write_shard(tmp_path, 0, [tc.encode_record(rec, 300)], [len(rec.ids)])
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "shard-00000.array_record.partial")
+    assert not (tmp_path / "shard-00000.json").exists()
+    assert tc.done_shards(tmp_path, [0]) == {}  # redone by the next run

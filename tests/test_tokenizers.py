@@ -215,6 +215,76 @@ def test_eos_from_model_or_tokenizer_config(tmp_path, bl_path, bl, sp):
     assert tok.pieces[tok.eos_id] == "the" and tok.fingerprint != bl.fingerprint
 
 
+DEEPSEEK_SPECIALS = ["<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>",
+                     "<\uff5c\u2581pad\u2581\uff5c>"]
+
+
+def deepseek_v3_like(bl_path: Path, out: Path) -> Path:
+    """A tokenizer.json shaped like DeepSeek-V3's, from the tiny byte-level BPE: its specials at ids 0–2 of
+    ``model.vocab`` *and* in ``added_tokens`` (their ``｜``/``▁`` are no GPT-2 byte-level characters), a digit
+    ``Split`` before ``ByteLevel`` in a pre-tokenizer ``Sequence``, and a non-special added token (``<think>``) that is
+    in ``model.vocab`` too."""
+    cfg = json.loads(bl_path.read_text().replace("<|endoftext|>", "<|unused|>"))  # EOS: DeepSeek's own
+    n = len(DEEPSEEK_SPECIALS)
+    shifted = {piece: i + n for piece, i in cfg["model"]["vocab"].items()}
+    think = len(shifted) + n
+    cfg["model"]["vocab"] = {**{p: i for i, p in enumerate(DEEPSEEK_SPECIALS)}, **shifted, "<think>": think}
+    flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
+    cfg["added_tokens"] = (
+        [{"id": i, "content": p, **flags, "special": True} for i, p in enumerate(DEEPSEEK_SPECIALS)]
+        + [{**a, "id": a["id"] + n} for a in cfg["added_tokens"]]
+        + [{"id": think, "content": "<think>", **flags, "special": False}]
+    )
+    cfg["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": False},
+        {**cfg["pre_tokenizer"], "use_regex": True},
+    ]}
+    out.write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+def test_added_marks_tokens_matched_before_the_model(tmp_path, bl, sp):
+    """``Tokenizer.added``: non-special added tokens (HF) and user-defined pieces (SentencePiece), which the backend
+    cuts out of the text before its model runs; nothing else."""
+    assert not bl.added.any() and not sp.added.any()
+    tok = load_tokenizer(train_sentencepiece(tmp_path / "uds", user_defined_symbols=["<tab>", "\t\t"]))
+    ids = [i for i in range(tok.vocab_size) if tok.added[i]]
+    assert [tok.token_bytes[i] for i in ids] == [b"<tab>", b"\t\t"] and not tok.special[ids].any()
+    enc = assert_reproduces(tok, "a<tab>b\t\tc")
+    assert set(ids) <= set(enc.ids.tolist())
+    hf = load_tokenizer(train_byte_level(tmp_path / "ws.json", added_tokens=["  ", "   "]))
+    assert [hf.token_bytes[i] for i in np.flatnonzero(hf.added)] == [b"  ", b"   "]
+    assert hf.encode("a   b").ids.tolist()[1] == np.flatnonzero(hf.added)[1]
+
+
+def test_specials_also_in_the_bpe_vocab_load(tmp_path, bl_path, bl):
+    """DeepSeek-V3 shape: added/special tokens are marked before model pieces are converted to bytes, so a special
+    spelled with characters that have no byte-level meaning loads (as in the ``tokenizers`` library)."""
+    from tokenizers import Tokenizer as HFTok
+
+    path = deepseek_v3_like(bl_path, tmp_path / "tokenizer.json")
+    hf = HFTok.from_file(str(path))
+    hf.encode_special_tokens = True  # as load_tokenizer: special spellings in a document are text
+    assert [hf.token_to_id(p) for p in DEEPSEEK_SPECIALS] == [0, 1, 2]
+    tok = load_tokenizer(path)
+    n = len(DEEPSEEK_SPECIALS)
+    assert tok.vocab_size == bl.vocab_size + n + 1 and tok.kind == "byte_level"
+    assert tok.pieces[:n] == DEEPSEEK_SPECIALS and tok.special[:n].all()
+    assert tok.token_bytes[:n] == [b""] * n and not tok.added[:n].any()
+    assert tok.eos_id == 1  # spelled like an EOS (`<｜end▁of▁sentence｜>`)
+    # every other id keeps the bytes of the tokenizer it was built from (its ids shifted by the specials)
+    assert tok.token_bytes[n:n + bl.vocab_size] == bl.token_bytes
+    np.testing.assert_array_equal(tok.special[n:n + bl.vocab_size], bl.special)
+    think = tok.vocab_size - 1
+    assert tok.token_bytes[think] == b"<think>" and tok.added[think] and not tok.special[think]
+    texts = [*SAMPLES, "".join(DEEPSEEK_SPECIALS) + " after 12345 digits", "a <think> b<think>c"]
+    for text in texts:
+        enc = assert_reproduces(tok, text)
+        assert enc.ids.tolist() == hf.encode(text, add_special_tokens=False).ids
+    assert tok.encode("<think>").ids.tolist() == [think]
+    assert not tok.special[tok.encode(DEEPSEEK_SPECIALS[0]).ids].any()  # a special's spelling in text is text
+
+
 @pytest.mark.parametrize("name, content", [("bad.json", b'{"model": '), ("bad.model", b"not a protobuf"),
                                            ("other.json", b'{"hello": 1}')])
 def test_unreadable_tokenizer_file_names_the_file(tmp_path, name, content):
@@ -369,6 +439,7 @@ def test_real_vocab_sizes(shared_dir):
         check_vocab_size(neox, 50277, "gpt-neox-20b")
     # whitespace-run added tokens carry their bytes
     assert neox.token_bytes[50276] == b"  " and not neox.special[50276]
+    assert np.flatnonzero(neox.added).tolist() == list(range(50254, 50277))  # split out before the BPE runs
     assert neox.special[0] and neox.token_bytes[0] == b""
 
 

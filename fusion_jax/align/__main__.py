@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import os
 import unicodedata
 from pathlib import Path
 from typing import Literal
 
 from fusion_jax import cli
 from fusion_jax.align.audit import APPROX_NAME, CATEGORIES, MODES, AuditReport, PairReport, audit
+from fusion_jax.files import atomic_write_text, json_dumps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +49,27 @@ class AuditConfig:
         return MODES if self.mode == "both" else (self.mode,)
 
 
+def _check_writable(path: Path) -> None:
+    """Fail before the audit, not after it, when `path` cannot be written (an OSError naming `path`)."""
+    probe = path.with_name(f".{path.name}.probe{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot write --json: {e.strerror}", str(path)) from None
+    probe.unlink()
+
+
 def main(cfg: AuditConfig) -> AuditReport:
     cfg.validate()
+    if cfg.json:
+        _check_writable(Path(cfg.json))
     report = audit(cfg.sources, cfg.target, cfg.texts, modes=cfg.modes, top=cfg.top, max_tokens=cfg.max_tokens,
                    eos=cfg.eos, cache_dir=cfg.cache_dir)
     print(format_report(report))
     if cfg.json:
         path = Path(cfg.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_text(path, json_dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n")
         print(f"\nwrote {path}")
     return report
 

@@ -2,8 +2,9 @@
 
 Two tokenizations of the same UTF-8 text are cut at every byte offset where both have a token boundary; the tokens
 between two consecutive common boundaries form a group that covers exactly the same bytes on both sides. Groups are
-1:1, n:1 (several source tokens, one target token), 1:n or n:m. Tokens with empty spans (special tokens) join the
-group that ends at their offset.
+1:1, n:1 (several source tokens, one target token), 1:n or n:m, counting the tokens that own bytes. Tokens with empty
+spans (special tokens such as EOS, a leading SentencePiece ``▁`` that only carries the dummy prefix) join the group
+that ends at their offset but do not change its kind: a last word plus EOS on both sides is 1:1, not n:m.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ GROUP_KINDS = ("1:1", "n:1", "1:n", "n:m")
 @dataclasses.dataclass(frozen=True)
 class ByteAlignment:
     """src_group int32[n], tgt_group int32[m]: group of each token; boundaries int32[G]: end byte of each group;
-    kind int8[G]: ONE_TO_ONE | MANY_TO_ONE | ONE_TO_MANY | MANY_TO_MANY (by source:target token counts)."""
+    kind int8[G]: ONE_TO_ONE | MANY_TO_ONE | ONE_TO_MANY | MANY_TO_MANY (by source:target counts of byte-owning
+    tokens; empty-span tokens do not count)."""
 
     src_group: np.ndarray
     tgt_group: np.ndarray
@@ -62,8 +64,8 @@ def align_bytes(src_byte_end: np.ndarray, tgt_byte_end: np.ndarray) -> ByteAlign
     src_group = np.searchsorted(boundaries, src, side="left").astype(np.int32)
     tgt_group = np.searchsorted(boundaries, tgt, side="left").astype(np.int32)
     g = len(boundaries)
-    n_src = np.bincount(src_group, minlength=g)
-    n_tgt = np.bincount(tgt_group, minlength=g)
+    n_src = np.bincount(src_group[np.diff(src, prepend=0) > 0], minlength=g)  # byte-owning tokens per group
+    n_tgt = np.bincount(tgt_group[np.diff(tgt, prepend=0) > 0], minlength=g)
     kind = np.where(
         n_src <= 1,
         np.where(n_tgt <= 1, ONE_TO_ONE, ONE_TO_MANY),

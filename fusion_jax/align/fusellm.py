@@ -27,7 +27,9 @@ from typing import Literal
 import numpy as np
 
 from fusion_jax.align.dtw import DtwAlignment, TieOrder, dtw
-from fusion_jax.align.transfer import ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER, SparseRows, _check_topk, empty_rows
+from fusion_jax.align.transfer import (
+    ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER, SparseRows, _check_topk, covering, empty_rows,
+)
 from fusion_jax.align.vocab import prefix_char
 from fusion_jax.tokenizers import Tokenizer
 
@@ -101,10 +103,15 @@ class FuseLLMPair:
         tie_order: TieOrder = "official",
         alignment: DtwAlignment | None = None,
         k_out: int | None = None,
+        drop_beyond_vocab: bool = False,
     ) -> SparseRows:
         """src_ids int[n], tgt_ids int[m] (EOS included, as the official pipeline feeds them), src_topk_ids int[n, k],
         src_topk_values float[n, k] (logits or log-probs, descending) → SparseRows with m rows of k_out (default k)
-        entries: the first k_out kept candidates of each row."""
+        entries: the first k_out kept candidates of each row.
+
+        drop_beyond_vocab: top-k ids ≥ the source tokenizer's size (a model with more embedding rows than tokenizer
+        ids, MPT-7B) are dropped like unmapped candidates (:func:`~fusion_jax.align.transfer.covering`, as the
+        ``bytes`` path does; the row's softmax then renormalises over what is kept); without it they are an error."""
         if vocab_align not in VOCAB_ALIGNS:
             raise ValueError(f"vocab_align must be one of {VOCAB_ALIGNS}, got {vocab_align!r}")
         if onehot_target not in ONEHOT_TARGETS:
@@ -113,7 +120,11 @@ class FuseLLMPair:
             raise ValueError("vocab_align='soft' needs the MinED map: FuseLLMPair(src, tgt, mined=vocab_map(..., 'mined'))")
         src_ids, tgt_ids = np.asarray(src_ids), np.asarray(tgt_ids)
         src_topk_ids, src_topk_values = np.asarray(src_topk_ids), np.asarray(src_topk_values)
-        _check_topk(src_topk_ids, src_topk_values, len(src_ids), self.hard_map)
+        hard_map, soft_map = self.hard_map, self.soft_map
+        if drop_beyond_vocab:
+            hard_map = covering(hard_map, src_topk_ids)
+            soft_map = None if soft_map is None else covering(soft_map, src_topk_ids)
+        _check_topk(src_topk_ids, src_topk_values, len(src_ids), hard_map)
         m, k = len(tgt_ids), src_topk_ids.shape[1]
         if alignment is None:
             alignment = self.align(src_ids, tgt_ids, tie_order)
@@ -127,7 +138,7 @@ class FuseLLMPair:
         rows = empty_rows(m, k_out)
         at = np.flatnonzero(accepted)
         if at.size:
-            table = self.hard_map if vocab_align == "hard" else self.soft_map
+            table = hard_map if vocab_align == "hard" else soft_map
             cand = table[src_topk_ids[first[at]]]                              # [r, k], −1 = dropped
             valid = (cand >= 0) & (src_topk_values[first[at]] > -np.inf)       # −inf values are pads
             same_before = (cand[:, :, None] == cand[:, None, :]) & valid[:, None, :]

@@ -98,6 +98,17 @@ def merge_rows(ids: np.ndarray, probs: np.ndarray, k_out: int) -> tuple[np.ndarr
     return out_ids, out_lp
 
 
+def covering(table: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:
+    """A source → target table (a vocab map, −1 = dropped) extended with −1 up to the largest id in ``topk_ids``: a
+    model whose embedding has more rows than its tokenizer has ids (MPT-7B: 50432 vs 50277) can put those rows in its
+    top-k; their mass is dropped and the row renormalised over the rest (as in the online path,
+    ``online.padded_vocab_map``). Returns ``table`` itself when it already covers every id."""
+    top = int(topk_ids.max(initial=-1)) + 1
+    if top <= len(table):
+        return table
+    return np.concatenate([table, np.full(top - len(table), -1, table.dtype)])
+
+
 def _check_topk(src_topk_ids: np.ndarray, src_topk_logprobs: np.ndarray, n: int, vocab_map: np.ndarray) -> None:
     if src_topk_ids.ndim != 2 or src_topk_ids.shape != src_topk_logprobs.shape:
         raise ValueError(

@@ -15,9 +15,10 @@ Methods:
 
 For ``prefix`` and ``exact``, the source's EOS maps to the target's EOS (``Tokenizer.eos_id``, when both have one), other
 special source tokens (empty bytes) map to −1, and where several target ids have the
-same bytes the one the target tokenizer produces is chosen: a regular piece before a ``<0xNN>`` byte-fallback piece,
-then the lowest id. Maps are cached as ``<cache>/vocab_maps/<method>-<src fp[:16]>-<tgt fp[:16]>.npz`` holding both
-full fingerprints, which are checked on load.
+same bytes the one the target tokenizer produces is chosen: a non-special added token (split out of the text before
+the model runs) before a regular piece before a ``<0xNN>`` byte-fallback piece, then the lowest id. Maps are cached
+as ``<cache>/vocab_maps/<method>-<src fp[:16]>-<tgt fp[:16]>.npz`` holding both full fingerprints and the format
+version, which are checked on load.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ MapMethod = Literal["prefix", "exact", "mined", "identity"]
 MAP_METHODS: tuple[str, ...] = ("prefix", "exact", "mined", "identity")
 _FORMAT_VERSION = 1
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+# Versions of the maps themselves, per method, so that a change to one rebuilds only its maps (MinED takes minutes on
+# real pairs). prefix/exact 2: added tokens win ties by bytes (1 sent GPT-NeoX's whitespace runs to BPE pieces the
+# tokenizer never emits).
+_MAP_VERSIONS = {"prefix": 2, "exact": 2}
+
+
+def _version(method: str) -> str:
+    return str(_MAP_VERSIONS.get(method, _FORMAT_VERSION))
 
 
 def prefix_char(tok: Tokenizer) -> str:
@@ -50,15 +59,28 @@ def prefix_char(tok: Tokenizer) -> str:
 
 
 def canonical_ids_by_bytes(tok: Tokenizer) -> dict[bytes, int]:
-    """bytes → the id the tokenizer produces for them (regular piece before byte fallback, then lowest id)."""
+    """bytes → the id the tokenizer produces for them, where several ids have the same bytes:
+
+    1. a non-special added token (``Tokenizer.added``): the backend splits it out of the text before its model runs,
+       so the model piece with the same bytes never occurs (GPT-NeoX-20B's ``'  '`` id 50276, not BPE ``ĠĠ``);
+    2. a regular model piece;
+    3. a ``<0xNN>`` byte-fallback piece (SentencePiece uses it only for bytes no piece covers);
+
+    then the lowest id.
+    """
     out: dict[bytes, int] = {}
-    for preferred in (True, False):
-        for i, b in enumerate(tok.token_bytes):
-            if tok.special[i] or not b or b in out:
-                continue
-            is_byte_piece = tok.kind != "byte_level" and bool(_BYTE_PIECE.match(tok.pieces[i]))
-            if is_byte_piece != preferred:
-                out[b] = i
+    rank_of: dict[bytes, int] = {}
+    for i, b in enumerate(tok.token_bytes):
+        if tok.special[i] or not b:
+            continue
+        if tok.added[i]:
+            rank = 0
+        elif tok.kind != "byte_level" and _BYTE_PIECE.match(tok.pieces[i]):
+            rank = 2
+        else:
+            rank = 1
+        if rank < rank_of.get(b, 3):  # strict: among equal ranks the first (lowest) id stays
+            out[b], rank_of[b] = i, rank
     return out
 
 
@@ -171,7 +193,7 @@ def vocab_map(
             problem = f"unreadable ({type(e).__name__}: {e})"
         else:
             expected = {"method": method, "src_fingerprint": src.fingerprint, "tgt_fingerprint": tgt.fingerprint,
-                        "version": str(_FORMAT_VERSION)}
+                        "version": _version(method)}
             wrong = [k for k in expected if meta[k] != expected[k]]
             if wrong:
                 problem = f"its {', '.join(wrong)} do not match"
@@ -188,7 +210,7 @@ def vocab_map(
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, map=table, method=method, src_fingerprint=src.fingerprint, tgt_fingerprint=tgt.fingerprint,
-                     version=str(_FORMAT_VERSION))
+                     version=_version(method))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

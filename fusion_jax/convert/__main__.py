@@ -19,7 +19,9 @@ class ConvertConfig:
     output: str = dataclasses.field(default="", metadata={"help": "directory to write (must not exist unless overwrite)"})
     to: Literal["fusion_jax", "hf"] = dataclasses.field(default="fusion_jax", metadata={"help": "output format"})
     param_dtype: DType | None = dataclasses.field(default=None, metadata={"help": "cast params (default: keep)"})
-    overwrite: bool = False
+    overwrite: bool = dataclasses.field(default=False, metadata={
+        "help": "replace an existing output, if it is a model directory fusion_jax wrote (never other files, never "
+                "one that holds the source)"})
     max_shard_gb: float = dataclasses.field(default=5.0, metadata={"help": "HF output: safetensors shard size"})
     # Params are sharded over every device while they pass through, never whole on one.
     mesh: mesh_lib.MeshConfig = mesh_lib.MeshConfig(data=1, fsdp=-1)
@@ -31,12 +33,15 @@ class ConvertConfig:
 
 def main(cfg: ConvertConfig) -> str:
     mesh_lib.initialize_distributed(cfg.mesh)
+    checkpoint.kind(cfg.source)  # before anything is read or written: a missing source, a refused output
+    checkpoint.check_output(cfg.output, cfg.overwrite, inputs=(cfg.source,))
     mesh = mesh_lib.make_mesh(cfg.mesh)
     start = time.time()
     overrides = {"param_dtype": cfg.param_dtype} if cfg.param_dtype else {}
     model_cfg, params = checkpoint.load(cfg.source, mesh, cfg.mesh.rules, **overrides)
     model_type, hf_config = checkpoint.source_info(cfg.source)
-    common = dict(model_type=model_type, hf_config=hf_config, tokenizer_dir=cfg.source, overwrite=cfg.overwrite)
+    common = dict(model_type=model_type, hf_config=hf_config, tokenizer_dir=cfg.source, overwrite=cfg.overwrite,
+                  inputs=(cfg.source,))
     if cfg.to == "hf":
         out = checkpoint.save_hf(cfg.output, model_cfg, params, max_shard_bytes=int(cfg.max_shard_gb * 2**30), **common)
     else:

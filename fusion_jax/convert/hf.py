@@ -15,10 +15,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from fusion_jax.convert.architectures import HF_CLASSES, TensorGroup, architecture
+from fusion_jax.errors import CheckpointError
+from fusion_jax.files import read_json
 from fusion_jax.models import decoder
 from fusion_jax.models.config import ModelConfig
 
@@ -29,9 +31,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
     "merges.txt", "added_tokens.json", "generation_config.json",
 )
-
-
-from fusion_jax.errors import CheckpointError  # noqa: F401
+REDOWNLOAD = "download the model again, or save it again with transformers (model.save_pretrained)"
 
 
 class HFCheckpoint:
@@ -44,13 +44,18 @@ class HFCheckpoint:
         config = self.path / "config.json"
         if not config.exists():
             raise CheckpointError(f"{self.path} is not a Hugging Face checkpoint: it has no config.json")
-        self.config = json.loads(config.read_text())
+        self.config = read_json(config, CheckpointError, REDOWNLOAD)
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{config}: expected a JSON object, got {type(self.config).__name__}; {REDOWNLOAD}")
+        self._handles: dict[str, object] = {}
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, CheckpointError, REDOWNLOAD)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: has no weight_map; {REDOWNLOAD}")
         elif (self.path / "model.safetensors").exists():
-            with safe_open(self.path / "model.safetensors", "np") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
+            weight_map = {k: "model.safetensors" for k in self._file("model.safetensors").keys()}
         elif any(self.path.glob("*.bin")):
             raise CheckpointError(
                 f"{self.path} holds PyTorch .bin weights only; re-save it as safetensors "
@@ -62,7 +67,6 @@ class HFCheckpoint:
         if missing_files:
             raise CheckpointError(f"{self.path}: the index names shard files that are missing: {missing_files}")
         self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, object] = {}
 
     @property
     def model_type(self) -> str:
@@ -73,11 +77,19 @@ class HFCheckpoint:
     def _file(self, name: str):
         # One open handle per shard file for the life of this checkpoint object (not a class-wide cache).
         if name not in self._handles:
-            self._handles[name] = safe_open(self.path / name, "np")
+            try:
+                self._handles[name] = safe_open(self.path / name, "np")
+            except SafetensorError as e:  # a truncated file or a damaged header: the library does not name the file
+                raise CheckpointError(f"{self.path / name}: cannot be read as safetensors ({e}): the file is "
+                                      f"truncated or corrupted; {REDOWNLOAD}") from None
         return self._handles[name]
 
     def header(self, name: str) -> tuple[tuple[int, ...], str]:
-        sl = self._file(self.weight_map[name]).get_slice(name)
+        try:
+            sl = self._file(self.weight_map[name]).get_slice(name)
+        except SafetensorError as e:  # the index names a tensor that its shard file does not hold
+            raise CheckpointError(f"{self.path / self.weight_map[name]}: no tensor {name} ({e}), although "
+                                  f"model.safetensors.index.json says so; {REDOWNLOAD}") from None
         return tuple(sl.get_shape()), sl.get_dtype()
 
     def dtype(self) -> str:
@@ -86,7 +98,11 @@ class HFCheckpoint:
         return FLOAT_DTYPES[found.pop()] if len(found) == 1 and found <= FLOAT_DTYPES.keys() else "float32"
 
     def read(self, name: str) -> np.ndarray:
-        return self._file(self.weight_map[name]).get_tensor(name)
+        try:
+            return self._file(self.weight_map[name]).get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.path / self.weight_map[name]}: tensor {name} cannot be read ({e}); "
+                                  f"{REDOWNLOAD}") from None
 
 
 def _layer_names(group: TensorGroup, layer: int | None) -> list[str]:
@@ -128,7 +144,8 @@ def check_tensors(ckpt: HFCheckpoint, cfg: ModelConfig, groups: list[TensorGroup
         if dtype not in FLOAT_DTYPES:
             problems.append(f"{name} has dtype {dtype}; expected one of {sorted(FLOAT_DTYPES)}")
     if problems:
-        raise CheckpointError(f"{ckpt.path} does not match its {ckpt.model_type} config:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{ckpt.path} does not match its {ckpt.model_type} config (restore "
+                              f"{ckpt.path}/config.json if it was edited, or {REDOWNLOAD}): " + "; ".join(problems))
 
 
 def _load_group(ckpt: HFCheckpoint, cfg: ModelConfig, g: TensorGroup, our_shapes, shardings, dtype) -> list[jax.Array]:
@@ -162,6 +179,18 @@ def _load_group(ckpt: HFCheckpoint, cfg: ModelConfig, g: TensorGroup, our_shapes
         ]
         out.append(jax.make_array_from_single_device_arrays(shape, sharding, shards))
     return out
+
+
+def tensor_namer(model_type: str, cfg: ModelConfig):
+    """(our param path, layer) → the name a user knows: ours plus the Hugging Face tensors it is read from."""
+    by_path = {path: g for g in architecture(model_type).groups(cfg) for path in g.ours}
+
+    def name(path: tuple[str, ...], layer: int | None) -> str:
+        ours = ".".join(path) + ("" if layer is None else f" layer {layer}")
+        g = by_path.get(path)
+        return f"{ours} (from {', '.join(_layer_names(g, layer))})" if g is not None else ours
+
+    return name
 
 
 def load_hf_params(ckpt: HFCheckpoint, cfg: ModelConfig, shardings) -> dict:

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from fusion_jax.config_loader import option as _help
 from fusion_jax.errors import InputError
 
 __all__ = ["CorpusConfig", "CorpusError", "Document", "read_documents", "split_of"]
@@ -53,29 +54,22 @@ class Document:
     domain: str
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
     """Where the documents come from and which record fields hold text, id and domain."""
 
-    format: Format = dataclasses.field(default="jsonl", metadata=_help(
-        "text (one document per file), jsonl (one per line), parquet, hf (datasets), tfds (array_record)"))
-    paths: tuple[str, ...] = dataclasses.field(default=(), metadata=_help(
-        "files or directories; for hf a saved dataset directory or a hub id; for tfds the dataset name"))
-    glob: str = dataclasses.field(default="", metadata=_help(
-        "files taken from a directory (default **/*.txt, **/*.jsonl, **/*.parquet by format), sorted"))
-    text_field: str = dataclasses.field(default="text", metadata=_help("record field holding the text"))
-    id_field: str = dataclasses.field(default="", metadata=_help(
-        "record field holding a unique id (default: positional ids, see fusion_jax.data.corpus)"))
-    domain_field: str = dataclasses.field(default="", metadata=_help(
-        "record field holding the domain (default: every document gets `domain`)"))
-    domain: str = dataclasses.field(default="default", metadata=_help("domain when domain_field is empty"))
-    split: str = dataclasses.field(default="train", metadata=_help("hf/tfds split to read"))
-    data_dir: str = dataclasses.field(default="", metadata=_help("tfds data_dir (default: TFDS's own)"))
-    max_documents: int = dataclasses.field(default=0, metadata=_help("stop after this many documents (0 = all)"))
+    format: Format = _help(
+        "text (one document per file), jsonl (one per line), parquet, hf (datasets), tfds (array_record)", "jsonl")
+    paths: tuple[str, ...] = _help(
+        "files or directories; for hf a saved dataset directory or a hub id; for tfds the dataset name", ())
+    glob: str = _help("files taken from a directory (default **/*.txt, **/*.jsonl, **/*.parquet by format), sorted", "")
+    text_field: str = _help("record field holding the text", "text")
+    id_field: str = _help("record field holding a unique id (default: positional ids, see fusion_jax.data.corpus)", "")
+    domain_field: str = _help("record field holding the domain (default: every document gets `domain`)", "")
+    domain: str = _help("domain when domain_field is empty", "default")
+    split: str = _help("hf/tfds split to read", "train")
+    data_dir: str = _help("tfds data_dir (default: TFDS's own)", "")
+    max_documents: int = _help("stop after this many documents (0 = all)", 0, minimum=0)
 
     def validate(self) -> None:
         """Checks the settings; paths may be empty here (a config that reads prepared documents has no corpus):
@@ -84,8 +78,6 @@ class CorpusConfig:
             raise ValueError(f"format {self.format!r} reads one dataset, got {len(self.paths)} paths: {list(self.paths)}")
         if self.format == "text" and (self.id_field or self.domain_field):
             raise ValueError("format 'text' has no record fields: leave id_field and domain_field empty")
-        if self.max_documents < 0:
-            raise ValueError(f"max_documents must be >= 0 (0 = all), got {self.max_documents}")
         if not self.text_field:
             raise ValueError("text_field must not be empty")
 
@@ -207,9 +199,33 @@ def _files(cfg: CorpusConfig) -> Iterator[tuple[Path, str]]:
             raise FileNotFoundError(f"{p}: no such file or directory (corpus.paths)")
 
 
+def _format_hint(path: Path, configured: str) -> str:
+    """"; it looks like X: set corpus.format=X" when the file's first bytes say it is another format, else ""."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return ""
+    if head[:4] == b"PAR1":
+        kind = "parquet"
+    elif head.lstrip()[:1] == b"{" or (head[:2] == b"\x1f\x8b" and ".jsonl" in path.name):
+        kind = "jsonl"
+    else:
+        try:
+            head.decode("utf-8")
+            kind = "text"
+        except UnicodeDecodeError as e:
+            kind = "text" if e.start > len(head) - 4 else ""  # a character cut by the 4096-byte window
+    return f"; it looks like {kind}: set corpus.format={kind}" if kind and kind != configured else ""
+
+
 def _read_text(cfg: CorpusConfig) -> Iterator[tuple[str, Mapping, str]]:
     for path, name in _files(cfg):
-        yield name, {cfg.text_field: _decode(path.read_bytes(), str(path), of="file")}, str(path)
+        try:
+            text = _decode(path.read_bytes(), str(path), of="file")
+        except CorpusError as e:
+            raise CorpusError(f"{e}{_format_hint(path, 'text')}") from None
+        yield name, {cfg.text_field: text}, str(path)
 
 
 def _read_jsonl(cfg: CorpusConfig) -> Iterator[tuple[str, Mapping, str]]:
@@ -222,12 +238,15 @@ def _read_jsonl(cfg: CorpusConfig) -> Iterator[tuple[str, Mapping, str]]:
                 start, offset = offset, offset + len(raw)
                 if not raw.strip():
                     continue
-                line = _decode(raw, where, base=start, of="file")
+                try:
+                    line = _decode(raw, where, base=start, of="file")
+                except CorpusError as e:
+                    raise CorpusError(f"{e}{_format_hint(path, 'jsonl')}") from None
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise CorpusError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
-                                      "corpus.format 'jsonl' wants one JSON object per line") from None
+                    raise CorpusError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); corpus.format 'jsonl' "
+                                      f"wants one JSON object per line{_format_hint(path, 'jsonl')}") from None
                 if not isinstance(record, dict):
                     raise CorpusError(f"{where}: a JSON {type(record).__name__}, not an object; "
                                       "corpus.format 'jsonl' wants one JSON object per line")
@@ -254,16 +273,21 @@ def _columns(cfg: CorpusConfig, available: list[str], source: str) -> list[str]:
 
 
 def _read_parquet(cfg: CorpusConfig) -> Iterator[tuple[str, Mapping, str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for path, name in _files(cfg):
-        pf = pq.ParquetFile(path)
-        cols = _columns(cfg, pf.schema_arrow.names, str(path))
         row = 0
-        for batch in pf.iter_batches(batch_size=256, columns=cols):
-            for record in batch.to_pylist():
-                yield f"{name}:{row}", record, f"{path} row {row}"
-                row += 1
+        try:
+            pf = pq.ParquetFile(path)
+            cols = _columns(cfg, pf.schema_arrow.names, str(path))
+            for batch in pf.iter_batches(batch_size=256, columns=cols):
+                for record in batch.to_pylist():
+                    yield f"{name}:{row}", record, f"{path} row {row}"
+                    row += 1
+        except pa.ArrowException as e:  # not Parquet, truncated, corrupted
+            where = f" (after row {row - 1})" if row else ""
+            raise CorpusError(f"{path}: cannot be read as Parquet{where}: {e}{_format_hint(path, 'parquet')}") from None
 
 
 def _open_hf(name: str, split: str):
@@ -271,7 +295,13 @@ def _open_hf(name: str, split: str):
 
     path = Path(name)
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        ds = datasets.load_from_disk(str(path))
+        import pyarrow as pa
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (json.JSONDecodeError, pa.ArrowException) as e:  # a truncated state.json, dataset_info.json, .arrow
+            raise CorpusError(f"{name}: damaged saved dataset, datasets.load_from_disk failed ({e}); save it again "
+                              "with save_to_disk") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise CorpusError(f"{name}: no split {split!r} in this saved dataset; splits: {', '.join(ds)}. "

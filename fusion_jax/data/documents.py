@@ -87,16 +87,10 @@ def _partial(out_dir: Path) -> Path:
 
 
 def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
-    if not out_dir.exists():
-        return
-    if not overwrite:
-        what = "a documents store" if (out_dir / META_FILE).is_file() else "a path"
-        raise StoreError(f"{out_dir}: already exists ({what}); keep it, choose another output, "
-                         "or set overwrite=true (--set overwrite=true) to replace it")
     # Only ever delete what this module wrote (or nothing at all).
-    if not out_dir.is_dir() or (not (out_dir / META_FILE).is_file() and any(out_dir.iterdir())):
-        raise StoreError(f"{out_dir}: exists and is not a documents store (no {META_FILE}); "
-                         "refusing to replace it even with overwrite=true: remove it or choose another output")
+    from fusion_jax.files import check_replaceable
+
+    check_replaceable(out_dir, overwrite, markers=(META_FILE,), what="a documents store", error=StoreError)
 
 
 class DocumentWriter:
@@ -175,7 +169,14 @@ def read_meta(path: str | Path) -> dict:
     if not meta_file.is_file():
         raise StoreError(f"{path}: incomplete documents store (no {META_FILE}); run python -m fusion_jax.prepare "
                          "again with overwrite=true")
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{meta_file}: damaged ({e}); prepare the store again (python -m fusion_jax.prepare with "
+                         "overwrite=true)") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{meta_file}: damaged (a JSON {type(meta).__name__}, not an object); prepare the store "
+                         "again (python -m fusion_jax.prepare with overwrite=true)")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise StoreError(f"{path}: {META_FILE} has format {meta.get('format')!r} version {meta.get('version')!r}; "
                          f"this code reads {FORMAT!r} version {VERSION}: prepare the corpus again")

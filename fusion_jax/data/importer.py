@@ -292,6 +292,9 @@ class _TextBuilder:
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
+        # Text the official pipeline tokenized decodes; ids read with another vocabulary seldom do.
+        self.hint = (f". The likely cause is the tokenizer: {tok.name} is not the one the dataset was built with; "
+                     "give the base (target) model's tokenizer (--tokenizer)")
         self.lens = np.fromiter((len(b) for b in tok.token_bytes), np.int64, tok.vocab_size)
         self.offs = np.cumsum(self.lens) - self.lens
         self.flat = np.frombuffer(b"".join(tok.token_bytes), np.uint8)
@@ -312,14 +315,14 @@ class _TextBuilder:
             cut_start, stop = _partial_utf8_ends(data, start)
             bounds = set(ends.tolist()) | {0}
             if (cut_start != start and cut_start not in bounds) or stop not in bounds:
-                raise FuseLLMImportError(f"{where}: the tokens' bytes are not valid UTF-8 text") from None
+                raise FuseLLMImportError(f"{where}: the tokens' bytes are not valid UTF-8 text{self.hint}") from None
             start = cut_start
             try:
                 data[start:stop].decode("utf-8")
             except UnicodeDecodeError as e:
                 raise FuseLLMImportError(
                     f"{where}: the tokens' bytes are not valid UTF-8 at byte offset {e.start + start}: "
-                    f"{data[e.start + start:e.start + start + 4]!r}"
+                    f"{data[e.start + start:e.start + start + 4]!r}{self.hint}"
                 ) from None
             trimmed = True
         byte_end = np.clip(ends - start, 0, stop - start)
@@ -365,6 +368,7 @@ def _loader_mismatch(tok: Tokenizer, text: str, ids: np.ndarray, byte_end: np.nd
 
 def _open_dataset(dataset_dir: Path, split: str):
     import datasets
+    import pyarrow as pa
 
     if not dataset_dir.is_dir():
         raise FileNotFoundError(f"{dataset_dir}: no such directory (a dataset saved with datasets' save_to_disk)")
@@ -372,6 +376,9 @@ def _open_dataset(dataset_dir: Path, split: str):
         ds = datasets.load_from_disk(str(dataset_dir))
     except FileNotFoundError as e:
         raise FuseLLMImportError(f"{dataset_dir}: not a dataset saved with save_to_disk ({e})") from None
+    except (json.JSONDecodeError, pa.ArrowException) as e:  # a truncated state.json / dataset_info.json / .arrow
+        raise FuseLLMImportError(f"{dataset_dir}: damaged dataset, datasets.load_from_disk failed ({e}); save it "
+                                 "again with save_to_disk") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise FuseLLMImportError(f"{dataset_dir}: no split {split!r}; the dataset has splits {', '.join(ds)}")
@@ -380,14 +387,10 @@ def _open_dataset(dataset_dir: Path, split: str):
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not overwrite:
-        raise FuseLLMImportError(f"{out}: already exists; choose another output or pass overwrite=True "
-                                 "(--overwrite) to replace an earlier import")
-    if not out.is_dir() or (not (out / IMPORT_FILE).is_file() and any(out.iterdir())):
-        raise FuseLLMImportError(f"{out}: exists and is not an import output (no {IMPORT_FILE}); refusing to "
-                                 "replace it even with overwrite: remove it or choose another output")
+    from fusion_jax.files import check_replaceable
+
+    check_replaceable(out, overwrite, markers=(IMPORT_FILE,), what="an import output", error=FuseLLMImportError,
+                      overwrite_flag="--overwrite, or overwrite=True")
 
 
 def import_fusellm(

@@ -77,7 +77,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from fusion_jax.errors import InputError
-from fusion_jax.align.transfer import FALLBACKS, ROW_EMPTY, SparseRows, transfer_topk
+from fusion_jax.align.transfer import FALLBACKS, ROW_EMPTY, SparseRows, covering, transfer_topk
 from fusion_jax.config_loader import option as _field
 from fusion_jax.data.packing import PackingPlan, block_layout
 from fusion_jax.data.teacher_cache import CacheError, TeacherCache
@@ -112,7 +112,7 @@ class TeacherSpec:
     tie_order: Literal["official", "fusechat_v2"] = _field("fusellm mode: DTW tie order", "official")
     online: bool = _field("no cache: the loader ships the source tokens and the alignment table, the train step runs "
                           "the teacher (align=bytes only)", False)
-    seq_len: int = _field("online: source tokens per block (Ts); 0 = 2 × the loader's seq_len", 0)
+    seq_len: int = _field("online: source tokens per block (Ts); 0 = 2 × the loader's seq_len", 0, minimum=0)
 
     @property
     def label(self) -> str:
@@ -146,16 +146,17 @@ class LoaderConfig:
     """Packing, batching and teachers of the fusion loader."""
 
     teachers: tuple[TeacherSpec, ...] = _field("the teachers, in order", ())
-    seq_len: int = _field("tokens per block (T)", 2048)
-    global_batch_size: int = _field("blocks per global batch (B), over all processes", 128)
+    seq_len: int = _field("tokens per block (T)", 2048, minimum=1)
+    global_batch_size: int = _field("blocks per global batch (B), over all processes", 128, minimum=1)
     seed: int = _field("shuffling seed: epoch e visits documents in default_rng([seed, e]).permutation(N)", 0)
-    k: int = _field("candidates per position after transfer (each teacher's cache needs at least k)", 10)
+    k: int = _field("candidates per position after transfer (each teacher's cache needs at least k)", 10, minimum=1)
     append_eos: bool = _field("append the target's EOS to every document (must match the caches)", True)
     mask_documents: bool = _field("one segment per document piece; false = official (attend across documents)", True)
-    worker_count: int = _field("grain worker processes (0: build batches in this process)", 0)
-    prefetch: int = _field("batches buffered ahead (per worker with workers)", 2)
+    worker_count: int = _field("grain worker processes (0: build batches in this process)", 0, minimum=0)
+    prefetch: int = _field("batches buffered ahead (per worker with workers)", 2, minimum=0)
     cache_dir: str | None = _field("vocab maps and document lengths cache (default $FUSION_JAX_CACHE)", None)
-    doc_cache: int = _field("documents kept per worker (target encoding + transferred rows), for straddling docs", 32)
+    doc_cache: int = _field("documents kept per worker (target encoding + transferred rows), for straddling docs", 32,
+                            minimum=0)
     verify: Literal["full", "size"] = _field(
         "teacher cache check at start: sizes (default; ArrayRecord's chunk hashes still catch corrupted reads) or "
         "full sha256 of every shard (minutes for MiniPile-size caches, on every start)", "size")
@@ -322,17 +323,7 @@ class _Teacher:
                                  covering(self.table, rec.topk_ids), fallback=s.fallback, k_out=k)
         return self.pair(target).transfer(rec.ids, tgt_ids, rec.topk_ids[:, :k], rec.topk_logprobs[:, :k],
                                           vocab_align=s.vocab_align, onehot_target=s.onehot_target,
-                                          tie_order=s.tie_order)
-
-
-def covering(table: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:
-    """The vocab map extended with −1 (dropped) up to the largest captured id: a model whose embedding has more rows
-    than its tokenizer has ids (MPT-7B: 50432 vs 50277) can put those rows in its top-k; as in the online path
-    (``online.padded_vocab_map``) their mass is dropped and the row renormalised."""
-    top = int(topk_ids.max(initial=-1)) + 1
-    if top <= len(table):
-        return table
-    return np.concatenate([table, np.full(top - len(table), -1, table.dtype)])
+                                          tie_order=s.tie_order, drop_beyond_vocab=True)
 
 
 @dataclasses.dataclass(frozen=True)

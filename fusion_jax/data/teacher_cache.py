@@ -38,6 +38,7 @@ every log-prob as float16 (46 bytes per token).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -48,6 +49,7 @@ from typing import Any, Iterable, Literal
 import numpy as np
 
 from fusion_jax.errors import InputError
+from fusion_jax.files import read_json
 
 FORMAT = "fusion_jax.teacher_cache"
 VERSION = 1
@@ -59,6 +61,8 @@ _GAP_STEP = 32.0  # quantization steps per nat
 _GAP_PAD = 255
 _GAP_MAX = 254
 MANIFEST = "manifest.json"
+MANIFEST_FIX = (f"delete {MANIFEST} and run the capture again: it keeps the finished shards and writes the manifest "
+                "anew")
 
 
 class CacheError(InputError):
@@ -217,12 +221,27 @@ def _fsync_dir(path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:  # a failed write (disk full) does not say which file
+            raise OSError(e.errno, e.strerror, str(tmp)) from e
+        raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _os_error(e: RuntimeError, path: Path) -> OSError:
+    """ArrayRecord's RuntimeError (e.g. "write() failed: No space left on device; …") as the OSError it stands for,
+    naming our file, so the CLI prints one line with the fix."""
+    message = str(e)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO):
+        if os.strerror(code) in message:
+            return OSError(code, os.strerror(code), str(path))
+    return OSError(errno.EIO, f"cannot write ({message.splitlines()[0] if message else type(e).__name__})", str(path))
 
 
 def file_sha256(path: Path) -> str:
@@ -240,15 +259,18 @@ def write_shard(cache_dir: str | Path, shard: int, records: Iterable[bytes], doc
     cache_dir = Path(cache_dir)
     path = cache_dir / shard_name(shard)
     tmp = path.with_name(path.name + ".partial")
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")  # one record per chunk: random access per document
     count = record_bytes = 0
     try:
-        for rec in records:
-            writer.write(rec)
-            count += 1
-            record_bytes += len(rec)
-    finally:
-        writer.close()
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")  # one record per chunk: random access per document
+        try:
+            for rec in records:
+                writer.write(rec)
+                count += 1
+                record_bytes += len(rec)
+        finally:
+            writer.close()
+    except RuntimeError as e:  # the writer reports I/O failures (a full disk) as RuntimeError, at close at the latest
+        raise _os_error(e, tmp) from e
     if count != len(doc_tokens):
         tmp.unlink(missing_ok=True)
         raise ValueError(f"shard {shard}: {count} records but {len(doc_tokens)} token counts")
@@ -317,7 +339,9 @@ class TeacherCache:
                 + ("the capture did not finish; re-run it to complete the cache" if partial
                    else "not a teacher cache (run `python -m fusion_jax.capture` to create it)")
             )
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = read_json(manifest_path, CacheError, MANIFEST_FIX)
+        if not isinstance(self.manifest, dict):
+            raise CacheError(f"{manifest_path}: expected a JSON object; {MANIFEST_FIX}")
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise CacheError(
                 f"{self.path}: {MANIFEST} is format {self.manifest.get('format')!r} version "

@@ -22,10 +22,12 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from fusion_jax import config_loader
 from fusion_jax.config_loader import option as _help
+from fusion_jax.errors import RunDirError
+from fusion_jax.files import atomic_write_text, json_dumps, read_json
 
 log = logging.getLogger("fusion_jax.demo")
 
@@ -43,13 +45,13 @@ class DemoModel:
     tokenizer: Literal["sentencepiece", "byte_level", "byte_level_digits"] = _help(
         "sentencepiece: ▁ and byte fallback (Llama-2-like); byte_level: Ġ (GPT-NeoX/MPT-like); byte_level_digits: "
         "byte-level with single digits", "byte_level")
-    vocab_size: int = _help("tokenizer vocabulary", 2048)
-    hidden_size: int = _help("model width", 128)
-    num_layers: int = _help("layers", 2)
-    num_heads: int = _help("attention heads", 4)
+    vocab_size: int = _help("tokenizer vocabulary", 2048, minimum=1)
+    hidden_size: int = _help("model width", 128, minimum=1)
+    num_layers: int = _help("layers", 2, minimum=1)
+    num_heads: int = _help("attention heads", 4, minimum=1)
     domain: Literal["code", "prose", "mix"] = _help("what it is pretrained on (mix: both domains)", "mix")
-    steps: int = _help("pretraining steps", 100)
-    learning_rate: float = _help("pretraining peak learning rate", 3e-3)
+    steps: int = _help("pretraining steps", 100, minimum=1)
+    learning_rate: float = _help("pretraining peak learning rate", 3e-3, exclusive_minimum=0)
 
     def validate(self) -> None:
         if not self.name or self.name == "target":
@@ -83,16 +85,16 @@ class DemoConfig:
 
     enabled: bool = _help("build the demo's assets first and fuse them (configs/demo.yaml)", False)
     seed: int = _help("seed of the corpus order, the initialisations and the data order", 0)
-    code_bytes: int = _help("code domain: UTF-8 bytes of standard-library source", 2_000_000)
+    code_bytes: int = _help("code domain: UTF-8 bytes of standard-library source", 2_000_000, minimum=1)
     prose_bytes: int = _help("prose domain: UTF-8 bytes of pydoc topics and docstrings (Python 3.11 has ≈ 1.1 MB "
-                             "at 12 kB per document; a larger budget takes all of it)", 1_200_000)
-    mix_bytes: int = _help("bytes of each domain in the fusion run's corpus", 450_000)
-    max_document_bytes: int = _help("longer files are cut at a line boundary", 12_000)
+                             "at 12 kB per document; a larger budget takes all of it)", 1_200_000, minimum=1)
+    mix_bytes: int = _help("bytes of each domain in the fusion run's corpus", 450_000, minimum=1)
+    max_document_bytes: int = _help("longer files are cut at a line boundary", 12_000, minimum=1)
     target: DemoModel = _help("the target, pretrained briefly on both domains", default_factory=_target)
     code: DemoModel = _help("source A, pretrained on code", default_factory=_code)
     prose: DemoModel = _help("source B, pretrained on prose", default_factory=_prose)
-    pretrain_batch_size: int = _help("pretraining blocks per step", 8)
-    pretrain_seq_len: int = _help("pretraining tokens per block", 256)
+    pretrain_batch_size: int = _help("pretraining blocks per step", 8, minimum=1)
+    pretrain_seq_len: int = _help("pretraining tokens per block", 256, minimum=1)
 
     def validate(self) -> None:
         for key in ("code_bytes", "prose_bytes", "mix_bytes", "max_document_bytes", "pretrain_batch_size",
@@ -122,23 +124,24 @@ class Assets:
 # ------------------------------------------------------------------------------------------------ stages
 
 
-def _stage(directory: Path, settings: dict) -> bool:
-    """True when ``directory`` holds a finished stage with these settings; raise when its settings differ."""
+def _stage(directory: Path, settings: dict, comparable: Callable[[dict], dict] = lambda s: s) -> bool:
+    """True when ``directory`` holds a finished stage with these settings (as ``comparable`` sees them: it drops what
+    may change and normalises paths); raise, naming the keys, when they differ."""
+    from fusion_jax.train import differing_keys
+
     marker = directory / "stage.json"
     if not marker.exists():
         return False
-    have = json.loads(marker.read_text())
-    if have != settings:
-        diff = sorted(k for k in set(have) | set(settings) if have.get(k) != settings.get(k))
-        raise ValueError(f"{directory} was built with other settings ({', '.join(diff)} differ); use another run_dir "
-                         "or delete that directory")
+    have = comparable(read_json(marker, RunDirError, fix="delete that directory to build it again"))
+    want = comparable(settings)
+    if have != want:
+        raise RunDirError(f"{directory} was built with other settings ({', '.join(differing_keys(have, want))} "
+                          "differ); use another run_dir or delete that directory")
     return True
 
 
 def _done(directory: Path, settings: dict) -> None:
-    tmp = directory / "stage.json.tmp"
-    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
-    tmp.replace(directory / "stage.json")
+    atomic_write_text(directory / "stage.json", json_dumps(settings, indent=1, sort_keys=True))
 
 
 def corpus_stage(demo: DemoConfig, out: Path, validation_fraction: float) -> tuple[Path, Path, Path]:
@@ -300,7 +303,8 @@ def pretrain_stage(base, model: DemoModel, init: Path, files: list[Path], run_di
     settings.pop("train")  # progress, logging and eval settings don't change the weights
     settings["steps"] = model.steps
     hf_dir = run_dir.parent.parent / "hf" / model.name
-    if _stage(run_dir, settings):
+    # Compared as the run's identity: another mesh, or the same run_dir given relative and absolute, is the same run.
+    if _stage(run_dir, settings, train.run_identity):
         return hf_dir
     log.info("demo: pretraining %s (%s, %s) on %s for %d steps", model.name, model.architecture, model.tokenizer,
              model.domain, model.steps)

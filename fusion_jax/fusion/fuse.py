@@ -10,7 +10,12 @@ nothing is [B,T,V].
 Per position (b, t), :func:`fuse` does:
 
 1. **Rows.** Teacher j *has a row* when ``kind != ROW_EMPTY`` and at least one entry is finite. Its distribution is
-   ``p_j = softmax(logprobs / teacher_temperature)`` over the finite entries.
+   ``p_j = softmax(logprobs / teacher_temperature)`` over the finite entries. ``granularity="token"``: a *fallback*
+   row (``ROW_ONEHOT``: the loader's one-hot where the teacher has no transferred row, ``fallback: onehot_next``)
+   carries no teacher information and would score −log 1 = 0, better than any real row; so it counts as a row only
+   at positions where no teacher taking part has a real (``ROW_TEACHER``) row. There the fallback rows make the
+   target (as ``onehot_next`` promises: probability 1 on the next token; with ``fallback: mask`` the rows are empty
+   and there is no target), and no teacher is credited for it (``weights`` 0).
 2. **Scores** (lower is better). ``granularity="sequence"``: the block's ``seq_bpb`` (``score="bpb"``, comparable
    across tokenizers) or ``seq_ce`` (``score="ce"``, the official score: each teacher's CE on its own tokens).
    ``granularity="token"``: ``−log p_j(label)`` with ``p_j`` as in 1 (the row renormalised over its kept entries),
@@ -31,7 +36,8 @@ Per position (b, t), :func:`fuse` does:
    would not care, but the target entropy (KL loss) would.
 
 ``weights`` reports each teacher's *own* share: a ``first_teacher`` substitute counts for teacher 0 (whose row it
-is), so ``weights`` is one-hot for min_ce and serves win rates directly.
+is), so ``weights`` is one-hot for min_ce and serves win rates directly (except at the token-level fallback-only
+positions of 1, where it is 0: a fallback is nobody's win).
 
 ``compat_bf16=True`` reproduces the official numerics (``DataCollatorForDistill`` + ``DistillTrainer.compute_loss``):
 teacher values rounded to bf16, divided by the temperature in bf16, softmaxed (float internally) to bf16; rewards
@@ -69,7 +75,8 @@ class FusionConfig:
     method: Literal["min_ce", "avg_ce"] = _help(
         "min_ce: the best-scoring teacher's row (paper's MinCE); avg_ce: a score-weighted mixture (AvgCE)", "min_ce")
     granularity: Literal["sequence", "token"] = _help(
-        "sequence: one choice per block from the block scores (official); token: per position from −log p_j(label)",
+        "sequence: one choice per block from the block scores (official); token: per position from −log p_j(label) "
+        "(a fallback one-hot row takes part only where no teacher has a real row, and wins nothing)",
         "sequence")
     score: Literal["bpb", "ce"] = _help(
         "sequence score: bpb = the loader's seq_bpb (bits per byte, comparable across tokenizers); ce = the "
@@ -77,12 +84,14 @@ class FusionConfig:
     avg_weights: Literal["official", "softmax"] = _help(
         "avg_ce weights: official = softmax_j(exp(−score_j)) (the code's formula, nearly uniform); "
         "softmax = softmax_j(−score_j / temperature)", "softmax")
-    temperature: float = _help("τ of avg_weights=softmax", 1.0)
+    temperature: float = _help("τ of avg_weights=softmax", 1.0, exclusive_minimum=0)
     teacher_temperature: float = _help(
-        "T dividing each teacher's log-weights before the softmax over its kept entries (official default 1)", 1.0)
+        "T dividing each teacher's log-weights before the softmax over its kept entries (official default 1)", 1.0,
+        exclusive_minimum=0)
     teacher_weights: tuple[float, ...] = _help(
         "static per-teacher multipliers, one per teacher (empty: all 1). avg_ce multiplies the weights and "
-        "renormalises; min_ce picks argmin of score − log(weight); 0 excludes a teacher from the target", ())
+        "renormalises; min_ce picks argmin of score − log(weight); 0 excludes a teacher from the target", (),
+        minimum=0)
     empty_rows: Literal["skip", "first_teacher"] = _help(
         "a teacher without a row at a position: skip = it does not take part there (weights renormalised over the "
         "others); first_teacher = it uses teacher 0's row (the official collator's substitution)", "skip")
@@ -176,7 +185,7 @@ class FusedTarget(NamedTuple):
 
     ids: Any  # int32[B, T, K·k]; 0 where probs is 0
     probs: Any  # float32[B, T, K·k]; unique ids among probs > 0; sums to 1 where has_target (to bf16 in compat)
-    weights: Any  # float32[B, T, K]: each teacher's own share (one-hot for min_ce)
+    weights: Any  # float32[B, T, K]: each teacher's own share (one-hot for min_ce; 0 at a token-level fallback)
     has_target: Any  # bool[B, T]
 
     @classmethod
@@ -188,8 +197,12 @@ class FusedTarget(NamedTuple):
 
 
 def _bf16(x: jax.Array) -> jax.Array:
-    """Round float32 to the nearest bf16 value (ties to even), kept as float32."""
-    return x.astype(jnp.bfloat16).astype(jnp.float32)
+    """Round float32 to the nearest bf16 value (ties to even), kept as float32.
+
+    Not ``x.astype(bfloat16).astype(float32)``: under ``jax.jit`` XLA may drop that round trip ("excess
+    precision"), so the official numerics would hold op by op but not jitted. ``reduce_precision`` is never elided.
+    """
+    return jax.lax.reduce_precision(jnp.asarray(x, jnp.float32), exponent_bits=8, mantissa_bits=7)
 
 
 def _ident(x: jax.Array) -> jax.Array:
@@ -215,7 +228,16 @@ def fuse(cfg: FusionConfig, teachers: Teachers, labels: jax.Array | None = None)
     # 1. rows and their distributions
     x = jnp.asarray(teachers.logprobs, jnp.float32)
     finite = jnp.isfinite(x)
-    has_row = (jnp.asarray(teachers.kind) != ROW_EMPTY) & finite.any(-1)  # [K,B,T]
+    kind = jnp.asarray(teachers.kind)
+    has_row = (kind != ROW_EMPTY) & finite.any(-1)  # [K,B,T]
+    takes_part = jnp.asarray(tw > 0)[:, None, None]
+    fallback_only = None
+    if cfg.granularity == "token":
+        # A fallback row (p = 1 on the label, no teacher information) would score −log 1 = 0 and beat every real
+        # row: it takes part only where no teacher has a real one.
+        real = has_row & (kind == ROW_TEACHER)
+        fallback_only = ~jnp.any(real & takes_part, 0)  # [B,T]
+        has_row = jnp.where(fallback_only[None], has_row, real)
     valid = finite & has_row[..., None]
     tt = float(cfg.teacher_temperature)
     xs = rnd(rnd(x) / tt) if cfg.compat_bf16 else x / tt
@@ -244,7 +266,6 @@ def fuse(cfg: FusionConfig, teachers: Teachers, labels: jax.Array | None = None)
         reward = jnp.exp(-s)
 
     # 3. who takes part; which slots end up with a row
-    takes_part = jnp.asarray(tw > 0)[:, None, None]
     elig = takes_part & has_row if not first_teacher else jnp.broadcast_to(takes_part, (K, B, T))
     sub = ~has_row & first_teacher  # slot j lends teacher 0's row
     slot_row = has_row | (sub & has_row[0:1])
@@ -297,4 +318,6 @@ def fuse(cfg: FusionConfig, teachers: Teachers, labels: jax.Array | None = None)
     lent = jnp.where(sub, w, 0.0)
     own = jnp.where(sub, 0.0, w)
     own = own.at[0].add(jnp.sum(lent, 0))
+    if fallback_only is not None:  # a fallback target is nobody's win
+        own = jnp.where(fallback_only[None], 0.0, own)
     return FusedTarget(ids_out, probs, jnp.moveaxis(own, 0, -1), has_target)

@@ -14,7 +14,9 @@ With student logits z_t (float32, [V]) and ``lse_t = logsumexp(z_t)``:
 Reductions (``reduction``): ``tokens`` = one mean over the whole (global) batch: Σ loss / Σ mask — what the official
 ``compute_loss`` computes for a micro-batch of B > 1 blocks (and the golden cases, B = 3); ``blocks`` = the mean over
 blocks of each block's own mean, which is the official run's effective loss (per-device batch 1, averaged over
-gradient accumulation and data parallelism). Blocks with no counted position are left out of that mean.
+gradient accumulation and data parallelism). Blocks with no counted position are left out of that mean; a train
+step split into micro-batches divides each micro-batch's sum of :func:`block_means` by the whole batch's count of
+non-empty blocks, so accumulation does not change the loss.
 
 ``chunk_size > 0`` computes the logits ``chunk_size`` positions at a time in a ``lax.scan`` whose body is under
 ``jax.checkpoint``: neither the forward nor the backward pass holds a float32 [B, T, V] buffer, only [B, C, V].
@@ -42,7 +44,7 @@ REDUCTIONS = ("tokens", "blocks")
 class LossConfig:
     """The training objective λ·CLM + (1−λ)·fusion."""
 
-    lm_weight: float = _help("λ, the CLM weight (paper: 0.9)", 0.9)
+    lm_weight: float = _help("λ, the CLM weight (paper: 0.9)", 0.9, minimum=0, maximum=1)
     lm_weight_schedule: Literal["constant", "hard_and_decay"] = _help(
         "constant: λ; hard_and_decay (official option): λ_t = λ + (1−λ)·step/max_steps", "constant")
     fusion_loss: Literal["ce", "kl"] = _help(
@@ -54,7 +56,8 @@ class LossConfig:
         "tokens: Σ over the global batch / token count; blocks: mean of per-block means (official bs=1 runs)",
         "tokens")
     chunk_size: int = _help(
-        "positions per chunk of the student's logits (recomputed in the backward pass); 0 = all at once", 0)
+        "positions per chunk of the student's logits (recomputed in the backward pass); 0 = all at once", 0,
+        minimum=0)
 
     def validate(self) -> None:
         if not 0.0 <= self.lm_weight <= 1.0:
@@ -106,15 +109,20 @@ def _join_chunks(a: jax.Array, t: int) -> jax.Array:
     return jnp.moveaxis(a, 0, 1).reshape(b, n * c)[:, :t]
 
 
+def block_means(block_sum: jax.Array, block_tokens: jax.Array) -> jax.Array:
+    """float32[B] each block's mean loss, 0 for a block without counted positions (it is left out of the
+    ``blocks`` reduction: divide the sum of these by the number of non-empty blocks, over the whole batch)."""
+    return jnp.where(block_tokens > 0, block_sum / jnp.maximum(block_tokens, 1.0), 0.0)
+
+
 def _reduce(per_token: jax.Array, mask: jax.Array, reduction: str) -> tuple[jax.Array, jax.Array, jax.Array]:
     block_sum = jnp.sum(per_token, axis=1)
     block_tokens = jnp.sum(mask, axis=1).astype(jnp.float32)
     if reduction == "tokens":
         value = jnp.sum(block_sum) / jnp.maximum(jnp.sum(block_tokens), 1.0)
     else:
-        has = block_tokens > 0
-        means = jnp.where(has, block_sum / jnp.maximum(block_tokens, 1.0), 0.0)
-        value = jnp.sum(means) / jnp.maximum(jnp.sum(has), 1).astype(jnp.float32)
+        non_empty = jnp.sum(block_tokens > 0)
+        value = jnp.sum(block_means(block_sum, block_tokens)) / jnp.maximum(non_empty, 1).astype(jnp.float32)
     return value, block_sum, block_tokens
 
 
