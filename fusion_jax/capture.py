@@ -32,6 +32,7 @@ from fusion_jax.config_loader import option as _help
 from fusion_jax.convert import checkpoint
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.data.documents import DocumentStore
+from fusion_jax.errors import ConfigError, InputError
 from fusion_jax.files import DirectoryLock, read_json
 from fusion_jax.mesh import MeshConfig
 from fusion_jax.models import decoder
@@ -73,17 +74,17 @@ class CaptureConfig:
     def validate(self) -> None:
         for name in ("documents", "source", "output"):
             if not getattr(self, name):
-                raise ValueError(f"{name} is required (--set {name}=...)")
+                raise ConfigError(f"{name} is required (--set {name}=...)")
         if self.split not in ("train", "validation"):
-            raise ValueError(f"split must be train or validation, got {self.split!r}")
+            raise ConfigError(f"split must be train or validation, got {self.split!r}")
         if self.logprob_format not in tc.LOGPROB_FORMATS:
-            raise ValueError(f"logprob_format must be one of {tc.LOGPROB_FORMATS}, got {self.logprob_format!r}")
+            raise ConfigError(f"logprob_format must be one of {tc.LOGPROB_FORMATS}, got {self.logprob_format!r}")
         if not 1 <= self.k <= 255:
-            raise ValueError(f"k must be in [1, 255], got {self.k}")
+            raise ConfigError(f"k must be in [1, 255], got {self.k}")
         if min(self.seq_len, self.batch_size, self.docs_per_shard, self.logits_chunk) <= 0 or self.max_documents < 0:
-            raise ValueError("seq_len, batch_size, docs_per_shard and logits_chunk must be positive")
+            raise ConfigError("seq_len, batch_size, docs_per_shard and logits_chunk must be positive")
         if self.seq_len % min(self.logits_chunk, self.seq_len):
-            raise ValueError(f"seq_len ({self.seq_len}) must be a multiple of logits_chunk ({self.logits_chunk})")
+            raise ConfigError(f"seq_len ({self.seq_len}) must be a multiple of logits_chunk ({self.logits_chunk})")
 
 
 # ------------------------------------------------------------------------------------------------ the device step
@@ -164,13 +165,13 @@ def _pack(docs: list[_Doc], shard: int, seq_len: int) -> list[_Row]:
     for d in docs:
         n = len(d.ids)
         if n > seq_len:
-            raise ValueError(
+            raise InputError(
                 f"document {d.doc_id!r} has {n} tokens under this tokenizer (EOS included) but seq_len is {seq_len}: "
                 f"prepare the documents with max_tokens ≤ {seq_len - 1} for every tokenizer of the run, or raise "
                 "seq_len"
             )
         if n == 0:
-            raise ValueError(f"document {d.doc_id!r} is empty: nothing to capture (prepare drops empty documents)")
+            raise InputError(f"document {d.doc_id!r} is empty: nothing to capture (prepare drops empty documents)")
         if used + n > seq_len:
             rows.append(_Row(shard, cur))
             cur, used = [], 0
@@ -286,14 +287,14 @@ def _capture(cfg: CaptureConfig) -> dict:
     rules = cfg.mesh.rules
     pid, nproc = jax.process_index(), jax.process_count()
     if cfg.batch_size % nproc:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the process count {nproc}")
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the process count {nproc}")
     store = DocumentStore(cfg.documents, cfg.split)
     n_docs = len(store) if not cfg.max_documents else min(cfg.max_documents, len(store))
     tok = load_tokenizer(cfg.tokenizer or cfg.source)
     checkpoint.check_tokenizer(cfg.source, tok, cfg.tokenizer or cfg.source,
                                allow_mismatch=cfg.allow_tokenizer_mismatch)
     if cfg.append_eos and tok.eos_id is None:
-        raise ValueError(f"tokenizer {tok.name!r} has no EOS token; set append_eos=false or give a tokenizer with one")
+        raise ConfigError(f"tokenizer {tok.name!r} has no EOS token; set append_eos=false or give a tokenizer with one")
     model_cfg, params = checkpoint.load(cfg.source, mesh, rules, param_dtype=cfg.param_dtype,
                                         compute_dtype=cfg.compute_dtype)
     check_vocab_size(tok, model_cfg.vocab_size, cfg.source)
@@ -302,7 +303,7 @@ def _capture(cfg: CaptureConfig) -> dict:
     batch_spec = mesh_lib.logical_to_spec(("batch", "seq"), rules, mesh, (cfg.batch_size, cfg.seq_len))
     batch_devices = int(np.prod([mesh.shape[a] for a in rules.get("batch", ()) if mesh.shape[a] > 1]))
     if cfg.batch_size % batch_devices:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the batch mesh axes' size {batch_devices} "
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the batch mesh axes' size {batch_devices} "
                          f"(mesh {dict(mesh.shape)})")
     batch_sharding = jax.NamedSharding(mesh, batch_spec)
     out_sharding = jax.NamedSharding(mesh, mesh_lib.logical_to_spec(("batch", "seq", None), rules, mesh,

@@ -37,9 +37,12 @@ def parse_config(parser: argparse.ArgumentParser, config_cls: type, argv: list[s
 
 
 def run(main: Callable[[C], object], parse: Callable[[], C]) -> None:
-    """Parse the config and run `main`. What the user can fix ends in one `error: …` line (exit 1): our error
-    classes, ValueErrors raised on purpose, and file-system errors (naming the path). Ctrl-C exits 130 with a
-    note that the command resumes. Anything else is our bug and keeps its traceback."""
+    """Parse the config and run `main`. What the user can fix ends in one `error: …` line (exit 1): the errors we
+    raise on purpose (`fusion_jax.errors.UserError` and its subclasses) and file-system errors (naming the path).
+    Ctrl-C exits 130 with a note that the command resumes. Anything else, a bare ValueError included, is our bug
+    (or a library's) and propagates with its full traceback."""
+    from fusion_jax.errors import UserError
+
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     logging.getLogger("jax").setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -49,7 +52,7 @@ def run(main: Callable[[C], object], parse: Callable[[], C]) -> None:
         print("\ninterrupted: everything written so far is kept; run the same command again to resume",
               file=sys.stderr)
         sys.exit(130)
-    except ValueError as e:  # UserError and its subclasses included
+    except UserError as e:
         sys.exit(f"error: {e}")
     except OSError as e:
         sys.exit(f"error: {os_error_message(e)}")

@@ -21,9 +21,12 @@ import time
 from pathlib import Path
 
 from fusion_jax import config_loader
-from fusion_jax.files import atomic_write_json
+from fusion_jax.errors import RunDirError
+from fusion_jax.files import atomic_write_json, read_json
 
 log = logging.getLogger("fusion_jax.compare")
+
+_RECOMPUTED = "a cache of this comparison: delete it and it is recomputed"
 
 
 def baseline_config(cfg, documents: str):
@@ -61,7 +64,7 @@ def evaluate_models(cfg, documents: str, cache: Path) -> dict[str, dict[str, flo
     settings = {"documents": str(Path(documents).absolute()), "batch_size": cfg.loader.global_batch_size,
                 "seq_len": cfg.loader.seq_len, "append_eos": cfg.loader.append_eos,
                 "max_documents": cfg.train.eval_documents}
-    done = json.loads(cache.read_text()) if cache.exists() else {}
+    done = read_json(cache, RunDirError, fix=_RECOMPUTED) if cache.exists() else {}
     mesh = mesh_lib.make_mesh(cfg.mesh)
     out = {}
     for name, (ckpt, tok) in models.items():
@@ -107,7 +110,7 @@ def audit_stage(cfg, documents: str, run: Path) -> dict:
     sources = [s.tokenizer or s.checkpoint for s in cfg.sources]
     key = {"sources": sources, "target": cfg.target_tokenizer or cfg.target, "documents": documents}
     if path.exists():
-        cached = json.loads(path.read_text())
+        cached = read_json(path, RunDirError, fix=_RECOMPUTED)
         if cached.get("key") == key:
             return cached["audit"]
     if not sources:

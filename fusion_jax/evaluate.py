@@ -50,7 +50,8 @@ from fusion_jax.config_loader import option as _help
 from fusion_jax.convert import checkpoint
 from fusion_jax.data.corpus import CorpusConfig, Document, read_documents
 from fusion_jax.data.documents import DocumentStore
-from fusion_jax.errors import CheckpointError
+from fusion_jax.errors import CheckpointError, ConfigError, InputError
+from fusion_jax.files import atomic_write_text
 from fusion_jax.mesh import MeshConfig
 from fusion_jax.models import decoder
 from fusion_jax.models.config import DType, ModelConfig
@@ -93,18 +94,18 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         if not self.checkpoint:
-            raise ValueError("checkpoint is required (--set checkpoint=DIR)")
+            raise ConfigError("checkpoint is required (--set checkpoint=DIR)")
         if bool(self.documents) == (self.corpus is not None):
-            raise ValueError("give exactly one of documents (a prepared store: --set documents=DIR) and corpus "
+            raise ConfigError("give exactly one of documents (a prepared store: --set documents=DIR) and corpus "
                              "(--set corpus.paths=[FILE] ...)")
         if self.split not in ("train", "validation"):
-            raise ValueError(f"split must be train or validation, got {self.split!r}")
+            raise ConfigError(f"split must be train or validation, got {self.split!r}")
         if min(self.seq_len, self.batch_size, self.logits_chunk) <= 0 or self.max_documents < 0:
-            raise ValueError("seq_len, batch_size and logits_chunk must be positive, max_documents >= 0")
+            raise ConfigError("seq_len, batch_size and logits_chunk must be positive, max_documents >= 0")
         if self.seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+            raise ConfigError(f"seq_len must be at least 2, got {self.seq_len}")
         if self.context != -1 and not 1 <= self.context < self.seq_len:
-            raise ValueError(f"context must be in [1, seq_len) or -1, got {self.context} (seq_len {self.seq_len})")
+            raise ConfigError(f"context must be in [1, seq_len) or -1, got {self.context} (seq_len {self.seq_len})")
 
 
 # ------------------------------------------------------------------------------------------------ the device step
@@ -142,7 +143,7 @@ def _compiled_step(cfg: ModelConfig, chunk: int, rules_key: tuple, mesh, batch_s
     rules = {k: tuple(v) for k, v in rules_key}
     spec = mesh_lib.logical_to_spec(("batch", "seq"), rules, mesh, (batch_size, seq_len))
     if jax.process_count() > 1 and spec[0] is None:
-        raise ValueError(f"batch_size {batch_size} must be divisible by the batch mesh axes "
+        raise ConfigError(f"batch_size {batch_size} must be divisible by the batch mesh axes "
                          f"({rules.get('batch')}) in a multi-host run, so each process feeds its own rows")
     sharding = jax.NamedSharding(mesh, spec)
     with jax.set_mesh(mesh):
@@ -265,17 +266,17 @@ def evaluate_bpb(
     if not 1 <= context < seq_len:
         raise ValueError(f"context must be in [1, seq_len), got {context} (seq_len {seq_len})")
     if append_eos and tokenizer.eos_id is None:
-        raise ValueError(f"tokenizer {tokenizer.name!r} has no EOS token; set append_eos=false or give a tokenizer "
+        raise ConfigError(f"tokenizer {tokenizer.name!r} has no EOS token; set append_eos=false or give a tokenizer "
                          "with one")
     check_vocab_size(tokenizer, model_cfg.vocab_size, "the model")
     if bos_id is not None and not 0 <= bos_id < model_cfg.vocab_size:
-        raise ValueError(f"bos_id {bos_id} is outside the model's vocabulary [0, {model_cfg.vocab_size})")
+        raise CheckpointError(f"bos_id {bos_id} is outside the model's vocabulary [0, {model_cfg.vocab_size})")
     if not isinstance(documents, (DocumentStore, Sequence)):
         documents = list(documents)
     n_docs = len(documents) if not max_documents else min(max_documents, len(documents))
     pid, nproc = jax.process_index(), jax.process_count()
     if batch_size % nproc:
-        raise ValueError(f"batch_size {batch_size} must be a multiple of the process count {nproc}")
+        raise ConfigError(f"batch_size {batch_size} must be a multiple of the process count {nproc}")
     local = batch_size // nproc
     rules_key = tuple(sorted((k, tuple(v)) for k, v in rules.items()))
     step, sharding = _compiled_step(model_cfg, chunk, rules_key, mesh, batch_size, seq_len)
@@ -354,7 +355,7 @@ def evaluate_bpb(
                 m[k] += s[k]
     total = {k: sum(m[k] for m in merged.values()) for k in _FIELDS}
     if not total["bytes"]:
-        raise ValueError(f"nothing to evaluate: {n_docs} documents with no text"
+        raise InputError(f"nothing to evaluate: {n_docs} documents with no text"
                          + (" (max_documents=0 means all)" if not n_docs else ""))
     return {**_summary(total), "domains": {d: _summary(merged[d]) for d in sorted(merged)}}
 
@@ -417,9 +418,7 @@ def check_finite_report(report: dict, model: str, compute_dtype: str) -> None:
 
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def main(cfg: EvaluateConfig) -> dict:
@@ -434,7 +433,7 @@ def main(cfg: EvaluateConfig) -> dict:
     if cfg.bos:
         bos_id = bos_token_id(tok_path, tok)
         if bos_id is None:
-            raise ValueError(f"tokenizer {tok.name!r} ({tok_path}) has no BOS token; set bos=false")
+            raise ConfigError(f"tokenizer {tok.name!r} ({tok_path}) has no BOS token; set bos=false")
     if cfg.corpus is not None:
         documents: Sequence[Document] | DocumentStore = list(read_documents(cfg.corpus))
         source = {"corpus": config_loader.to_dict(cfg.corpus)}
@@ -442,7 +441,7 @@ def main(cfg: EvaluateConfig) -> dict:
         documents = DocumentStore(cfg.documents, cfg.split)
         source = {"documents": cfg.documents, "split": cfg.split, "fingerprint": documents.fingerprint}
     if not len(documents):
-        raise ValueError("no documents to evaluate: " + (f"the corpus {list(cfg.corpus.paths)} is empty"
+        raise InputError("no documents to evaluate: " + (f"the corpus {list(cfg.corpus.paths)} is empty"
                          if cfg.corpus is not None else f"split {cfg.split!r} of {cfg.documents} is empty"))
     model_cfg, params = checkpoint.load(cfg.checkpoint, mesh, cfg.mesh.rules, param_dtype=cfg.param_dtype,
                                         compute_dtype=cfg.compute_dtype)

@@ -4,16 +4,18 @@ not, and content hashes remembered across runs."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import math
 import os
+import secrets
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from fusion_jax.errors import InputError, RunDirError, UserError
 
@@ -32,20 +34,44 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory: a
-    reader sees the old file or the new one, never a part."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for the caller to write the new file to (by name or by opening it:
+    numpy, safetensors, ArrayRecord). Leaving without an exception fsyncs that file, renames it over `path` and
+    fsyncs the directory: a reader sees the old file or the new one, never a part. Leaving with one removes the
+    temporary file and leaves `path` as it was. The one temp → fsync → rename in the package.
+
+    `tmp`: the temporary name (default `.<name>.<pid>.<random>.tmp`, unique per writer), for a writer whose resume
+    logic recognises and removes leftovers of a `kill -9` by their name."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp") if tmp is None else Path(tmp)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as e:  # fsync's error (a full disk, EIO) names no file
+            raise OSError(e.errno, e.strerror, str(tmp)) from e
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory: a
+    reader sees the old file or the new one, never a part."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def commit_directory(partial: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the completed directory `partial` to `out` (which must not exist, or be an empty directory) and fsync
+    `out`'s parent, so the new name survives a crash."""
+    os.rename(partial, out)
+    fsync_dir(Path(out).parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from fusion_jax import cli, mesh as mesh_lib
 from fusion_jax.config import Config
 from fusion_jax.convert import checkpoint
+from fusion_jax.errors import ConfigError, InputError
 from fusion_jax.models import apply, decoder
 
 log = logging.getLogger("fusion_jax.forward")
@@ -35,12 +36,17 @@ def _batch(cfg: Config, vocab_size: int) -> np.ndarray:
     if cfg.forward.text is None:
         return np.random.default_rng(cfg.seed).integers(0, vocab_size, (b, t), dtype=np.int32)
     if cfg.checkpoint is None:
-        raise ValueError("forward.text needs a checkpoint with a tokenizer (set checkpoint=DIR)")
+        raise ConfigError("forward.text needs a checkpoint with a tokenizer (set checkpoint=DIR)")
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(cfg.checkpoint)(Path(cfg.forward.text).read_text("utf-8"))["input_ids"]
+    try:
+        text = Path(cfg.forward.text).read_text("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{cfg.forward.text}: not UTF-8 text (byte {e.start}); forward.text must be a UTF-8 "
+                         "text file") from None
+    ids = AutoTokenizer.from_pretrained(cfg.checkpoint)(text)["input_ids"]
     if len(ids) < b * t:
-        raise ValueError(f"{cfg.forward.text} has {len(ids)} tokens; forward needs batch_size·seq_len = {b * t}")
+        raise InputError(f"{cfg.forward.text} has {len(ids)} tokens; forward needs batch_size·seq_len = {b * t}")
     return np.asarray(ids[: b * t], np.int32).reshape(b, t)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fusion_jax.config_loader import option as _opt
+from fusion_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,13 @@ class MeshConfig:
     def validate(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)
         if sum(s == -1 for s in sizes) > 1:
-            raise ValueError(f"at most one of data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}")
+            raise ConfigError(f"at most one of data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}")
         if any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+            raise ConfigError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
         for name, axes in self.rules.items():
             bad = [a for a in axes if a not in MESH_AXES]
             if bad:
-                raise ValueError(f"rules.{name} names unknown mesh axes {bad}; mesh axes are {list(MESH_AXES)}")
+                raise ConfigError(f"rules.{name} names unknown mesh axes {bad}; mesh axes are {list(MESH_AXES)}")
 
 
 def _on_cloud_tpu_vm() -> bool:
@@ -80,7 +81,7 @@ def _env_int(environ: Mapping[str, str], name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def _cluster_detected(environ: Mapping[str, str], on_cloud_tpu: bool) -> bool:
@@ -141,10 +142,10 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % fixed:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+            raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // fixed
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices but {num_devices} are available; "
             "set one axis to -1 to use all of them"
         )

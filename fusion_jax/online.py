@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusion_jax.align.transfer import FALLBACKS, ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER
+from fusion_jax.errors import CheckpointError, ConfigError
 from fusion_jax.fusion.fuse import Teachers
 from fusion_jax.models.config import ModelConfig
 
@@ -52,9 +53,9 @@ class OnlineTeacher:
 
     def validate(self) -> None:
         if self.fallback not in FALLBACKS:
-            raise ValueError(f"online teacher {self.name}: fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+            raise ConfigError(f"online teacher {self.name}: fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         if self.k <= 0 or self.topk < 0 or self.logits_chunk <= 0:
-            raise ValueError(f"online teacher {self.name}: k and logits_chunk must be positive, topk >= 0")
+            raise ConfigError(f"online teacher {self.name}: k and logits_chunk must be positive, topk >= 0")
 
     @property
     def candidates(self) -> int:
@@ -204,7 +205,7 @@ def padded_vocab_map(table: np.ndarray, vocab_size: int) -> np.ndarray:
     to −1, so a top-k candidate there is dropped)."""
     table = np.asarray(table, np.int32)
     if len(table) > vocab_size:
-        raise ValueError(f"the vocab map has {len(table)} entries but the model only {vocab_size} rows: the teacher's "
+        raise CheckpointError(f"the vocab map has {len(table)} entries but the model only {vocab_size} rows: the teacher's "
                          "tokenizer has ids its model cannot produce")
     return np.concatenate([table, np.full(vocab_size - len(table), -1, np.int32)])
 

@@ -23,6 +23,7 @@ from fusion_jax.config_loader import option as _help
 from fusion_jax.data.corpus import CorpusConfig, Document, read_documents, split_of
 from fusion_jax.data.documents import SPLITS, DocumentWriter
 from fusion_jax.data.splitting import split_long
+from fusion_jax.errors import ConfigError
 from fusion_jax.tokenizers import TokenizationError, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,11 @@ class PrepareConfig:
         try:
             self.corpus.require()
         except ValueError as e:
-            raise ValueError(f"corpus: {e}") from None
+            raise ConfigError(f"corpus: {e}") from None
         if not self.tokenizers:
-            raise ValueError("tokenizers is required: the run's target and source tokenizers (the split rule uses all)")
+            raise ConfigError("tokenizers is required: the run's target and source tokenizers (the split rule uses all)")
         if not self.output:
-            raise ValueError("output is required: the store directory to write")
+            raise ConfigError("output is required: the store directory to write")
 
 
 def _absolute(path: str) -> str:

@@ -408,7 +408,15 @@ def token_from_config(tokenizer_file: Path, key: str, pieces: list[str]) -> int 
     config = tokenizer_file.parent / "tokenizer_config.json"
     if not config.is_file():
         return None
-    value = json.loads(config.read_text(encoding="utf-8")).get(key)
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerFileError(f"{config}: not valid JSON ({e}); repair or delete this tokenizer_config.json "
+                                 "(it only names the special tokens)") from None
+    if not isinstance(data, dict):
+        raise TokenizerFileError(f"{config}: a JSON {type(data).__name__}, not an object; repair or delete this "
+                                 "tokenizer_config.json")
+    value = data.get(key)
     value = value.get("content") if isinstance(value, dict) else value
     if not isinstance(value, str):
         return None

@@ -56,7 +56,7 @@ from fusion_jax.config_loader import option as _help
 from fusion_jax.data.corpus import CorpusConfig
 from fusion_jax.data.loader import FusionLoader, LoaderConfig, TeacherSpec
 from fusion_jax.demo.build import DemoConfig
-from fusion_jax.errors import ConfigError, RunDirError, UserError
+from fusion_jax.errors import ConfigError, InputError, RunDirError, UserError
 from fusion_jax.files import LOCK_FILE, DirectoryLock, atomic_write_json, json_dumps, read_json
 from fusion_jax.fusion.fuse import FusionConfig
 from fusion_jax.fusion.losses import LossConfig
@@ -177,35 +177,35 @@ class TrainConfig:
     def validate(self) -> None:
         if self.demo.enabled:
             if self.target or self.sources or self.data.documents or self.data.corpus.paths:
-                raise ValueError("demo.enabled builds the target, sources and corpus itself: leave target, sources, "
+                raise ConfigError("demo.enabled builds the target, sources and corpus itself: leave target, sources, "
                                  "data.documents and data.corpus.paths unset (or set demo.enabled=false)")
             return
         if not self.target:
-            raise ValueError("target is required: a fusion_jax or Hugging Face model directory (--set target=DIR)")
+            raise ConfigError("target is required: a fusion_jax or Hugging Face model directory (--set target=DIR)")
         if not self.data.documents and not self.data.corpus.paths:
-            raise ValueError("no data: set data.documents (a prepared store) or data.corpus.paths (a corpus to prepare)")
+            raise ConfigError("no data: set data.documents (a prepared store) or data.corpus.paths (a corpus to prepare)")
         names = [s.name for s in self.sources] + (["target"] if self.target_as_teacher else [])
         if len(set(names)) != len(names):
-            raise ValueError(f"source names must be unique (and not 'target'), got {names}")
+            raise ConfigError(f"source names must be unique (and not 'target'), got {names}")
         if not names and (self.loss.lm_weight != 1.0 or self.loss.lm_weight_schedule != "constant"):
-            raise ValueError("no teachers, so the fusion term is empty: add sources, set target_as_teacher=true, or "
+            raise ConfigError("no teachers, so the fusion term is empty: add sources, set target_as_teacher=true, or "
                              "train CLM only with loss.lm_weight=1.0")
         if self.target_teacher_mode not in MODES:
-            raise ValueError(f"target_teacher_mode must be one of {MODES}, got {self.target_teacher_mode!r}")
+            raise ConfigError(f"target_teacher_mode must be one of {MODES}, got {self.target_teacher_mode!r}")
         for s in self.sources:
             if s.mode not in MODES:
-                raise ValueError(f"sources[{s.name}].mode must be one of {MODES}, got {s.mode!r}")
+                raise ConfigError(f"sources[{s.name}].mode must be one of {MODES}, got {s.mode!r}")
             if s.mode == "online" and s.align != "bytes":
-                raise ValueError(f"sources[{s.name}]: mode=online supports align=bytes only, got align={s.align!r}: "
+                raise ConfigError(f"sources[{s.name}]: mode=online supports align=bytes only, got align={s.align!r}: "
                                  "the fusellm DTW alignment is host-side string work per document and needs the "
                                  "cached path (mode=cached)")
             if s.seq_len < 0:
-                raise ValueError(f"sources[{s.name}].seq_len must be >= 0, got {s.seq_len}")
+                raise ConfigError(f"sources[{s.name}].seq_len must be >= 0, got {s.seq_len}")
         if self.loader.global_batch_size % self.optimizer.accumulation:
-            raise ValueError(f"loader.global_batch_size ({self.loader.global_batch_size}) must be a multiple of "
+            raise ConfigError(f"loader.global_batch_size ({self.loader.global_batch_size}) must be a multiple of "
                              f"optimizer.accumulation ({self.optimizer.accumulation})")
         if self.capture.seq_len <= self.data.max_tokens and not self.data.documents:
-            raise ValueError(f"capture.seq_len ({self.capture.seq_len}) must exceed data.max_tokens "
+            raise ConfigError(f"capture.seq_len ({self.capture.seq_len}) must exceed data.max_tokens "
                              f"({self.data.max_tokens}) so that every document plus EOS fits one row")
 
 
@@ -231,7 +231,7 @@ NOT_IDENTITY = (
 DEMO_FILLED = ("target", "target_tokenizer", "sources", "data.documents", "data.corpus")
 
 
-class TrainingError(ConfigError, FloatingPointError):
+class TrainingError(UserError, FloatingPointError):
     """The run diverged (a non-finite loss) or stopped learning: settings to change (learning rate, clipping), not a
     bug, so one ``error:`` line. A FloatingPointError too, for callers that catch that."""
 
@@ -700,7 +700,7 @@ def _main(cfg: TrainConfig) -> dict:
 
         documents = documents_stage(cfg)
         if not len(DocumentStore(documents, "validation")):
-            raise ValueError(f"{documents} has no held-out documents to compare the runs on: raise "
+            raise InputError(f"{documents} has no held-out documents to compare the runs on: raise "
                              "data.validation_fraction or the corpus size (and use another run_dir)")
     t = time.perf_counter()
     report = fusion_run(cfg)

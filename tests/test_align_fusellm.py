@@ -375,7 +375,7 @@ def _refuse_build(src, tgt):
 
 
 def _no_partials(cache_dir):
-    return not list(cache_dir.rglob("*.partial"))
+    return not list(cache_dir.rglob("*.partial")) and not list(cache_dir.rglob(".*.tmp"))
 
 
 def test_mined_map_cache_is_loaded(mined_build, neox, llama, monkeypatch):

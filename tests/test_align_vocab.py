@@ -108,7 +108,7 @@ def test_cache_roundtrip_and_rebuild(bl, sp, tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         np.testing.assert_array_equal(vocab_map(bl, sp, "prefix", cache_dir=tmp_path), first)
     assert "src_fingerprint, tgt_fingerprint do not match" in caplog.text
-    assert not list(tmp_path.rglob("*.partial"))
+    assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob(".*.tmp"))  # no temp file left
     assert other.shape == (sp.vocab_size,)
 
 

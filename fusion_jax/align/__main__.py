@@ -21,6 +21,7 @@ from typing import Literal
 
 from fusion_jax import cli
 from fusion_jax.align.audit import APPROX_NAME, CATEGORIES, MODES, AuditReport, PairReport, audit
+from fusion_jax.errors import ConfigError
 from fusion_jax.files import atomic_write_text, json_dumps
 
 
@@ -38,11 +39,11 @@ class AuditConfig:
 
     def validate(self) -> None:
         if not self.sources or not self.target or not self.texts:
-            raise ValueError("--source, --target and --text are required")
+            raise ConfigError("--source, --target and --text are required")
         if self.top < 0:
-            raise ValueError(f"--top must be ≥ 0, got {self.top}")
+            raise ConfigError(f"--top must be ≥ 0, got {self.top}")
         if self.max_tokens < 1:
-            raise ValueError(f"--max-tokens must be ≥ 1, got {self.max_tokens}")
+            raise ConfigError(f"--max-tokens must be ≥ 1, got {self.max_tokens}")
 
     @property
     def modes(self) -> tuple[str, ...]:

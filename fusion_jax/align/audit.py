@@ -35,6 +35,7 @@ from fusion_jax.align.bytes import GROUP_KINDS, align_bytes
 from fusion_jax.align.fusellm import FuseLLMPair
 from fusion_jax.align.transfer import ROW_ONEHOT, ROW_TEACHER, matching_positions, transfer_topk
 from fusion_jax.align.vocab import vocab_map
+from fusion_jax.errors import InputError
 from fusion_jax.tokenizers import Encoding, TokenizationError, Tokenizer
 
 __all__ = [
@@ -78,11 +79,11 @@ def _read(path: str | Path) -> bytes:
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such text file")
     if not p.is_file():
-        raise ValueError(f"{p}: not a regular file")
+        raise InputError(f"{p}: not a regular file")
     try:
         return p.read_bytes()
     except OSError as e:
-        raise ValueError(f"{p}: cannot read: {e.strerror or e}") from None
+        raise InputError(f"{p}: cannot read: {e.strerror or e}") from None
 
 
 def _char_start(data: bytes, pos: int, lo: int) -> int:
@@ -117,7 +118,7 @@ def load_documents(paths: Sequence[str | Path], target: Tokenizer, max_tokens: i
         try:
             whole = target.encode(data)
         except TokenizationError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise InputError(f"{path}: {e}") from None
         line_ends = np.flatnonzero(np.frombuffer(data, np.uint8) == 0x0A) + 1
         if not len(line_ends) or line_ends[-1] != len(data):
             line_ends = np.append(line_ends, len(data))
@@ -132,14 +133,14 @@ def load_documents(paths: Sequence[str | Path], target: Tokenizer, max_tokens: i
                 try:
                     enc = target.encode(data[start:end])
                 except TokenizationError as e:
-                    raise ValueError(f"{path} (document at byte {start}): {e}") from None
+                    raise InputError(f"{path} (document at byte {start}): {e}") from None
                 if len(enc.ids) <= max_tokens or budget == 1:  # (budget 1: as short as it gets)
                     break
                 budget = max(1, budget - (len(enc.ids) - max_tokens) - max(1, budget // 16))
             docs.append(Document(str(path), start, data[start:end], enc))
             start = end
     if not docs:
-        raise ValueError(f"no text: {', '.join(map(str, paths))} {'is' if len(paths) == 1 else 'are'} empty")
+        raise InputError(f"no text: {', '.join(map(str, paths))} {'is' if len(paths) == 1 else 'are'} empty")
     return docs
 
 
@@ -463,7 +464,7 @@ def audit_pair(
         try:
             s_enc = src.encode(doc.data)
         except TokenizationError as e:
-            raise ValueError(f"{doc.path} (document at byte {doc.offset}): {e}") from None
+            raise InputError(f"{doc.path} (document at byte {doc.offset}): {e}") from None
         t_enc = doc.target
         n_src += len(s_enc.ids)
         n_tgt += len(t_enc.ids)
@@ -525,7 +526,7 @@ def _load_tokenizer(tok: str | Path | Tokenizer, role: str) -> Tokenizer:
     except FileNotFoundError:
         raise
     except Exception as e:  # JSON / protobuf decode errors, the tokenizers library's bare Exception, …
-        raise ValueError(f"{tok}: cannot load the {role} tokenizer ({type(e).__name__}: {e})") from None
+        raise InputError(f"{tok}: cannot load the {role} tokenizer ({type(e).__name__}: {e})") from None
 
 
 def audit(

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -34,6 +33,8 @@ from typing import Literal
 import numpy as np
 
 from fusion_jax.align.dtw import edit_distances
+from fusion_jax.errors import ConfigError
+from fusion_jax.files import atomic_path
 from fusion_jax.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def mined_map(src: Tokenizer, tgt: Tokenizer, chunk: int = 512, workers: int = -
 def identity_map(src: Tokenizer, tgt: Tokenizer) -> np.ndarray:
     """→ int32[V]: every id to itself; only for the same tokenizer (equal fingerprints)."""
     if src.fingerprint != tgt.fingerprint:
-        raise ValueError(
+        raise ConfigError(
             f"the identity vocab map needs the same tokenizer on both sides; {src.name!r} and {tgt.name!r} differ "
             "(use prefix, exact or mined)"
         )
@@ -206,17 +207,9 @@ def vocab_map(
         log.warning("vocab map cache %s: %s; rebuilding it", path, problem)
     table = _build(src, tgt, method)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, map=table, method=method, src_fingerprint=src.fingerprint, tgt_fingerprint=tgt.fingerprint,
-                     version=_version(method))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, map=table, method=method, src_fingerprint=src.fingerprint, tgt_fingerprint=tgt.fingerprint,
+                 version=_version(method))
     return table
 
 

@@ -10,6 +10,7 @@ import jax
 
 from fusion_jax import cli, config_loader, mesh as mesh_lib
 from fusion_jax.convert import checkpoint
+from fusion_jax.errors import ConfigError
 from fusion_jax.models.config import DType
 
 
@@ -28,7 +29,7 @@ class ConvertConfig:
 
     def validate(self) -> None:
         if not self.source or not self.output:
-            raise ValueError("source and output are required: python -m fusion_jax.convert SOURCE OUTPUT")
+            raise ConfigError("source and output are required: python -m fusion_jax.convert SOURCE OUTPUT")
 
 
 def main(cfg: ConvertConfig) -> str:

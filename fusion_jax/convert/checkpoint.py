@@ -36,7 +36,7 @@ from fusion_jax.convert import hf, integrity
 from fusion_jax.convert.architectures import architecture
 from fusion_jax.convert.hf import CheckpointError
 from fusion_jax.errors import RunDirError, UserError
-from fusion_jax.files import check_output_path, check_replaceable, read_json
+from fusion_jax.files import check_output_path, check_replaceable, commit_directory, read_json
 from fusion_jax.models import decoder
 from fusion_jax.models.config import ModelConfig
 from fusion_jax.tokenizers import Tokenizer, load_tokenizer
@@ -218,7 +218,7 @@ def _finish(tmp: Path, out: Path, overwrite: bool) -> None:
         if out.exists():
             check_replaceable(out, overwrite, markers=(META, EXPORT_MARKER), what=OUR_OUTPUT, error=RunDirError)
             shutil.rmtree(out)
-        os.replace(tmp, out)
+        commit_directory(tmp, out)
     multihost_utils.sync_global_devices(f"fusion_jax:renamed:{out}")
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fusion_jax.config_loader import option as _help
-from fusion_jax.errors import InputError
+from fusion_jax.errors import ConfigError, InputError
 
 __all__ = ["CorpusConfig", "CorpusError", "Document", "read_documents", "split_of"]
 
@@ -75,16 +75,16 @@ class CorpusConfig:
         """Checks the settings; paths may be empty here (a config that reads prepared documents has no corpus):
         :meth:`require` is the check before reading."""
         if self.format in ("hf", "tfds") and len(self.paths) != 1:
-            raise ValueError(f"format {self.format!r} reads one dataset, got {len(self.paths)} paths: {list(self.paths)}")
+            raise ConfigError(f"format {self.format!r} reads one dataset, got {len(self.paths)} paths: {list(self.paths)}")
         if self.format == "text" and (self.id_field or self.domain_field):
-            raise ValueError("format 'text' has no record fields: leave id_field and domain_field empty")
+            raise ConfigError("format 'text' has no record fields: leave id_field and domain_field empty")
         if not self.text_field:
-            raise ValueError("text_field must not be empty")
+            raise ConfigError("text_field must not be empty")
 
     def require(self) -> None:
         """:meth:`validate`, and there must be something to read."""
         if not self.paths:
-            raise ValueError("paths is required: files or directories, a saved hf dataset or hub id, or a TFDS name")
+            raise ConfigError("paths is required: files or directories, a saved hf dataset or hub id, or a TFDS name")
         self.validate()
 
 

@@ -145,7 +145,9 @@ class DocumentWriter:
         _check_replaceable(self.out_dir, self.overwrite)  # again: it may have appeared meanwhile
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
-        partial.rename(self.out_dir)
+        from fusion_jax.files import commit_directory
+
+        commit_directory(partial, self.out_dir)
         self.meta = meta
 
 

@@ -551,7 +551,9 @@ def import_fusellm(
         _check_output(out, overwrite)
         if out.exists():
             shutil.rmtree(out)
-        tmp.rename(out)
+        from fusion_jax.files import commit_directory
+
+        commit_directory(tmp, out)
     except BaseException:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)

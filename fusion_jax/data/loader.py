@@ -67,8 +67,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -76,9 +74,10 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from fusion_jax.errors import InputError
+from fusion_jax.errors import ConfigError, InputError
 from fusion_jax.align.transfer import FALLBACKS, ROW_EMPTY, SparseRows, covering, transfer_topk
 from fusion_jax.config_loader import option as _field
+from fusion_jax.files import atomic_path
 from fusion_jax.data.packing import PackingPlan, block_layout
 from fusion_jax.data.teacher_cache import CacheError, TeacherCache
 
@@ -125,20 +124,20 @@ class TeacherSpec:
     def validate(self) -> None:
         if self.online:
             if self.align != "bytes":
-                raise ValueError(f"teacher {self.label}: online teachers support align='bytes' only, got "
+                raise ConfigError(f"teacher {self.label}: online teachers support align='bytes' only, got "
                                  f"{self.align!r}: the fusellm DTW alignment is host-side string work on the "
                                  "teacher's top-k per document and needs the cached path (online=false, capture first)")
             if self.seq_len < 0:
-                raise ValueError(f"teacher {self.label}: seq_len must be >= 0 (0 = 2 × the target's), got "
+                raise ConfigError(f"teacher {self.label}: seq_len must be >= 0 (0 = 2 × the target's), got "
                                  f"{self.seq_len}")
         elif not self.cache:
-            raise ValueError(f"teacher {self.label}: cache is required unless online=true")
+            raise ConfigError(f"teacher {self.label}: cache is required unless online=true")
         if self.align not in ALIGN_MODES:
-            raise ValueError(f"teacher {self.label}: align must be one of {ALIGN_MODES}, got {self.align!r}")
+            raise ConfigError(f"teacher {self.label}: align must be one of {ALIGN_MODES}, got {self.align!r}")
         if self.vocab_map not in BYTES_MAPS:
-            raise ValueError(f"teacher {self.label}: vocab_map must be one of {BYTES_MAPS}, got {self.vocab_map!r}")
+            raise ConfigError(f"teacher {self.label}: vocab_map must be one of {BYTES_MAPS}, got {self.vocab_map!r}")
         if self.fallback not in FALLBACKS:
-            raise ValueError(f"teacher {self.label}: fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+            raise ConfigError(f"teacher {self.label}: fallback must be one of {FALLBACKS}, got {self.fallback!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,16 +162,16 @@ class LoaderConfig:
 
     def validate(self) -> None:
         if min(self.seq_len, self.global_batch_size, self.k) <= 0:
-            raise ValueError("seq_len, global_batch_size and k must be positive")
+            raise ConfigError("seq_len, global_batch_size and k must be positive")
         if self.worker_count < 0 or self.prefetch < 0 or self.doc_cache < 0:
-            raise ValueError("worker_count, prefetch and doc_cache must be non-negative")
+            raise ConfigError("worker_count, prefetch and doc_cache must be non-negative")
         if self.verify not in ("full", "size"):
-            raise ValueError(f"verify must be 'full' or 'size', got {self.verify!r}")
+            raise ConfigError(f"verify must be 'full' or 'size', got {self.verify!r}")
         for t in self.teachers:
             t.validate()
         labels = [t.label for t in self.teachers]
         if len(set(labels)) != len(labels):
-            raise ValueError(f"teacher names must be unique, got {labels}: set teachers[i].name")
+            raise ConfigError(f"teacher names must be unique, got {labels}: set teachers[i].name")
 
 
 # ------------------------------------------------------------------------------------------------ document lengths
@@ -249,14 +248,8 @@ def target_lengths(store, tokenizer, tokenizer_path: str | Path | None = None, c
         bar.close()
     lengths = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, lengths)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+        np.save(f, lengths)
     return lengths
 
 

@@ -25,6 +25,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from fusion_jax.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class Segments:
@@ -60,7 +62,7 @@ class PackingPlan:
         self.num_docs = len(self.lengths)
         self.tokens_per_epoch = int(self.lengths.sum())
         if self.tokens_per_epoch == 0:
-            raise ValueError(f"nothing to pack: the {self.num_docs} documents hold no tokens")
+            raise InputError(f"nothing to pack: the {self.num_docs} documents hold no tokens")
         self.blocks_per_epoch = -(-self.tokens_per_epoch // self.seq_len)
         self._epoch_cache = epoch_cache
         self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()

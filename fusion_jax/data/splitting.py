@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from fusion_jax.data.corpus import Document
+from fusion_jax.errors import InputError
 from fusion_jax.tokenizers import Tokenizer
 
 __all__ = ["split_long", "token_counts", "window_bytes"]
@@ -119,7 +120,7 @@ def split_long(doc: Document, tokenizers: Sequence[Tokenizer], max_tokens: int,
             cuts.append(cut)
             prev = cut
         if not cuts:
-            raise ValueError(f"document {doc.id!r}: the character at byte {start} alone takes {counts[longest]} "
+            raise InputError(f"document {doc.id!r}: the character at byte {start} alone takes {counts[longest]} "
                              f"tokens of {tokenizers[longest].name}, more than max_tokens={max_tokens}")
         bounds = [start, *cuts, end]
         stack.extend(reversed(list(zip(bounds[:-1], bounds[1:]))))

@@ -49,7 +49,7 @@ from typing import Any, Iterable, Literal
 import numpy as np
 
 from fusion_jax.errors import InputError
-from fusion_jax.files import read_json
+from fusion_jax.files import atomic_path, read_json
 
 FORMAT = "fusion_jax.teacher_cache"
 VERSION = 1
@@ -211,27 +211,20 @@ def shard_docs(shard: int, num_docs: int, docs_per_shard: int) -> range:
     return range(shard * docs_per_shard, min((shard + 1) * docs_per_shard, num_docs))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _partial(path: Path) -> Path:
+    """The temporary name `path` is written under: a leftover one (a `kill -9`) is removed by `done_shards`."""
+    return path.with_name(path.name + ".partial")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        if e.filename is None:  # a failed write (disk full) does not say which file
-            raise OSError(e.errno, e.strerror, str(tmp)) from e
-        raise
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with atomic_path(path, tmp=_partial(path)) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            if e.filename is None:  # a failed write (disk full) does not say which file
+                raise OSError(e.errno, e.strerror, str(tmp)) from e
+            raise
 
 
 def _os_error(e: RuntimeError, path: Path) -> OSError:
@@ -258,25 +251,21 @@ def write_shard(cache_dir: str | Path, shard: int, records: Iterable[bytes], doc
 
     cache_dir = Path(cache_dir)
     path = cache_dir / shard_name(shard)
-    tmp = path.with_name(path.name + ".partial")
     count = record_bytes = 0
-    try:
-        writer = ArrayRecordWriter(str(tmp), "group_size:1")  # one record per chunk: random access per document
+    with atomic_path(path, tmp=_partial(path)) as tmp:
         try:
-            for rec in records:
-                writer.write(rec)
-                count += 1
-                record_bytes += len(rec)
-        finally:
-            writer.close()
-    except RuntimeError as e:  # the writer reports I/O failures (a full disk) as RuntimeError, at close at the latest
-        raise _os_error(e, tmp) from e
-    if count != len(doc_tokens):
-        tmp.unlink(missing_ok=True)
-        raise ValueError(f"shard {shard}: {count} records but {len(doc_tokens)} token counts")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+            writer = ArrayRecordWriter(str(tmp), "group_size:1")  # one record per chunk: random access per document
+            try:
+                for rec in records:
+                    writer.write(rec)
+                    count += 1
+                    record_bytes += len(rec)
+            finally:
+                writer.close()
+        except RuntimeError as e:  # ArrayRecord reports I/O failures (a full disk) as RuntimeError, at close latest
+            raise _os_error(e, tmp) from e
+        if count != len(doc_tokens):
+            raise ValueError(f"shard {shard}: {count} records but {len(doc_tokens)} token counts")
     sidecar = {"shard": shard, "file": path.name, "size": path.stat().st_size, "sha256": file_sha256(path),
                "num_docs": count, "record_bytes": record_bytes, "tokens": int(sum(doc_tokens)),
                "doc_tokens": [int(t) for t in doc_tokens]}
@@ -291,7 +280,7 @@ def done_shards(cache_dir: str | Path, shards: Iterable[int]) -> dict[int, dict]
     out = {}
     for s in shards:
         path, side = cache_dir / shard_name(s), cache_dir / sidecar_name(s)
-        for leftover in (path.with_name(path.name + ".partial"), side.with_name(side.name + ".partial")):
+        for leftover in (_partial(path), _partial(side)):
             leftover.unlink(missing_ok=True)
         try:
             sidecar = json.loads(side.read_text())

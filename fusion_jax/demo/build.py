@@ -26,8 +26,8 @@ from typing import Callable, Literal
 
 from fusion_jax import config_loader
 from fusion_jax.config_loader import option as _help
-from fusion_jax.errors import RunDirError
-from fusion_jax.files import atomic_write_text, json_dumps, read_json
+from fusion_jax.errors import ConfigError, RunDirError
+from fusion_jax.files import atomic_write_text, commit_directory, json_dumps, read_json
 
 log = logging.getLogger("fusion_jax.demo")
 
@@ -55,12 +55,12 @@ class DemoModel:
 
     def validate(self) -> None:
         if not self.name or self.name == "target":
-            raise ValueError(f"a demo model needs a name other than 'target', got {self.name!r}")
+            raise ConfigError(f"a demo model needs a name other than 'target', got {self.name!r}")
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "steps"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"{self.name}.{key} must be positive, got {getattr(self, key)}")
+                raise ConfigError(f"{self.name}.{key} must be positive, got {getattr(self, key)}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"{self.name}: hidden_size {self.hidden_size} must be a multiple of num_heads "
+            raise ConfigError(f"{self.name}: hidden_size {self.hidden_size} must be a multiple of num_heads "
                              f"{self.num_heads}")
 
 
@@ -100,10 +100,10 @@ class DemoConfig:
         for key in ("code_bytes", "prose_bytes", "mix_bytes", "max_document_bytes", "pretrain_batch_size",
                     "pretrain_seq_len"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"demo.{key} must be positive, got {getattr(self, key)}")
+                raise ConfigError(f"demo.{key} must be positive, got {getattr(self, key)}")
         names = [m.name for m in (self.target, *self.sources)]
         if len(set(names)) != len(names):
-            raise ValueError(f"demo model names must be unique, got {names}")
+            raise ConfigError(f"demo model names must be unique, got {names}")
 
     @property
     def sources(self) -> tuple[DemoModel, DemoModel]:
@@ -176,9 +176,7 @@ def write_mix(domain_files: tuple[Path, ...], out: Path, bytes_per_domain: int) 
             total += len(json.loads(line)["text"].encode("utf-8"))
         picked.append(lines)
     mixed = [line for group in _interleave(picked) for line in group]
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in mixed), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, "".join(line + "\n" for line in mixed))
 
 
 def _interleave(lists: list[list[str]]):
@@ -237,7 +235,7 @@ def model_config(model: DemoModel, vocab_size: int):
         return ModelConfig(**common, intermediate_size=4 * h, norm="layer", norm_bias=True, norm_eps=1e-5,
                            mlp="plain", activation="gelu", mlp_bias=True, qkv_bias=True, out_bias=True,
                            parallel_residual=True, rotary_fraction=0.25)
-    raise ValueError(f"{model.name}: architecture must be one of {ARCHITECTURES}, got {model.architecture!r}")
+    raise ConfigError(f"{model.name}: architecture must be one of {ARCHITECTURES}, got {model.architecture!r}")
 
 
 def _multiple(x: int, m: int) -> int:
@@ -312,7 +310,7 @@ def pretrain_stage(base, model: DemoModel, init: Path, files: list[Path], run_di
     if hf_dir.exists():  # left by a crash between the move and the marker
         shutil.rmtree(hf_dir)
     hf_dir.parent.mkdir(parents=True, exist_ok=True)
-    (run_dir / "export").rename(hf_dir)
+    commit_directory(run_dir / "export", hf_dir)
     _done(run_dir, settings)
     return hf_dir
 

@@ -25,6 +25,9 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
+from fusion_jax.errors import ConfigError
+from fusion_jax.files import atomic_write_bytes
+
 __all__ = ["write_stdlib_corpus", "stdlib_dir", "stdlib_files", "cut_at_line", "module_docstrings"]
 
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
@@ -138,16 +141,6 @@ def _select(cands, budget: int, max_document_bytes: int, seed: int) -> Iterator[
         yield doc_id, text
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _jsonl(docs: list[tuple[str, str]], domain: str) -> bytes:
     lines = (json.dumps({"id": i, "text": t, "domain": domain}, ensure_ascii=False) + "\n" for i, t in docs)
     return "".join(lines).encode("utf-8")
@@ -172,7 +165,7 @@ def write_stdlib_corpus(
     sizes = {"code_bytes": code_bytes, "prose_bytes": prose_bytes, "max_document_bytes": max_document_bytes}
     for name, value in sizes.items():
         if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
+            raise ConfigError(f"{name} must be a positive number of bytes, got {value!r}")
     root = Path(stdlib) if stdlib is not None else stdlib_dir()
     if not root.is_dir():
         raise ValueError(f"standard library directory {str(root)!r} not found (sysconfig stdlib path)")
@@ -186,7 +179,7 @@ def write_stdlib_corpus(
     for domain, budget in (("code", code_bytes), ("prose", prose_bytes)):
         docs = list(_select(cands[domain], budget, max_document_bytes, seed))
         path = out_dir / f"{domain}.jsonl"
-        _write_atomic(path, _jsonl(docs, domain))
+        atomic_write_bytes(path, _jsonl(docs, domain))
         total = sum(len(text.encode("utf-8")) for _, text in docs)
         summary["domains"][domain] = {
             "documents": len(docs), "bytes": total, "file": str(path), "exhausted": total < budget,

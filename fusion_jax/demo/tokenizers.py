@@ -21,11 +21,13 @@ written atomically: into ``<out_dir>.partial``, then renamed over ``out_dir``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
+
+from fusion_jax.errors import ConfigError
+from fusion_jax.files import commit_directory
 
 __all__ = [
     "BYTE_LEVEL_EOS",
@@ -54,7 +56,7 @@ def min_vocab_size(style: str) -> int:
 def _check_vocab_size(vocab_size: int, style: str, what: str) -> None:
     minimum = min_vocab_size(style)
     if not isinstance(vocab_size, int) or vocab_size < minimum:
-        raise ValueError(f"vocab_size={vocab_size!r} is too small for {what}: the minimum is {minimum}")
+        raise ConfigError(f"vocab_size={vocab_size!r} is too small for {what}: the minimum is {minimum}")
 
 
 def train_byte_level_bpe(
@@ -186,5 +188,5 @@ def _write_tokenizer_dir(out_dir: Path, tokenizer_json: str, config: dict) -> Pa
     (partial / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    os.rename(partial, out_dir)
+    commit_directory(partial, out_dir)
     return out_dir

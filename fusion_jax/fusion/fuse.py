@@ -60,6 +60,7 @@ import numpy as np
 
 from fusion_jax.align.transfer import ROW_EMPTY, ROW_TEACHER
 from fusion_jax.config_loader import option as _help
+from fusion_jax.errors import ConfigError
 
 METHODS = ("min_ce", "avg_ce")
 GRANULARITIES = ("sequence", "token")
@@ -103,23 +104,23 @@ class FusionConfig:
         for name, options in (("method", METHODS), ("granularity", GRANULARITIES), ("score", SCORES),
                               ("avg_weights", AVG_WEIGHTS), ("empty_rows", EMPTY_ROWS)):
             if getattr(self, name) not in options:
-                raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
         for name in ("temperature", "teacher_temperature"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
+                raise ConfigError(f"{name} must be a positive number, got {v!r}")
         w = self.teacher_weights
         if any(not (math.isfinite(x) and x >= 0) for x in w):
-            raise ValueError(f"teacher_weights must be finite and >= 0, got {list(w)}")
+            raise ConfigError(f"teacher_weights must be finite and >= 0, got {list(w)}")
         if w and not any(x > 0 for x in w):
-            raise ValueError(f"teacher_weights must have a positive entry, got {list(w)}")
+            raise ConfigError(f"teacher_weights must have a positive entry, got {list(w)}")
 
     def weights_for(self, num_teachers: int) -> np.ndarray:
         """float64[K] static teacher multipliers (all 1 when ``teacher_weights`` is empty)."""
         if not self.teacher_weights:
             return np.ones(num_teachers)
         if len(self.teacher_weights) != num_teachers:
-            raise ValueError(f"teacher_weights has {len(self.teacher_weights)} entries but there are {num_teachers} "
+            raise ConfigError(f"teacher_weights has {len(self.teacher_weights)} entries but there are {num_teachers} "
                              "teachers: give one weight per teacher, in config order")
         return np.asarray(self.teacher_weights, np.float64)
 

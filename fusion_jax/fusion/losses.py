@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from fusion_jax.config_loader import option as _help
+from fusion_jax.errors import ConfigError
 from fusion_jax.fusion.fuse import FusedTarget
 
 LM_SCHEDULES = ("constant", "hard_and_decay")
@@ -61,13 +62,13 @@ class LossConfig:
 
     def validate(self) -> None:
         if not 0.0 <= self.lm_weight <= 1.0:
-            raise ValueError(f"lm_weight must be in [0, 1], got {self.lm_weight!r}")
+            raise ConfigError(f"lm_weight must be in [0, 1], got {self.lm_weight!r}")
         for name, options in (("lm_weight_schedule", LM_SCHEDULES), ("fusion_loss", FUSION_LOSSES),
                               ("fusion_mask", FUSION_MASKS), ("reduction", REDUCTIONS)):
             if getattr(self, name) not in options:
-                raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
         if self.chunk_size < 0:
-            raise ValueError(f"chunk_size must be >= 0 (0 = unchunked), got {self.chunk_size}")
+            raise ConfigError(f"chunk_size must be >= 0 (0 = unchunked), got {self.chunk_size}")
 
 
 def lm_weight(cfg: LossConfig, step: Any = 0, max_steps: Any = 1) -> jax.Array:

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Literal
 
 from fusion_jax.config_loader import option as _opt
+from fusion_jax.errors import ConfigError
 
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
@@ -79,10 +80,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (grouped-query attention)"
             )
         if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim")
+            raise ConfigError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim")
         if self.position == "rope" and self.rotary_dim % 2:
-            raise ValueError(f"rotary dimension {self.rotary_dim} (head_dim x rotary_fraction) must be even")
+            raise ConfigError(f"rotary dimension {self.rotary_dim} (head_dim x rotary_fraction) must be even")
