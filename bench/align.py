@@ -25,7 +25,7 @@ With the real GPT-NeoX (source) and Llama-2 (target) tokenizers, e.g. in this pr
 ~2k-token real text, which is what the acceptance figures refer to (dtw ≥ 100×, bytes ≥ 1000× the baseline,
 MinED map ≤ 60 s on 2 cores).
 
-The last line printed is one JSON object (DESIGN.md §7).
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations

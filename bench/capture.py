@@ -44,7 +44,7 @@ Two measurements on the same documents and the same tiny model:
     .venv/bin/python bench/capture.py --tokenizer ../shared/assets/tokenizers/llama2-tokenizer.model --docs 40
     .venv/bin/python bench/capture.py --text a.txt b.txt --hidden 256 --layers 4 --repeats 5
 
-The last line printed is one JSON object (DESIGN.md §7).
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations

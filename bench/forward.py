@@ -10,7 +10,7 @@ forced multi-device CPU platform (XLA_FLAGS) does not replicate the work.
     HF_HUB_OFFLINE=1 .venv/bin/python bench/forward.py --arch mpt --repeats 7
     HF_HUB_OFFLINE=1 .venv/bin/python bench/forward.py --model /path/to/hf_checkpoint --batch 1 --seq 512
 
-The last line printed is one JSON object (DESIGN.md §7).
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations

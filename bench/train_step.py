@@ -38,7 +38,7 @@ printed too.
     HF_HUB_OFFLINE=1 .venv/bin/python bench/train_step.py --chunk-size 64 --hidden 64
     HF_HUB_OFFLINE=1 .venv/bin/python bench/train_step.py --model /path/to/hf_llama --batch 1 --seq 2048
 
-The last line printed is one JSON object (DESIGN.md §7).
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations

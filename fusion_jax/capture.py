@@ -151,13 +151,9 @@ class _Row:
 
 def _encode(tok: Tokenizer, store: DocumentStore, index: int, append_eos: bool) -> _Doc:
     doc = store[index]
-    enc = tok.encode(doc.text)
-    ids, byte_end = enc.ids, enc.byte_end
+    enc = tok.encode(doc.text, eos=append_eos)
     n_bytes = len(doc.text.encode("utf-8"))
-    if append_eos:
-        ids = np.append(ids, np.int32(tok.eos_id))
-        byte_end = np.append(byte_end, np.int32(n_bytes))
-    return _Doc(index, doc.id, ids.astype(np.int32), byte_end.astype(np.int32), n_bytes)
+    return _Doc(index, doc.id, enc.ids.astype(np.int32), enc.byte_end.astype(np.int32), n_bytes)
 
 
 def _pack(docs: list[_Doc], shard: int, seq_len: int) -> list[_Row]:

@@ -292,7 +292,7 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
     key = key.strip()
     if not sep or not key or not all(key.split(".")):
         raise ConfigError(f"malformed override {text!r}: expected --set key=value "
-                          "(dotted key, YAML value), e.g. --set model.num_heads=8")
+                          "(dotted key, YAML value), e.g. --set train.steps=100; --help lists the keys")
     try:
         value = _load_yaml(raw, f"--set {text}", key)
     except yaml.YAMLError as e:
@@ -395,7 +395,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML config file; keys not given take their defaults")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                        help="override one config key, e.g. --set model.num_heads=8 (value is YAML: "
+                        help="override one config key (the keys are listed below), e.g. --set KEY=3 (value is YAML: "
                              "3, 1e-5, true, null, [1,2]); repeatable, applied after --config")
 
 

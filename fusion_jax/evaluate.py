@@ -319,12 +319,10 @@ def evaluate_bpb(
             data = doc.text.encode("utf-8")
             if not data:
                 continue
-            enc = tokenizer.encode(doc.text)
+            enc = tokenizer.encode(doc.text, eos=append_eos)
             ids = enc.ids.astype(np.int32)
             if bos_id is not None:
                 ids = np.concatenate([np.asarray([bos_id], np.int32), ids])
-            if append_eos:
-                ids = np.append(ids, np.int32(tokenizer.eos_id))
             s = stats.setdefault(doc.domain, dict.fromkeys(_FIELDS, 0))
             s["documents"] += 1
             s["bytes"] += len(data)

@@ -143,13 +143,14 @@ def online_rows(teacher: OnlineTeacher, params, vocab_map: jax.Array, inputs: Ma
     return jax.tree.map(jax.lax.stop_gradient, rows)
 
 
-def _micro(x: jax.Array, a: int) -> jax.Array:
-    """[B, ...] → [A, B/A, ...]: rows i, i+A, … for micro-batch i (as the train step splits its batch)."""
+def micro(x: jax.Array, a: int) -> jax.Array:
+    """[B, ...] → [A, B/A, ...]: rows i, i+A, … for micro-batch i (each device keeps its own rows); the train step
+    splits its batch with it too."""
     return jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1)
 
 
 def _unmicro(x: jax.Array) -> jax.Array:
-    """Inverse of :func:`_micro`."""
+    """Inverse of :func:`micro`."""
     return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
@@ -175,7 +176,7 @@ def teacher_dicts(batch_teachers: Sequence[Mapping[str, Any]], online: Sequence[
         inputs = {key: t[key] for key in ONLINE_INPUTS}
         if accumulation > 1:
             rows = jax.lax.map(lambda mb, spec=spec, fz=fz: online_rows(spec, fz["params"], fz["vocab_map"], mb, rules),
-                               jax.tree.map(lambda x: _micro(x, accumulation), inputs))
+                               jax.tree.map(lambda x: micro(x, accumulation), inputs))
             rows = jax.tree.map(_unmicro, rows)
         else:
             rows = online_rows(spec, fz["params"], fz["vocab_map"], inputs, rules)

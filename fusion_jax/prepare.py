@@ -7,12 +7,9 @@ document stay in one split), splits documents longer than max_tokens under any o
 
 from __future__ import annotations
 
-import collections
 import copy
 import dataclasses
-import itertools
 import logging
-import multiprocessing
 import os
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -25,6 +22,7 @@ from fusion_jax.data.documents import SPLITS, DocumentWriter
 from fusion_jax.data.splitting import split_long
 from fusion_jax.errors import ConfigError
 from fusion_jax.tokenizers import TokenizationError, Tokenizer, load_tokenizer
+from fusion_jax.workers import spawn_map
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +81,8 @@ def normalised(settings: Mapping[str, Any]) -> dict:
 
 
 # One document → its pieces, or None when skipped. Worker processes keep their own tokenizers.
-_worker: tuple[list[Tokenizer], PrepareConfig] | None = None
-
-
-def _init_worker(cfg: PrepareConfig) -> None:
-    global _worker
-    _worker = ([load_tokenizer(p) for p in cfg.tokenizers], cfg)
+def _worker_state(cfg: PrepareConfig) -> tuple[list[Tokenizer], PrepareConfig]:
+    return [load_tokenizer(p) for p in cfg.tokenizers], cfg
 
 
 def _process(doc: Document, tokenizers: Sequence[Tokenizer], cfg: PrepareConfig) -> list[Document] | None:
@@ -104,9 +98,8 @@ def _process(doc: Document, tokenizers: Sequence[Tokenizer], cfg: PrepareConfig)
             "or set on_tokenization_error=skip") from None
 
 
-def _process_in_worker(doc: Document) -> list[Document] | None:
-    assert _worker is not None
-    return _process(doc, *_worker)
+def _process_in_worker(state: tuple[list[Tokenizer], PrepareConfig], doc: Document) -> list[Document] | None:
+    return _process(doc, *state)
 
 
 def _pieces(docs: Iterable[Document], tokenizers: list[Tokenizer], cfg: PrepareConfig
@@ -114,18 +107,9 @@ def _pieces(docs: Iterable[Document], tokenizers: list[Tokenizer], cfg: PrepareC
     if cfg.workers == 0:
         yield from ((d, _process(d, tokenizers, cfg)) for d in docs)
         return
-    # Bounded windows, two in flight (Pool.imap would read the whole corpus ahead into memory); results come
-    # back in order. spawn: forking a process that has run the Rust tokenizers' threads can deadlock.
-    window, it, pending = 64 * cfg.workers, iter(docs), collections.deque()
-    with multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,)) as pool:
-        while chunk := list(itertools.islice(it, window)):
-            pending.append((chunk, pool.map_async(_process_in_worker, chunk, chunksize=8)))
-            if len(pending) > 2:
-                chunk, result = pending.popleft()
-                yield from zip(chunk, result.get())
-        while pending:
-            chunk, result = pending.popleft()
-            yield from zip(chunk, result.get())
+    # Bounded windows (a plain map would read the whole corpus ahead into memory); results come back in order.
+    yield from spawn_map(_process_in_worker, docs, cfg.workers, _worker_state, cfg, chunksize=8,
+                         window=64 * cfg.workers)
 
 
 def main(cfg: PrepareConfig) -> dict:

@@ -7,7 +7,7 @@ the later stages can reason about *bytes* rather than about each library's strin
   (SentencePiece ``▁`` → ``b" "``, ``<0xNN>`` byte-fallback pieces → that single byte, GPT-2 byte-level
   ``Ġ``/``Ċ``/``Ã©`` → the bytes they encode). Special/control/unknown tokens map to ``b""`` and are
   flagged in ``Tokenizer.special``.
-* ``Tokenizer.encode(text)`` returns ``Encoding(ids int32[n], byte_end int32[n])`` (DESIGN.md §3):
+* ``Tokenizer.encode(text)`` returns ``Encoding(ids int32[n], byte_end int32[n])``:
   ``byte_end[i]`` is the end offset, in ``text.encode("utf-8")``, of token ``i``; token ``i`` owns the
   contiguous span ``[byte_end[i-1], byte_end[i])`` (``byte_end[-1] == 0``), special tokens own empty
   spans. The spans are *derived from token bytes* and then verified: the tokens' bytes must concatenate
@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from fusion_jax.errors import InputError
+from fusion_jax.errors import ConfigError, InputError
 
 __all__ = [
     "Encoding",
@@ -146,13 +146,31 @@ class Tokenizer:
     fingerprint: str
     _encode_ids: Callable[[str], Sequence[int]] = field(repr=False)
 
-    def encode(self, text: str | bytes) -> Encoding:
-        """Tokenize one document (no BOS/EOS added) → ``Encoding(ids int32[n], byte_end int32[n])``.
+    def encode(self, text: str | bytes, eos: bool = False) -> Encoding:
+        """Tokenize one document (no BOS added) → ``Encoding(ids int32[n], byte_end int32[n])``.
 
         ``text`` may be ``str`` or UTF-8 ``bytes``. Raises :class:`TokenizationError` if the bytes are not
         valid UTF-8 (naming the byte offset) or if the tokens' bytes do not reproduce the text (naming the
-        first differing byte offset and the token there). Empty text → empty arrays.
+        first differing byte offset and the token there). Empty text → empty arrays. ``eos``: append
+        ``eos_id`` (see :meth:`with_eos`; ConfigError when the tokenizer has none).
         """
+        enc = self._encode(text)
+        return self.with_eos(enc) if eos else enc
+
+    def with_eos(self, enc: Encoding) -> Encoding:
+        """``enc`` with ``eos_id`` appended, owning the empty span at its end (``byte_end`` repeats the last
+        offset, 0 for an empty encoding: the text's byte length for a whole-document encoding).
+
+        Raises ConfigError when the tokenizer has no EOS token.
+        """
+        if self.eos_id is None:
+            raise ConfigError(f"tokenizer {self.name!r} has no EOS token to append; set append_eos=false or give a "
+                              "tokenizer with one")
+        end = enc.byte_end[-1] if len(enc.byte_end) else 0
+        return Encoding(np.append(enc.ids, np.int32(self.eos_id)).astype(np.int32),
+                        np.append(enc.byte_end, np.int32(end)).astype(np.int32))
+
+    def _encode(self, text: str | bytes) -> Encoding:
         text, data = _as_text(text)
         if not text:
             return Encoding(np.zeros(0, np.int32), np.zeros(0, np.int32))

@@ -93,11 +93,6 @@ def _fused(fusion_cfg: FusionConfig, batch_teachers, online, frozen, rules, accu
     return fuse(fusion_cfg, online_lib.stack_teachers(batch_teachers, online, frozen, rules, accumulation), labels)
 
 
-def _micro(x: jax.Array, a: int) -> jax.Array:
-    """[B, ...] → [A, B/A, ...] taking rows i, i+A, … for micro-batch i (each device keeps its own rows)."""
-    return jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1)
-
-
 def make_train_step(
     model_cfg: ModelConfig, fusion_cfg: FusionConfig, loss_cfg: LossConfig, opt_cfg: OptimizerConfig, steps: int,
     rules, online: tuple[online_lib.OnlineTeacher, ...] = (),
@@ -145,7 +140,7 @@ def make_train_step(
 
         micro = {"tokens": tokens, "segment_ids": seg, "positions": batch["positions"], "labels": labels,
                  "clm_mask": clm_mask, "fusion_mask": fusion_mask, "target": target}
-        micro = jax.tree.map(lambda x: _micro(x, a), micro)
+        micro = jax.tree.map(lambda x: online_lib.micro(x, a), micro)
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def accumulate(carry, mb):

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from fusion_jax.errors import ConfigError
 from fusion_jax.tokenizers import (
     Encoding,
     TokenizationError,
@@ -213,6 +214,25 @@ def test_eos_from_model_or_tokenizer_config(tmp_path, bl_path, bl, sp):
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "the"}}))
     tok = load_tokenizer(d)
     assert tok.pieces[tok.eos_id] == "the" and tok.fingerprint != bl.fingerprint
+
+
+@pytest.mark.parametrize("text", ["Hello world", "café 日本語\n", ""])
+def test_encode_with_eos_appends_an_empty_span_at_the_end(bl, sp, text):
+    for tok in (bl, sp):
+        plain, enc = tok.encode(text), tok.encode(text, eos=True)
+        end = plain.byte_end[-1] if len(plain.byte_end) else 0
+        assert end == len(text.encode())
+        np.testing.assert_array_equal(enc.ids, np.append(plain.ids, np.int32(tok.eos_id)).astype(np.int32))
+        np.testing.assert_array_equal(enc.byte_end, np.append(plain.byte_end, np.int32(end)).astype(np.int32))
+        assert enc.ids.dtype == enc.byte_end.dtype == np.int32
+        assert tok.with_eos(plain).ids.tolist() == enc.ids.tolist()
+
+
+def test_encode_with_eos_needs_an_eos_token(bl):
+    tok = dataclasses.replace(bl, eos_id=None)
+    assert len(tok.encode("Hello").ids) == len(bl.encode("Hello").ids)  # eos=False does not need one
+    with pytest.raises(ConfigError, match="has no EOS token"):
+        tok.encode("Hello", eos=True)
 
 
 DEEPSEEK_SPECIALS = ["<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>",

@@ -1,1 +1,1 @@
-"""Cross-tokenizer alignment: host-side pure functions over int arrays (DESIGN.md §3)."""
+"""Cross-tokenizer alignment: host-side pure functions over int arrays."""

@@ -324,13 +324,6 @@ def vocab_stats(src: Tokenizer, tgt: Tokenizer, table: np.ndarray, method: str,
     )
 
 
-def _with_eos(enc: Encoding, eos: int | None) -> tuple[np.ndarray, np.ndarray]:
-    if eos is None:
-        return enc.ids, enc.byte_end
-    end = enc.byte_end[-1] if len(enc.byte_end) else 0
-    return np.append(enc.ids, np.int32(eos)).astype(np.int32), np.append(enc.byte_end, end).astype(np.int32)
-
-
 def _oracle(src_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 of an always-right teacher: row s → (src_ids[s+1], log-prob 0); the last row has nothing (−inf pad)."""
     n = len(src_ids)
@@ -471,8 +464,8 @@ def audit_pair(
         n_bytes += len(doc.data)
         aln = align_bytes(s_enc.byte_end, t_enc.byte_end)
         group_counts += np.bincount(aln.kind[aln.tgt_group], minlength=len(GROUP_KINDS))
-        src_ids, src_be = _with_eos(s_enc, src_eos)
-        tgt_ids, tgt_be = _with_eos(t_enc, tgt_eos)
+        src_ids, src_be = src.with_eos(s_enc) if src_eos is not None else s_enc
+        tgt_ids, tgt_be = tgt.with_eos(t_enc) if tgt_eos is not None else t_enc
         nxt.append(tgt_ids[1:])
         empty.append(tgt_be[1:] == tgt_be[:-1])
         if "default" in modes:

@@ -1,6 +1,6 @@
 """The fusion data loader: packed target blocks with every teacher's top-k transferred onto the target positions.
 
-Pipeline (DESIGN.md §2, §3):
+Pipeline:
 
 1. Target lengths: every document of the store is tokenized once with the target tokenizer (EOS appended when
    ``append_eos``); the counts are cached as ``<cache_dir>/doc_lengths/<key>.npy``, keyed by the store split's and
@@ -187,17 +187,14 @@ def _count_tokens(tokenizer, texts) -> list[int]:
     return [len(tokenizer.encode(t).ids) for t in texts]
 
 
-_POOL_STATE: dict[str, Any] = {}
-
-
-def _pool_init(store, tokenizer_path: str) -> None:
+def _pool_state(store, tokenizer_path: str) -> tuple[Any, Any]:
     from fusion_jax.tokenizers import load_tokenizer
 
-    _POOL_STATE["store"], _POOL_STATE["tok"] = store, load_tokenizer(tokenizer_path)
+    return store, load_tokenizer(tokenizer_path)
 
 
-def _pool_count(span: tuple[int, int]) -> np.ndarray:
-    store, tok = _POOL_STATE["store"], _POOL_STATE["tok"]
+def _pool_count(state: tuple[Any, Any], span: tuple[int, int]) -> np.ndarray:
+    store, tok = state
     docs = store.__getitems__(range(*span)) if hasattr(store, "__getitems__") else [store[i] for i in range(*span)]
     return np.asarray(_count_tokens(tok, (d.text for d in docs)), np.int64)
 
@@ -229,15 +226,11 @@ def target_lengths(store, tokenizer, tokenizer_path: str | Path | None = None, c
     parts = []
     try:
         if workers > 0 and tokenizer_path is not None and len(spans) > 1:
-            import concurrent.futures
-            import multiprocessing
+            from fusion_jax.workers import spawn_map
 
-            ctx = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init,
-                                                        initargs=(store, str(tokenizer_path))) as ex:
-                for (s, e), part in zip(spans, ex.map(_pool_count, spans)):
-                    parts.append(part)
-                    bar.update(e - s)
+            for (s, e), part in spawn_map(_pool_count, spans, workers, _pool_state, store, str(tokenizer_path)):
+                parts.append(part)
+                bar.update(e - s)
         else:
             it = iter(store)
             for s, e in spans:
@@ -386,12 +379,8 @@ class BlockBuilder:
 
     def encode(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """The target tokens of one document, EOS appended when configured → (ids int32[m], byte_end int32[m])."""
-        enc = self.target.encode(text)
-        if not self.append_eos:
-            return enc.ids, enc.byte_end
-        end = enc.byte_end[-1] if len(enc.byte_end) else 0
-        return (np.append(enc.ids, np.int32(self.target.eos_id)).astype(np.int32),
-                np.append(enc.byte_end, np.int32(end)).astype(np.int32))
+        enc = self.target.encode(text, eos=self.append_eos)
+        return enc.ids, enc.byte_end
 
     def document(self, d: int) -> _Doc:
         """Document ``d``: target encoding and every teacher's rows on the target positions (LRU-cached)."""
@@ -411,7 +400,7 @@ class BlockBuilder:
         teachers = []
         for t in self.teachers:
             if t.online:
-                teachers.append(self._online_doc(t, doc.text, num_bytes, byte_end))
+                teachers.append(self._online_doc(t, doc.text, byte_end))
                 continue
             try:
                 rec = t.cache[d]
@@ -443,14 +432,13 @@ class BlockBuilder:
                 self._docs.popitem(last=False)
         return out
 
-    def _online_doc(self, t: _Teacher, text: str, num_bytes: int, tgt_byte_end: np.ndarray) -> _DocOnline:
+    def _online_doc(self, t: _Teacher, text: str, tgt_byte_end: np.ndarray) -> _DocOnline:
         from fusion_jax.align.transfer import matching_positions
 
         tok = t.tokenizer
-        enc = tok.encode(text)
+        # with append_eos, as capture does: the source's own EOS, an empty span at the end of the text
+        enc = tok.encode(text, eos=self.append_eos)
         ids, ends = np.asarray(enc.ids, np.int32), np.asarray(enc.byte_end, np.int64)
-        if self.append_eos:  # as capture does: the source's own EOS, an empty span at the end of the text
-            ids, ends = np.append(ids, np.int32(tok.eos_id)).astype(np.int32), np.append(ends, num_bytes)
         starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
         return _DocOnline(ids, starts, ends, matching_positions(ends, tgt_byte_end))
 
@@ -828,7 +816,7 @@ class FusionLoader:
         if c.worker_count > 0:
             from absl import flags
 
-            if not flags.FLAGS.is_parsed():  # grain workers read absl flags (DESIGN.md §6)
+            if not flags.FLAGS.is_parsed():  # grain workers read absl flags: unparsed, they raise UnparsedFlagAccessError
                 flags.FLAGS.mark_as_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.worker_count,
                                                              per_worker_buffer_size=max(1, c.prefetch)))

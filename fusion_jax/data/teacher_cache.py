@@ -1,4 +1,4 @@
-"""Teacher cache: one source model's top-k over a document store, in random-access shards (DESIGN.md §3).
+"""Teacher cache: one source model's top-k over a document store, in random-access shards.
 
 A cache directory holds, for documents ``0..N-1`` of one split of a prepared document store:
 
