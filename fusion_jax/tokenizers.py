@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from fusion_jax.errors import ConfigError, InputError
+from fusion_jax.files import read_json
 
 __all__ = [
     "Encoding",
@@ -426,11 +427,8 @@ def token_from_config(tokenizer_file: Path, key: str, pieces: list[str]) -> int 
     config = tokenizer_file.parent / "tokenizer_config.json"
     if not config.is_file():
         return None
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerFileError(f"{config}: not valid JSON ({e}); repair or delete this tokenizer_config.json "
-                                 "(it only names the special tokens)") from None
+    data = read_json(config, TokenizerFileError,
+                     fix="repair or delete this tokenizer_config.json (it only names the special tokens)")
     if not isinstance(data, dict):
         raise TokenizerFileError(f"{config}: a JSON {type(data).__name__}, not an object; repair or delete this "
                                  "tokenizer_config.json")
