@@ -3,7 +3,7 @@
 
 Two measurements on the same documents and the same tiny model:
 
-(a) bytes per token. Ours: the manifest of a real capture run here (``fusion_jax.capture.main``): file bytes (the
+(a) bytes per token. Ours: the manifest of a real capture run here (``fusion_jax.data.capture.main``): file bytes (the
     ArrayRecord shards) and record bytes, over the captured tokens (EOS included). Official: computed per document
     from the official Arrow layout (``reference/fusellm.md`` §7.1), with n = the document's tokens (EOS included,
     the same tokens as ours), k = the same k, L = ``--official-max-length`` (2048):
@@ -28,7 +28,7 @@ Two measurements on the same documents and the same tiny model:
 
 (b) capture tokens/s on a tiny model (``--hidden``, ``--layers``, ...; weights initialised here, exported with
     ``fusion_jax.convert.checkpoint.save_hf``, and that Hugging Face directory is the source for both):
-      ours: ``fusion_jax.capture.main`` over a document store (tokenization, packing into ``--seq-len`` rows, jitted
+      ours: ``fusion_jax.data.capture.main`` over a document store (tokenization, packing into ``--seq-len`` rows, jitted
       forward + log_softmax + top-k + per-token CE, writing the cache shards) on ``--devices`` CPU devices (default
       1: ``XLA_FLAGS`` is set here before JAX starts). The persistent compilation cache is on and a first run warms
       it; the repeats are fresh output directories, timed by the capture loop's own clock (what ``main`` reports as
@@ -82,14 +82,14 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fusion_jax import capture  # noqa: E402
+from fusion_jax.data import capture  # noqa: E402
 from fusion_jax.convert import checkpoint  # noqa: E402
 from fusion_jax.data import teacher_cache as tc  # noqa: E402
 from fusion_jax.data.corpus import Document  # noqa: E402
 from fusion_jax.data.documents import write_documents  # noqa: E402
 from fusion_jax.mesh import MeshConfig  # noqa: E402
 from fusion_jax.models import decoder  # noqa: E402
-from fusion_jax.models.config import ModelConfig  # noqa: E402
+from fusion_jax.config.model import ModelConfig  # noqa: E402
 from fusion_jax.tokenizers import Tokenizer, load_tokenizer  # noqa: E402
 
 
@@ -321,7 +321,7 @@ def main() -> None:
     print(f"  {'official step 3b/4, as an aligned model':48}{step3b_aligned / tokens:10.1f}   ratio "
           f"{step3b_aligned / m['bytes']:.1f}x")
     print(f"(b) capture tokens/s (median of {a.repeats})")
-    print(f"  {'ours (fusion_jax.capture.main)':48}{ours_tps:10.0f}   ({statistics.median(ours_s):.2f}s)")
+    print(f"  {'ours (fusion_jax.data.capture.main)':48}{ours_tps:10.0f}   ({statistics.median(ours_s):.2f}s)")
     print(f"  {'baseline (forward_for_logits recipe, torch fp32)':48}{base_tps:10.0f}   "
           f"({statistics.median(base_s):.2f}s)")
     print(f"  {'ratio ours/baseline':48}{ours_tps / base_tps:10.2f}")

@@ -35,15 +35,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusion_jax import config_loader, train  # noqa: E402
-from fusion_jax.demo import build  # noqa: E402
-from fusion_jax.demo.build import DemoConfig  # noqa: E402
+from fusion_jax.config import loader as config_loader  # noqa: E402
+from fusion_jax.experiments import run as experiment  # noqa: E402
+from fusion_jax.config import schema  # noqa: E402
+from fusion_jax.experiments.demo import build  # noqa: E402
+from fusion_jax.experiments.demo.build import DemoConfig  # noqa: E402
 
 ABLATIONS = ("avg_ce", "code_only", "prose_only", "dtw_mined", "dtw_em")
 DOMAINS = ("code", "prose", "all")
 
 
-def ablation(applied: train.TrainConfig, name: str, run_dir: Path) -> train.TrainConfig:
+def ablation(applied: schema.TrainConfig, name: str, run_dir: Path) -> schema.TrainConfig:
     """The fused run's config with one change, reading the seed's documents and teacher caches."""
     base = Path(applied.run_dir)
     cfg = dataclasses.replace(
@@ -71,10 +73,10 @@ def _bpb(report: dict) -> dict[str, float]:
 
 def run_seed(seed: int, out: Path, overrides: list[str], ablations: list[str]) -> dict[str, dict[str, float]]:
     run_dir = out / f"seed{seed}"
-    cfg = config_loader.load(train.TrainConfig, str(ROOT / "configs" / "demo.yaml"),
+    cfg = config_loader.load(schema.TrainConfig, str(ROOT / "configs" / "demo.yaml"),
                              [f"run_dir={run_dir}", f"demo.seed={seed}", f"loader.seed={seed}", *overrides])
     t = time.perf_counter()
-    report = train.main(cfg)
+    report = experiment.main(cfg)
     logging.info("seed %d: demo in %.0f s", seed, time.perf_counter() - t)
     rows = {"fused (bytes+prefix, min_ce)": report["bpb"]["fused"], "clm (λ = 1)": report["bpb"]["clm"],
             "target_init": report["bpb"]["target_init"]}
@@ -82,7 +84,7 @@ def run_seed(seed: int, out: Path, overrides: list[str], ablations: list[str]) -
     applied = build.apply(cfg)
     for name in ablations:
         t = time.perf_counter()
-        r = train.main(ablation(applied, name, run_dir / "ablations" / name))
+        r = experiment.main(ablation(applied, name, run_dir / "ablations" / name))
         rows[name] = _bpb(r)
         logging.info("seed %d: %s in %.0f s: %s", seed, name, time.perf_counter() - t, rows[name])
     return rows

@@ -2,24 +2,24 @@
 online (teachers inside the step) vs cached (captured first), on one GPU — step time, tokens/s, MFU, peak memory.
 
 Everything is made at run time, nothing is downloaded: a corpus from the running Python's standard library
-(``fusion_jax.demo.corpus``), three tokenizers trained on it (``fusion_jax.demo.tokenizers``: a Llama-2-style
+(``fusion_jax.experiments.demo.corpus``), three tokenizers trained on it (``fusion_jax.experiments.demo.tokenizers``: a Llama-2-style
 SentencePiece BPE for the target, a byte-level BPE for the MPT-style teacher, a byte-level BPE with single digits for
 the GPT-NeoX-style teacher), three randomly initialised models in our format (quality does not matter here, only
-speed and memory), then ``fusion_jax.train.main`` — what users run — with a ``TrainConfig`` built here:
+speed and memory), then ``fusion_jax.pipeline.run.main`` — what users run — with a ``TrainConfig`` built here:
 
 * **online**: both teachers ``mode: online``: their forwards run inside the jitted step;
-* **cached**: both teachers captured over the documents first (``train.capture_stage``, timed on its own), then
+* **cached**: both teachers captured over the documents first (``pipeline.capture_stage``, timed on its own), then
   the same training reading the caches.
 
 Each phase runs in its own process (``--phase setup | capture | online | cached``), so that each has its own peak
 device memory (``memory_stats()['peak_bytes_in_use']``; null where the backend has none, e.g. the CPU) and the
 driver process never touches the device. Step time / tokens/s / MFU are the medians over the steps after the first
-2 of ``<run>/metrics.jsonl`` (``tokens_per_s`` and ``mfu`` as ``train.py`` logs them: MFU from
-``train_step.flops_per_token`` and ``train.PEAK_FLOPS`` by device kind, H100/H200 989e12 dense bf16; ``--peak-flops``
+2 of ``<run>/metrics.jsonl`` (``tokens_per_s`` and ``mfu`` as ``fusion_jax/pipeline/run.py`` logs them: MFU from
+``train.step.flops_per_token`` and ``pipeline.run.PEAK_FLOPS`` by device kind, H100/H200 989e12 dense bf16; ``--peak-flops``
 overrides); MFU counts the target's training FLOPs only, so online also reports ``mfu_with_teachers`` (plus the
 teachers' forward FLOPs, ``teacher_forward_flops_per_token`` = their forward per source position × Ts / T). The
 target's validation split is empty (no evaluation cost), checkpoints go to ``--workdir`` and are
-removed after each mode (``train.main`` always saves the final step), export is off.
+removed after each mode (``experiment.main`` always saves the final step), export is off.
 
 Output: ``#``-prefixed progress lines, then one JSON object per mode (``{"mode": "online", ...}``,
 ``{"mode": "cached", ...}``) and a final summary JSON line with ``cached_over_online_tokens_per_s``.
@@ -130,7 +130,7 @@ def parse_sizes(spec: str) -> dict[str, int]:
 
 def model_fields(role: str, s: dict[str, int]) -> dict:
     """ModelConfig fields of a role (plain values, so that --plan needs no JAX): the family conventions of
-    ``fusion_jax.demo.build.model_config`` with the intermediate size given explicitly."""
+    ``fusion_jax.experiments.demo.build.model_config`` with the intermediate size given explicitly."""
     common = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], num_layers=s["layers"], num_heads=s["heads"],
                   num_kv_heads=s["heads"], intermediate_size=s["intermediate"])
     arch = ROLES[role][0]
@@ -257,9 +257,9 @@ def plan(a: argparse.Namespace) -> dict:
         "capture": {"seq_len": capture_seq_len(a), "batch_size": a.capture_batch},
         "target_flops_per_token": flops_per_token(f["target"], a.seq),
         "phases": ["setup: stdlib corpus, 3 tokenizers, 3 random inits, prepare the documents",
-                   *(["capture: both teachers over the documents (train.capture_stage)"] if "cached" in a.modes
+                   *(["capture: both teachers over the documents (pipeline.capture_stage)"] if "cached" in a.modes
                      else []),
-                   *[f"{m}: train.main, {a.steps} steps" for m in a.modes]],
+                   *[f"{m}: experiment.main, {a.steps} steps" for m in a.modes]],
     }
 
 
@@ -301,13 +301,13 @@ def phase_setup(a, work: Path) -> dict:
     """Corpus, tokenizers, random inits (our format, bf16), prepared documents."""
     import jax
 
-    from fusion_jax import train
+    from fusion_jax.pipeline import run as pipeline
     from fusion_jax.convert import checkpoint
     from fusion_jax.convert.architectures import architecture
-    from fusion_jax.demo import tokenizers as demo_tok
-    from fusion_jax.demo.corpus import write_stdlib_corpus
+    from fusion_jax.experiments.demo import tokenizers as demo_tok
+    from fusion_jax.experiments.demo.corpus import write_stdlib_corpus
     from fusion_jax.models import decoder
-    from fusion_jax.models.config import ModelConfig
+    from fusion_jax.config.model import ModelConfig
     from fusion_jax.tokenizers import load_tokenizer
 
     t0 = time.perf_counter()
@@ -337,7 +337,7 @@ def phase_setup(a, work: Path) -> dict:
     times["tokenizers_s"] = time.perf_counter() - t
 
     # The fusion corpus: the first docs texts, code and prose interleaved, each cut at a line boundary.
-    from fusion_jax.demo.corpus import cut_at_line
+    from fusion_jax.experiments.demo.corpus import cut_at_line
 
     recs = [json.loads(line) for d in ("code", "prose") for line in (corpus / f"{d}.jsonl").read_text().splitlines()]
     code = [r for r in recs if r["domain"] == "code"]
@@ -373,7 +373,7 @@ def phase_setup(a, work: Path) -> dict:
     t = time.perf_counter()
     cfg = train_config(a, work, {"target": str(models["target"]), "mpt": str(models["mpt"]),
                                  "neox": str(models["neox"])}, mode="cached", documents="", corpus=str(mix))
-    documents = train.documents_stage(dataclasses.replace(cfg, run_dir=str(work / "prepare")))
+    documents = pipeline.documents_stage(dataclasses.replace(cfg, run_dir=str(work / "prepare")))
     times["prepare_s"] = time.perf_counter() - t
     from fusion_jax.data.documents import DocumentStore
 
@@ -393,55 +393,56 @@ def phase_setup(a, work: Path) -> dict:
 
 
 def train_config(a, work: Path, models: dict, mode: str, documents: str, corpus: str = ""):
-    from fusion_jax import train
+    from fusion_jax.config import schema
     from fusion_jax.data.corpus import CorpusConfig
     from fusion_jax.fusion.fuse import FusionConfig
     from fusion_jax.fusion.losses import LossConfig
     from fusion_jax.mesh import MeshConfig
-    from fusion_jax.optim import OptimizerConfig
+    from fusion_jax.train.optim import OptimizerConfig
 
     teacher_dtype = a.teacher_dtype
-    sources = tuple(train.SourceConfig(name=role, checkpoint=models[role], mode=mode, seq_len=a.src_seq_len)
+    sources = tuple(schema.TeacherConfig(name=role, checkpoint=models[role], mode=mode, seq_len=a.src_seq_len)
                     for role in ("mpt", "neox"))
-    data = train.DataConfig(documents=documents, max_tokens=a.max_tokens, validation_fraction=0.0,
+    data = schema.DataConfig(documents=documents, max_tokens=a.max_tokens, validation_fraction=0.0,
                             corpus=CorpusConfig(format="jsonl", paths=(corpus,), id_field="id",
                                                 domain_field="domain") if corpus else CorpusConfig())
-    return train.TrainConfig(
+    return schema.TrainConfig(
         run_dir=str(work / "runs" / mode), cache_dir=str(work / "cache"), target=models["target"],
         target_as_teacher=False, param_dtype="float32", compute_dtype=a.compute_dtype, sources=sources, data=data,
-        capture=train.CaptureSettings(k=a.k, seq_len=capture_seq_len(a), batch_size=a.capture_batch,
+        capture=schema.CaptureSettings(k=a.k, seq_len=capture_seq_len(a), batch_size=a.capture_batch,
                                       docs_per_shard=256, param_dtype=teacher_dtype, compute_dtype=teacher_dtype),
-        loader=train.LoaderConfig(seq_len=a.seq, global_batch_size=a.batch, k=a.k, worker_count=a.workers,
+        loader=schema.LoaderConfig(seq_len=a.seq, global_batch_size=a.batch, k=a.k, worker_count=a.workers,
                                   seed=a.seed, cache_dir=str(work / "loader_cache")),
         fusion=FusionConfig(), loss=LossConfig(lm_weight=0.9, chunk_size=a.chunk_size),
         optimizer=OptimizerConfig(learning_rate=1e-5, warmup_ratio=0.0, accumulation=a.accum),
-        train=train.LoopConfig(steps=a.steps, checkpoint_every=a.steps, keep_checkpoints=1, log_every=1,
+        train=schema.LoopConfig(steps=a.steps, checkpoint_every=a.steps, keep_checkpoints=1, log_every=1,
                                eval_every=0, eval_batches=1, peak_flops=a.peak_flops, export=False, progress=False),
         remat=a.remat, mesh=MeshConfig(data=1, fsdp=-1),
     )
 
 
 def phase_capture(a, work: Path, setup: dict) -> dict:
-    from fusion_jax import train
+    from fusion_jax.pipeline import run as pipeline
 
     cfg = train_config(a, work, setup["models"], "cached", setup["documents"])
     t = time.perf_counter()
-    train.capture_stage(cfg, setup["documents"])
+    pipeline.capture_stage(cfg, setup["documents"])
     return {"phase": "capture", "capture_s": time.perf_counter() - t, "peak_bytes_in_use": _peak_bytes(),
             "teachers": ["mpt", "neox"]}
 
 
 def phase_train(a, work: Path, setup: dict, mode: str) -> dict:
-    from fusion_jax import train
+    from fusion_jax.experiments import run as experiment
+    from fusion_jax.pipeline import run as pipeline
     from fusion_jax.convert import checkpoint
-    from fusion_jax.train_step import flops_per_token as fpt
+    from fusion_jax.train.step import flops_per_token as fpt
 
     cfg = train_config(a, work, setup["models"], mode, setup["documents"])
     run = Path(cfg.run_dir)
     if run.exists():
         shutil.rmtree(run)
     t = time.perf_counter()
-    report = train.main(cfg)
+    report = experiment.main(cfg)
     wall = time.perf_counter() - t
     peak = _peak_bytes()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -464,7 +465,7 @@ def phase_train(a, work: Path, setup: dict, mode: str) -> dict:
         Ts = a.src_seq_len or 2 * a.seq
         teacher_fpt = sum(fpt(checkpoint.model_config(setup["models"][r]), Ts) / 3 * Ts / a.seq
                           for r in ("mpt", "neox"))
-    peak_flops = train.peak_flops(cfg)
+    peak_flops = pipeline.peak_flops(cfg)
     return {
         "mode": mode, "device": _device(), "steps": len(steps), "timed_steps": len(timed),
         "batch": a.batch, "seq": a.seq, "tokens_per_step": tokens,
@@ -489,10 +490,10 @@ def phase_train(a, work: Path, setup: dict, mode: str) -> dict:
 def loader_probe(a, cfg) -> float:
     """Median seconds to build one batch of the train loader in this process (a fresh loader: documents encoded
     and transferred anew, as after its document LRU is cold)."""
-    from fusion_jax import train
+    from fusion_jax.pipeline import run as pipeline
     from fusion_jax.data.loader import FusionLoader
 
-    loader = FusionLoader(train.loader_config(cfg, train.teacher_list(cfg), "train"), cfg.data.documents,
+    loader = FusionLoader(pipeline.loader_config(cfg, pipeline.teacher_list(cfg), "train"), cfg.data.documents,
                           cfg.target, split="train", progress=False)
     times = []
     for i in range(a.loader_probe):

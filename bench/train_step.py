@@ -317,8 +317,8 @@ class Ours:
         from fusion_jax.fusion.fuse import FusionConfig, Teachers, fuse
         from fusion_jax.fusion.losses import LossConfig, sparse_losses
         from fusion_jax.models import decoder
-        from fusion_jax.optim import OptimizerConfig
-        from fusion_jax.train_step import abstract_state, init_state, jit_train_step, make_train_step, next_labels
+        from fusion_jax.train.optim import OptimizerConfig
+        from fusion_jax.train.step import abstract_state, init_state, jit_train_step, make_train_step, next_labels
 
         self.jax, self.a = jax, a
         mesh_cfg = mesh_lib.MeshConfig(data=1, fsdp=1, tensor=1)
@@ -431,7 +431,7 @@ def export_model(a: argparse.Namespace, out: Path) -> dict:
 
     from fusion_jax.convert import checkpoint
     from fusion_jax.models import decoder
-    from fusion_jax.models.config import ModelConfig
+    from fusion_jax.config.model import ModelConfig
 
     cfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
                       num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads, compute_dtype="float32")

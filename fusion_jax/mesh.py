@@ -7,62 +7,18 @@ not divide stays replicated, so one config works from 1 CPU to a pod.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from fusion_jax.config_loader import option as _opt
+from fusion_jax.config.schema import MESH_AXES, MeshConfig
 from fusion_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-MESH_AXES = ("data", "fsdp", "tensor")
-
-DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "embed": ("fsdp",),
-    "vocab": ("tensor",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),
-    "seq": (),
-    "head_dim": (),
-    "layers": (),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh shape (−1 on one axis: all remaining devices) and the logical-axis sharding rules."""
-
-    data: int = -1  # the sizes (positive, or -1 on one axis) are checked by validate
-    fsdp: int = 1
-    tensor: int = 1
-    rules: dict[str, tuple[str, ...]] = _opt("logical axis name → the mesh axes it is split over",
-                                             default_factory=lambda: dict(DEFAULT_RULES))
-    multihost: Literal["auto", "off"] = _opt(
-        "auto: start jax.distributed when a cluster is detected or the fields below are set; off: this process alone",
-        "auto")
-    coordinator_address: str | None = _opt("host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS or detected)",
-                                           None)
-    num_processes: int | None = _opt("processes in the run (default: $JAX_NUM_PROCESSES or detected)", None, minimum=1)
-    process_id: int | None = _opt("this process's index (default: $JAX_PROCESS_ID or detected)", None, minimum=0)
-
-    def validate(self) -> None:
-        sizes = (self.data, self.fsdp, self.tensor)
-        if sum(s == -1 for s in sizes) > 1:
-            raise ConfigError(f"at most one of data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}")
-        if any(s == 0 or s < -1 for s in sizes):
-            raise ConfigError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
-        for name, axes in self.rules.items():
-            bad = [a for a in axes if a not in MESH_AXES]
-            if bad:
-                raise ConfigError(f"rules.{name} names unknown mesh axes {bad}; mesh axes are {list(MESH_AXES)}")
 
 
 def _on_cloud_tpu_vm() -> bool:

@@ -6,7 +6,7 @@ The parent sets the environment before JAX starts: ``XLA_FLAGS`` (4 fake CPU dev
 ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (read by ``mesh.initialize_distributed``).
 ARGS.json: ``{"cfg": TrainConfig as a dict, "out": directory for this process's results}``.
 
-The worker runs ``train.main`` while recording
+The worker runs ``experiment.main`` while recording
 * which packed blocks this process built (``BlockBuilder.__call__``): per host loading means only the rows of
   the global batch this process's devices hold;
 * which files under the run directory this process opened for writing, renamed into place or created (a Python
@@ -62,8 +62,11 @@ sys.addaudithook(_audit)
 import jax  # noqa: E402  (after the hook; the environment is the parent's)
 import numpy as np  # noqa: E402
 
-from fusion_jax import mesh as mesh_lib, train  # noqa: E402
-from fusion_jax.config_loader import from_dict  # noqa: E402
+from fusion_jax import mesh as mesh_lib  # noqa: E402
+from fusion_jax.experiments import run as experiment  # noqa: E402
+from fusion_jax.config import schema  # noqa: E402
+from fusion_jax.pipeline import run as pipeline  # noqa: E402
+from fusion_jax.config.loader import from_dict  # noqa: E402
 from fusion_jax.data import loader as loader_lib  # noqa: E402
 
 BUILT: dict[str, list[int]] = {"train": [], "validation": []}
@@ -79,12 +82,12 @@ def _recording_call(self, g, *a, **kw):
 loader_lib.BlockBuilder.__call__ = _recording_call
 
 
-def _loader_check(cfg: train.TrainConfig, out: Path, pid: int) -> dict:
+def _loader_check(cfg: schema.TrainConfig, out: Path, pid: int) -> dict:
     """This host's rows of global batch 0, and what the global arrays made from them hold here."""
-    documents = train.documents_stage(cfg)  # complete: only checks (and syncs)
-    teachers = train.teacher_list(cfg)
+    documents = pipeline.documents_stage(cfg)  # complete: only checks (and syncs)
+    teachers = pipeline.teacher_list(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    ld = loader_lib.FusionLoader(train.loader_config(cfg, teachers, "train"), documents,
+    ld = loader_lib.FusionLoader(pipeline.loader_config(cfg, teachers, "train"), documents,
                                  cfg.target_tokenizer or cfg.target, mesh=mesh, rules=cfg.mesh.rules, progress=False)
     local = ld.local_batch(0)
     glob = ld.to_global(local)
@@ -106,9 +109,9 @@ def _loader_check(cfg: train.TrainConfig, out: Path, pid: int) -> dict:
 
 
 def main() -> None:
-    cfg = from_dict(train.TrainConfig, ARGS["cfg"])
+    cfg = from_dict(schema.TrainConfig, ARGS["cfg"])
     out = Path(ARGS["out"])
-    report = train.main(cfg)  # initializes jax.distributed from the JAX_* variables
+    report = experiment.main(cfg)  # initializes jax.distributed from the JAX_* variables
     pid = jax.process_index()
     result = {"process_index": pid, "process_count": jax.process_count(),
               "local_devices": jax.local_device_count(), "devices": jax.device_count(),

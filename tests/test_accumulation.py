@@ -12,11 +12,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fusion_jax.align.transfer import ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER
 from fusion_jax.fusion import FusionConfig, LossConfig
-from fusion_jax.mesh import DEFAULT_RULES, MeshConfig, make_mesh
+from fusion_jax.mesh import MeshConfig, make_mesh
+from fusion_jax.config.schema import DEFAULT_RULES
 from fusion_jax.models import decoder
-from fusion_jax.models.config import ModelConfig
-from fusion_jax.optim import OptimizerConfig
-from fusion_jax.train_step import abstract_state, host_metrics, init_state, jit_train_step, make_train_step
+from fusion_jax.config.model import ModelConfig
+from fusion_jax.train.optim import OptimizerConfig
+from fusion_jax.train.step import abstract_state, host_metrics, init_state, jit_train_step, make_train_step
 
 B, T, V, k = 8, 12, 48, 3
 MODEL = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -90,7 +91,7 @@ def naive_blocks_loss(loss_cfg: LossConfig) -> tuple[float, float]:
     """(clm, fusion) of the ``blocks`` reduction by hand, float64: the mean over the batch's non-empty blocks of
     each block's mean."""
     from fusion_jax.fusion import Teachers, fuse
-    from fusion_jax.train_step import next_labels
+    from fusion_jax.train.step import next_labels
 
     batch = batch_with_empty_blocks()
     labels = np.asarray(next_labels(jnp.asarray(batch["tokens"])))

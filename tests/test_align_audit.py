@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion_jax.align import __main__ as audit_cli
-from fusion_jax.align.audit import (
-    CATEGORIES, MODES, PairReport, audit, audit_pair, load_documents,
-)
+from fusion_jax.cli import align as audit_cli
+from fusion_jax.align.audit import CATEGORIES, MODES, PairReport, audit, audit_pair, load_documents
 from fusion_jax.align.bytes import GROUP_KINDS
 from fusion_jax.align.vocab import vocab_map
 from fusion_jax.tokenizers import load_tokenizer

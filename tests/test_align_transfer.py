@@ -10,14 +10,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fusion_jax.align.bytes import align_bytes
-from fusion_jax.align.transfer import (
-    ROW_EMPTY,
-    ROW_ONEHOT,
-    ROW_TEACHER,
-    matching_positions,
-    merge_rows,
-    transfer_topk,
-)
+from fusion_jax.align.transfer import ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER, matching_positions, merge_rows, transfer_topk
 from fusion_jax.align.vocab import prefix_map
 from fusion_jax.tokenizers import load_tokenizer
 

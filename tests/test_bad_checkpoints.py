@@ -28,7 +28,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 import hf_models  # noqa: E402
 from fusion_jax import files  # noqa: E402
 from fusion_jax.convert import checkpoint  # noqa: E402
-from fusion_jax.convert.__main__ import main as convert_main, parse as convert_parse  # noqa: E402
+from fusion_jax.cli.convert import parse as convert_parse, run as convert_main  # noqa: E402
 from fusion_jax.errors import CheckpointError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,7 +266,8 @@ def test_check_tokenizer_without_a_recorded_tokenizer(hf_dir, tmp_path):
 def test_nonfinite_counts_stay_on_the_mesh(fj_dir):
     """The check returns counts only (per layer for stacked params), from params sharded over 8 devices."""
     from fusion_jax.convert import integrity
-    from fusion_jax.mesh import DEFAULT_RULES, MeshConfig, make_mesh
+    from fusion_jax.mesh import MeshConfig, make_mesh
+    from fusion_jax.config.schema import DEFAULT_RULES
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))
     _, params = checkpoint.load(fj_dir, mesh, DEFAULT_RULES)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fusion_jax import cli, config_loader
-from fusion_jax.config_loader import ConfigError
+from fusion_jax import cli
+from fusion_jax.config import loader as config_loader
+from fusion_jax.config.loader import ConfigError
 from fusion_jax.data.corpus import CorpusConfig, CorpusError, Document, read_documents
 from fusion_jax.data.documents import StoreError, read_meta, write_documents
 from fusion_jax.data.splitting import split_long
@@ -30,7 +31,7 @@ def tiny(tmp_path_factory):
 
 
 def train_config(*overrides: str, path: str | None = None):
-    from fusion_jax.train import TrainConfig
+    from fusion_jax.pipeline.run import TrainConfig
 
     return config_loader.load(TrainConfig, path, ["target=t", "data.documents=d", *overrides])
 
@@ -145,14 +146,14 @@ def test_a_range_covers_each_item_of_a_list(tmp_path):
 def test_every_command_checks_ranges(command, override, message):
     import importlib
 
-    module = importlib.import_module(f"fusion_jax.{command}")
+    module = importlib.import_module(f"fusion_jax.cli.{command}")
     with pytest.raises(SystemExit) as e:
         cli.run(lambda cfg: pytest.fail("main ran"), lambda: module.parse(["--set", override]))
     assert str(e.value).startswith(f"error: {message}, got ")
 
 
 def test_import_fusellm_checks_docs_per_shard(capsys):
-    from fusion_jax import import_fusellm
+    from fusion_jax.cli import import_fusellm
 
     with pytest.raises(SystemExit):
         import_fusellm.parse(["ds", "out", "--tokenizer", "tok", "--docs-per-shard", "0"])
@@ -272,21 +273,22 @@ def test_windows_end_at_line_ends_else_spaces_else_characters(tiny):
 
 def test_the_same_paths_written_differently_reuse_the_documents(tiny, tmp_path, monkeypatch):
     """Once relative, once absolute (and ./corpus.jsonl vs corpus.jsonl): the same store, not "other settings"."""
-    from fusion_jax import train
+    from fusion_jax.config import schema
+    from fusion_jax.pipeline import run as pipeline
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5)))
     (tmp_path / "tok.json").write_bytes(Path(tiny["bl"]).read_bytes())
 
     def cfg(run_dir: str, corpus: str, tok: str):
-        return train.TrainConfig(run_dir=run_dir, target=tok, data=train.DataConfig(
-            corpus=CorpusConfig(paths=(corpus,)), max_tokens=100), capture=train.CaptureSettings(seq_len=128))
+        return schema.TrainConfig(run_dir=run_dir, target=tok, data=schema.DataConfig(
+            corpus=CorpusConfig(paths=(corpus,)), max_tokens=100), capture=schema.CaptureSettings(seq_len=128))
 
-    first = train.documents_stage(cfg("run", "corpus.jsonl", "tok.json"))
-    again = train.documents_stage(cfg(str(tmp_path / "run"), "./corpus.jsonl", str(tmp_path / "tok.json")))
+    first = pipeline.documents_stage(cfg("run", "corpus.jsonl", "tok.json"))
+    again = pipeline.documents_stage(cfg(str(tmp_path / "run"), "./corpus.jsonl", str(tmp_path / "tok.json")))
     assert Path(again).resolve() == Path(first).resolve()
     with pytest.raises(ValueError, match=r"prepared with other settings \(max_tokens differ\)"):
-        train.documents_stage(dataclasses_replace_max_tokens(cfg("run", "corpus.jsonl", "tok.json"), 99))
+        pipeline.documents_stage(dataclasses_replace_max_tokens(cfg("run", "corpus.jsonl", "tok.json"), 99))
 
 
 def dataclasses_replace_max_tokens(cfg, max_tokens: int):

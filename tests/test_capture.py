@@ -16,15 +16,15 @@ import jax
 import numpy as np
 import pytest
 
-from fusion_jax import capture
-from fusion_jax.capture import CaptureConfig
+from fusion_jax.data import capture
+from fusion_jax.data.capture import CaptureConfig
 from fusion_jax.convert import checkpoint
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.data.corpus import Document
 from fusion_jax.data.documents import DocumentStore, write_documents
 from fusion_jax.mesh import MeshConfig
 from fusion_jax.models import apply, decoder
-from fusion_jax.models.config import ModelConfig
+from fusion_jax.config.model import ModelConfig
 from fusion_jax.tokenizers import load_tokenizer
 from tiny_tokenizers import train_byte_level
 

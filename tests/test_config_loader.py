@@ -6,16 +6,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from fusion_jax.config_loader import (
-    ConfigError,
-    add_config_arguments,
-    apply_overrides,
-    config_from_args,
-    describe,
-    from_dict,
-    load,
-    to_dict,
-)
+from fusion_jax.config.loader import ConfigError, add_config_arguments, apply_overrides, config_from_args, describe, from_dict, load, to_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,21 +255,21 @@ def test_describe_lists_dotted_keys():
 
 
 def test_partly_given_section_keeps_the_parents_default_instance():
-    from fusion_jax.convert.__main__ import ConvertConfig
+    from fusion_jax.config.schema import ConvertConfig
 
     cfg = load(ConvertConfig, None, ["source=a", "output=b", "mesh.tensor=2"])
     assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (1, -1, 2)
 
 
 def test_partly_given_mapping_merges_with_its_default():
-    from fusion_jax.config import Config
+    from fusion_jax.config.schema import Config
 
     rules = load(Config, None, ["mesh.rules.embed=[tensor]"]).mesh.rules
     assert rules["embed"] == ("tensor",) and rules["batch"] == ("data", "fsdp")
 
 
 def test_override_indexes_into_a_list_the_file_gives():
-    from fusion_jax.config_loader import ConfigError, apply_overrides
+    from fusion_jax.config.loader import ConfigError, apply_overrides
 
     data = {"sources": [{"name": "a"}, {"name": "b"}]}
     out = apply_overrides(data, ["sources[1].align=fusellm", "sources[-2].name=c", "demo.code.steps=3"])
@@ -294,7 +285,7 @@ def test_override_indexes_into_a_list_the_file_gives():
 # --- ranges (option bounds), duplicate keys, list-item sections in --help ----------------------------------------
 
 def _ranged_classes():
-    from fusion_jax.config_loader import option
+    from fusion_jax.config.loader import option
 
     @dataclasses.dataclass(frozen=True)
     class Item:

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from fusion_jax import convert, models  # noqa: E402
 from fusion_jax.convert import CheckpointError, UnsupportedModelError  # noqa: E402
-from fusion_jax.convert.__main__ import main, parse  # noqa: E402
+from fusion_jax.cli.convert import parse, run as main  # noqa: E402
 from fusion_jax.errors import RunDirError  # noqa: E402
 from fusion_jax.mesh import MeshConfig, make_mesh  # noqa: E402
 

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from fusion_jax import cli, config_loader, prepare
+from fusion_jax import cli
+from fusion_jax.config import loader as config_loader
+from fusion_jax.cli import prepare as prepare_cli
+from fusion_jax.data import prepare
 from fusion_jax.data.corpus import CorpusConfig, CorpusError, Document, read_documents, split_of
 from fusion_jax.data.documents import DocumentStore, DocumentWriter, StoreError, write_documents
 from fusion_jax.data.splitting import split_long
@@ -512,8 +515,8 @@ def test_prepare_cli(tmp_path, tiny):
     assert meta["prepare"]["max_tokens"] == 30 and meta["prepare"]["corpus"]["max_documents"] == 5
     # configuration errors end in one line (checked in process: the same entry point)
     with pytest.raises(SystemExit, match="error: .*tokenizers is required"):
-        cli.run(prepare.main, lambda: prepare.parse(["--config", str(cfg_file), "--set", "tokenizers=[]"]))
+        cli.run(prepare.main, lambda: prepare_cli.parse(["--config", str(cfg_file), "--set", "tokenizers=[]"]))
     with pytest.raises(SystemExit, match=r"error: corpus: paths is required"):
-        cli.run(prepare.main, lambda: prepare.parse(["--config", str(cfg_file), "--set", "corpus.paths=[]"]))
+        cli.run(prepare.main, lambda: prepare_cli.parse(["--config", str(cfg_file), "--set", "corpus.paths=[]"]))
     with pytest.raises(SystemExit, match="error: .*already exists"):
-        cli.run(prepare.main, lambda: prepare.parse(["--config", str(cfg_file)]))
+        cli.run(prepare.main, lambda: prepare_cli.parse(["--config", str(cfg_file)]))

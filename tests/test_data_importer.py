@@ -171,12 +171,12 @@ def test_round_trip(tiny, tmp_path, fmt):
 
 
 def test_loader_aligns_an_import_one_to_one(tiny, tmp_path):
-    from fusion_jax.data.loader import FusionLoader, LoaderConfig, TeacherSpec
+    from fusion_jax.data.loader import FusionLoader, LoaderConfig, TeacherConfig
 
     tok = tiny["tok"]
     import_fusellm(save(official_rows(tok, seed=1), tmp_path / "ds"), tok, tmp_path / "out")
     out = tmp_path / "out"
-    teachers = tuple(TeacherSpec(cache=str(out / f"teacher_{n}"), tokenizer=str(tiny["path"]), name=n,
+    teachers = tuple(TeacherConfig(cache=str(out / f"teacher_{n}"), tokenizer=str(tiny["path"]), name=n,
                                  vocab_map="exact", fallback="mask") for n in ("base", "aligned_0", "aligned_1"))
     cfg = LoaderConfig(teachers=teachers, seq_len=32, global_batch_size=2, k=10, cache_dir=str(tmp_path / "fj"))
     loader = FusionLoader(cfg, out / "documents", tiny["path"], progress=False)

@@ -21,8 +21,8 @@ from fusion_jax.align.vocab import vocab_map
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.data.corpus import Document
 from fusion_jax.data.documents import DocumentStore, write_documents
-from fusion_jax.config_loader import from_dict
-from fusion_jax.data.loader import FusionLoader, LoaderConfig, LoaderError, TeacherSpec, target_lengths
+from fusion_jax.config.loader import from_dict
+from fusion_jax.data.loader import FusionLoader, LoaderConfig, LoaderError, TeacherConfig, target_lengths
 from fusion_jax.data.teacher_cache import TeacherCache, TeacherRecord
 from fusion_jax.mesh import MeshConfig, make_mesh
 from fusion_jax.tokenizers import load_tokenizer
@@ -94,8 +94,8 @@ def world(tmp_path_factory):
     w.cache_bpe = write_cache(root / "cache_bpe", w.store, w.bpe, k=4, seed=2)
     w.cache_dir = str(root / "fj_cache")
     w.teachers = (
-        TeacherSpec(cache=str(w.cache_sp), tokenizer=str(w.sp_path), name="sp"),
-        TeacherSpec(cache=str(w.cache_bpe), tokenizer=str(w.bpe_path), name="bpe", align="fusellm",
+        TeacherConfig(cache=str(w.cache_sp), tokenizer=str(w.sp_path), name="sp"),
+        TeacherConfig(cache=str(w.cache_bpe), tokenizer=str(w.bpe_path), name="bpe", align="fusellm",
                     vocab_align="soft", onehot_target="current"),
     )
     return w
@@ -284,7 +284,7 @@ def test_two_simulated_processes(world):
 
 def test_errors_name_teacher_and_field(world, tmp_path):
     w = world
-    wrong_tok = (TeacherSpec(cache=str(w.cache_sp), tokenizer=str(w.bpe_path), name="sp"),)
+    wrong_tok = (TeacherConfig(cache=str(w.cache_sp), tokenizer=str(w.bpe_path), name="sp"),)
     with pytest.raises(LoaderError, match=r"teacher sp: tokenizer: the cache was captured with tokenizer fingerprint"):
         loader(w, teachers=wrong_tok)
     with pytest.raises(LoaderError, match=r"teacher bpe: k: the cache holds top-4 per position but the loader needs "
@@ -292,9 +292,9 @@ def test_errors_name_teacher_and_field(world, tmp_path):
         loader(w, k=5)
     no_eos = write_cache(tmp_path / "no_eos", w.store, w.sp, k=6, seed=3, append_eos=False)
     with pytest.raises(LoaderError, match=r"teacher x: append_eos: the cache was captured with append_eos=False"):
-        loader(w, teachers=(TeacherSpec(cache=str(no_eos), tokenizer=str(w.sp_path), name="x"),))
+        loader(w, teachers=(TeacherConfig(cache=str(no_eos), tokenizer=str(w.sp_path), name="x"),))
     bad = write_cache(tmp_path / "bad_ids", w.store, w.sp, k=6, seed=4, bad_id_at=3)
-    ld = loader(w, teachers=(TeacherSpec(cache=str(bad), tokenizer=str(w.sp_path), name="odd"),))
+    ld = loader(w, teachers=(TeacherConfig(cache=str(bad), tokenizer=str(w.sp_path), name="odd"),))
     g = next(g for g in range(ld.plan.blocks_per_epoch) if 3 in ld.plan.segments(g).doc)
     with pytest.raises(LoaderError, match=r"teacher odd: cache record 3 is document 'someone-else' but the document "
                                           r"store has 'doc-3'"):
@@ -333,7 +333,7 @@ args = json.loads(sys.argv[1])
 jax.distributed.initialize(coordinator_address=args["coordinator"], num_processes=2, process_id=args["pid"])
 import numpy as np
 from jax.experimental import multihost_utils
-from fusion_jax.config_loader import from_dict
+from fusion_jax.config.loader import from_dict
 from fusion_jax.data.loader import FusionLoader, LoaderConfig
 from fusion_jax.mesh import MeshConfig, make_mesh
 ld = FusionLoader(from_dict(LoaderConfig, args["cfg"]), args["docs"], args["target"],
@@ -356,7 +356,7 @@ def test_two_real_processes_make_the_global_batch(world, tmp_path):
     import subprocess
     import sys
 
-    from fusion_jax.config_loader import to_dict
+    from fusion_jax.config.loader import to_dict
 
     w = world
     with socket.socket() as s:
@@ -386,7 +386,7 @@ def test_ids_beyond_the_tokenizer_are_dropped_like_online():
     renormalised over the rest), not an error — the cached path does what online.padded_vocab_map does."""
     from fusion_jax.align.transfer import transfer_topk
     from fusion_jax.data.loader import covering
-    from fusion_jax.online import padded_vocab_map
+    from fusion_jax.fusion.online import padded_vocab_map
 
     table = np.array([0, 1, 2, -1], np.int32)
     assert covering(table, np.array([[0, 3]])) is table
@@ -409,7 +409,7 @@ def test_fusellm_teacher_with_more_model_rows_than_tokenizer_ids(world, tmp_path
     w = world
     V = w.bpe.vocab_size
     cache = write_cache(tmp_path / "mpt_like", w.store, w.bpe, k=6, seed=7, model_rows=V + 40)
-    spec = TeacherSpec(cache=str(cache), tokenizer=str(w.bpe_path), name="mpt", align="fusellm",
+    spec = TeacherConfig(cache=str(cache), tokenizer=str(w.bpe_path), name="mpt", align="fusellm",
                        vocab_align=vocab_align)
     ld = loader(w, teachers=(spec,))
     pair = FuseLLMPair(w.bpe, w.target, mined=vocab_map(w.bpe, w.target, "mined", w.cache_dir))

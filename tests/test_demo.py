@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion_jax import config_loader, train
+from fusion_jax.config import loader as config_loader
+from fusion_jax.experiments import run as experiment
+from fusion_jax.config import schema
+from fusion_jax.pipeline import run as pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -26,15 +29,15 @@ SMALL = [
 ]
 
 
-def demo_config(run_dir: Path, *extra: str) -> train.TrainConfig:
-    return config_loader.load(train.TrainConfig, str(ROOT / "configs" / "demo.yaml"),
+def demo_config(run_dir: Path, *extra: str) -> schema.TrainConfig:
+    return config_loader.load(schema.TrainConfig, str(ROOT / "configs" / "demo.yaml"),
                               [f"run_dir={run_dir}", *SMALL, *extra])
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("demo") / "run"
-    return run, train.main(demo_config(run))
+    return run, experiment.main(demo_config(run))
 
 
 def test_every_stage_produces_its_output(demo_run):
@@ -92,7 +95,7 @@ def test_second_invocation_reuses_every_stage(demo_run, caplog):
     run, first = demo_run
     stamps = {p: p.stat().st_mtime_ns for p in (run / "assets").rglob("stage.json")}
     caplog.set_level("INFO")
-    again = train.main(demo_config(run))
+    again = experiment.main(demo_config(run))
     assert {p: p.stat().st_mtime_ns for p in (run / "assets").rglob("stage.json")} == stamps
     assert "pretraining" not in caplog.text and again["bpb"] == first["bpb"]
 
@@ -100,12 +103,12 @@ def test_second_invocation_reuses_every_stage(demo_run, caplog):
 def test_changed_settings_are_refused_not_mixed(demo_run):
     run, _ = demo_run
     with pytest.raises(ValueError, match=r"code_bytes differ.*another run_dir"):
-        train.main(demo_config(run, "demo.code_bytes=130000"))
+        experiment.main(demo_config(run, "demo.code_bytes=130000"))
 
 
 def test_demo_refuses_a_user_target():
     with pytest.raises(config_loader.ConfigError, match="demo.enabled builds the target"):
-        config_loader.load(train.TrainConfig, str(ROOT / "configs" / "demo.yaml"), ["target=/some/model"])
+        config_loader.load(schema.TrainConfig, str(ROOT / "configs" / "demo.yaml"), ["target=/some/model"])
 
 
 def test_relative_run_dir_and_another_mesh_are_the_same_run(demo_run, monkeypatch, caplog):
@@ -114,6 +117,6 @@ def test_relative_run_dir_and_another_mesh_are_the_same_run(demo_run, monkeypatc
     run, first = demo_run
     monkeypatch.chdir(run.parent)
     caplog.set_level("INFO")
-    again = train.main(demo_config(Path(run.name), "mesh.data=2", "mesh.fsdp=4"))
+    again = experiment.main(demo_config(Path(run.name), "mesh.data=2", "mesh.fsdp=4"))
     assert "pretraining" not in caplog.text and again["bpb"]["fused"] == pytest.approx(first["bpb"]["fused"], rel=1e-5)
-    assert json.loads((run / train.RUN_CONFIG).read_text())["steps"] == [4]
+    assert json.loads((run / pipeline.RUN_CONFIG).read_text())["steps"] == [4]

@@ -1,5 +1,5 @@
-"""The demo's assets: the stdlib corpus (fusion_jax.demo.corpus) and the tokenizers trained on it
-(fusion_jax.demo.tokenizers), checked through the project's adapter (fusion_jax.tokenizers)."""
+"""The demo's assets: the stdlib corpus (fusion_jax.experiments.demo.corpus) and the tokenizers trained on it
+(fusion_jax.experiments.demo.tokenizers), checked through the project's adapter (fusion_jax.tokenizers)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fusion_jax.demo.corpus import cut_at_line, stdlib_dir, write_stdlib_corpus
-from fusion_jax.demo.tokenizers import (
-    SP_BYTE_PIECES,
-    SP_SPECIALS,
-    min_vocab_size,
-    train_byte_level_bpe,
-    train_sentencepiece_bpe,
-)
+from fusion_jax.experiments.demo.corpus import cut_at_line, stdlib_dir, write_stdlib_corpus
+from fusion_jax.experiments.demo.tokenizers import SP_BYTE_PIECES, SP_SPECIALS, min_vocab_size, train_byte_level_bpe, train_sentencepiece_bpe
 from fusion_jax.tokenizers import load_tokenizer
 
 BUDGET = 150_000
@@ -208,7 +202,7 @@ def test_training_is_deterministic(style, texts, tokenizer_dirs, tmp_path):
 def test_training_is_deterministic_across_processes(corpus, tokenizer_dirs, tmp_path):
     # The library's hash maps are seeded per process (its limit_alphabet tie-breaking differed between runs).
     script = (
-        "import json, sys; from pathlib import Path; from fusion_jax.demo.tokenizers import *\n"
+        "import json, sys; from pathlib import Path; from fusion_jax.experiments.demo.tokenizers import *\n"
         "d = Path(sys.argv[1]); texts = [json.loads(l)['text'] for n in ('code', 'prose') "
         "for l in (d / f'{n}.jsonl').read_text(encoding='utf-8').splitlines()]\n"
         f"train_sentencepiece_bpe(texts, sys.argv[2], {VOCAB['sentencepiece']})\n"

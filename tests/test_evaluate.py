@@ -18,15 +18,16 @@ import jax
 import numpy as np
 import pytest
 
-from fusion_jax import evaluate
+from fusion_jax.evaluate import bpb as evaluate
 from fusion_jax.convert import checkpoint
 from fusion_jax.convert.hf import CheckpointError
 from fusion_jax.data.corpus import CorpusConfig, Document
 from fusion_jax.data.documents import DocumentStore, write_documents
-from fusion_jax.evaluate import EvaluateConfig, evaluate_bpb, windows
-from fusion_jax.mesh import DEFAULT_RULES, MeshConfig, make_mesh
+from fusion_jax.evaluate.bpb import EvaluateConfig, evaluate_bpb, windows
+from fusion_jax.mesh import MeshConfig, make_mesh
+from fusion_jax.config.schema import DEFAULT_RULES
 from fusion_jax.models import apply, decoder
-from fusion_jax.models.config import ModelConfig
+from fusion_jax.config.model import ModelConfig
 from fusion_jax.tokenizers import VocabSizeError, load_tokenizer
 from tiny_tokenizers import train_byte_level, train_sentencepiece
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion_jax import config_loader
-from fusion_jax.config import Config
-from fusion_jax.forward import main, parse
+from fusion_jax.config import loader as config_loader
+from fusion_jax.config.schema import Config
+from fusion_jax.cli.forward import parse
+from fusion_jax.evaluate.forward import main
 
 FORWARD = str(Path(__file__).resolve().parents[1] / "configs" / "forward.yaml")
 

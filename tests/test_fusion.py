@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fusion_jax import config_loader
+from fusion_jax.config import loader as config_loader
 from fusion_jax.align.transfer import ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER
 from fusion_jax.fusion import FusedTarget, FusionConfig, Teachers, fuse
 from fusion_jax.mesh import MeshConfig, make_mesh

@@ -96,8 +96,8 @@ def test_dry_run_says_what_it_would_do(tmp_path):
 def test_plan_counts_are_the_models_params():
     """The plan's formula (no JAX, for --plan) against the real param layout, at full size, abstractly."""
     from fusion_jax.models import decoder
-    from fusion_jax.models.config import ModelConfig
-    from fusion_jax.train_step import flops_per_token
+    from fusion_jax.config.model import ModelConfig
+    from fusion_jax.train.step import flops_per_token
 
     g = _module()
     a = g.parse([])

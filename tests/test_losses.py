@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fusion_jax import config_loader
+from fusion_jax.config import loader as config_loader
 from fusion_jax.fusion import FusedTarget, FusionConfig, LossConfig, fuse, lm_weight, make_fusion_mask, sparse_losses
 from fusion_jax.fusion import block_means, total_loss
 from fusion_jax.mesh import MeshConfig, make_mesh

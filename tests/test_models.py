@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from fusion_jax import mesh as mesh_lib  # noqa: E402
 from fusion_jax.convert import load  # noqa: E402
 from fusion_jax.models import apply, decoder, layers  # noqa: E402
-from fusion_jax.models.config import ModelConfig  # noqa: E402
+from fusion_jax.config.model import ModelConfig  # noqa: E402
 
 from hf_models import VOCAB, build, hf_configs, torch_logits  # noqa: E402
 

@@ -27,8 +27,10 @@ import jax
 import numpy as np
 import pytest
 
-from fusion_jax import train
-from fusion_jax.config_loader import to_dict
+from fusion_jax.experiments import run as experiment
+from fusion_jax.config import schema
+from fusion_jax.pipeline import run as pipeline
+from fusion_jax.config.loader import to_dict
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.mesh import MeshConfig
 
@@ -42,10 +44,10 @@ RTOL = 1e-5
 from test_train import _train_losses, assets, config  # noqa: E402,F401
 
 
-def _cfg(assets: Path, run_dir: Path, steps: int, export: bool) -> train.TrainConfig:
+def _cfg(assets: Path, run_dir: Path, steps: int, export: bool) -> schema.TrainConfig:
     return config(assets, run_dir,
-                  optimizer=train.OptimizerConfig(learning_rate=1e-3, schedule="constant", warmup_ratio=0.0),
-                  train=train.LoopConfig(steps=steps, checkpoint_every=2, keep_checkpoints=3, log_every=1,
+                  optimizer=schema.OptimizerConfig(learning_rate=1e-3, schedule="constant", warmup_ratio=0.0),
+                  train=schema.LoopConfig(steps=steps, checkpoint_every=2, keep_checkpoints=3, log_every=1,
                                          eval_every=4, eval_batches=1, progress=False, export=export),
                   mesh=MeshConfig(data=2, fsdp=4))
 
@@ -56,7 +58,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(cfg: train.TrainConfig, out: Path, cache: Path) -> list[dict]:
+def _two_processes(cfg: schema.TrainConfig, out: Path, cache: Path) -> list[dict]:
     """Run ``cfg`` in 2 processes × 4 CPU devices → each process's result (multihost_worker.py)."""
     out.mkdir(parents=True)
     args = out / "args.json"
@@ -129,7 +131,7 @@ def _shared(writes: list[str]) -> list[str]:
 
 
 def _restore(run_dir: Path, step: int, abstract):
-    from fusion_jax.checkpointing import Checkpoints
+    from fusion_jax.train.checkpoint import Checkpoints
 
     ckpts = Checkpoints(run_dir / "checkpoints")
     try:
@@ -140,11 +142,11 @@ def _restore(run_dir: Path, step: int, abstract):
     return state, loader_state
 
 
-def _abstract_state(cfg: train.TrainConfig, mesh_cfg: MeshConfig):
+def _abstract_state(cfg: schema.TrainConfig, mesh_cfg: MeshConfig):
     from fusion_jax import mesh as mesh_lib
     from fusion_jax.convert import checkpoint
-    from fusion_jax.optim import make_optimizer
-    from fusion_jax.train_step import abstract_state
+    from fusion_jax.train.optim import make_optimizer
+    from fusion_jax.train.step import abstract_state
 
     mesh = mesh_lib.make_mesh(mesh_cfg)
     model_cfg = checkpoint.model_config(cfg.target, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
@@ -156,7 +158,7 @@ def test_two_processes_equal_one_process(assets, tmp_path):
     cache = tmp_path / "fusion_jax_cache"
     # The reference: one process, 8 devices, 6 steps (checkpoints 2, 4, 6; evaluations at 4 and 6).
     ref_dir = tmp_path / "ref"
-    ref = train.main(_cfg(assets, ref_dir, steps=6, export=True))
+    ref = experiment.main(_cfg(assets, ref_dir, steps=6, export=True))
     ref_losses, ref_evals = _train_losses(ref_dir), _evals(ref_dir)
     assert sorted(ref_losses) == [1, 2, 3, 4, 5, 6] and sorted(ref_evals) == [4, 6]
 
@@ -178,7 +180,7 @@ def test_two_processes_equal_one_process(assets, tmp_path):
     assert sorted(_evals(run)) == [4]
     _assert_close_eval(_evals(run)[4], ref_evals[4])
     for teacher in ("target", "src"):
-        for split in train.SPLITS:
+        for split in pipeline.SPLITS:
             _assert_same_cache(ref_dir / "cache" / teacher / split, run / "cache" / teacher / split)
     assert (run / "checkpoints" / "4").is_dir() and (run / "report.json").exists()
 
@@ -201,7 +203,7 @@ def test_two_processes_equal_one_process(assets, tmp_path):
     from fusion_jax.data.loader import FusionLoader
 
     ref_cfg = _cfg(assets, ref_dir, 6, True)
-    ld = FusionLoader(train.loader_config(ref_cfg, train.teacher_list(ref_cfg), "train"), str(ref_dir / "documents"),
+    ld = FusionLoader(pipeline.loader_config(ref_cfg, pipeline.teacher_list(ref_cfg), "train"), str(ref_dir / "documents"),
                       ref_cfg.target, progress=False, process_index=0, process_count=1)
     whole = ld.local_batch(0)
     parts = [np.load(tmp_path / "first" / f"batch-{i}.npz") for i in range(2)]

@@ -12,16 +12,20 @@ import jax
 import numpy as np
 import pytest
 
-from fusion_jax import capture, online, train
+from fusion_jax.data import capture
+from fusion_jax.fusion import online
+from fusion_jax.experiments import run as experiment
+from fusion_jax.config import schema
+from fusion_jax.pipeline import run as pipeline
 from fusion_jax.align.transfer import ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER, merge_rows
-from fusion_jax.capture import CaptureConfig
+from fusion_jax.data.capture import CaptureConfig
 from fusion_jax.convert import checkpoint
 from fusion_jax.data.corpus import Document
 from fusion_jax.data.documents import DocumentStore, write_documents
-from fusion_jax.data.loader import FusionLoader, LoaderConfig, TeacherSpec
+from fusion_jax.data.loader import FusionLoader, LoaderConfig, TeacherConfig
 from fusion_jax.mesh import MeshConfig
 from fusion_jax.models import decoder
-from fusion_jax.models.config import ModelConfig
+from fusion_jax.config.model import ModelConfig
 from fusion_jax.tokenizers import load_tokenizer
 from test_train import assets, config as train_config  # noqa: F401  (the module fixture of the train tests)
 from tiny_tokenizers import train_byte_level, train_sentencepiece
@@ -93,13 +97,13 @@ def world(tmp_path_factory):
     return w
 
 
-def _loader(w, spec: TeacherSpec, **kw) -> FusionLoader:
+def _loader(w, spec: TeacherConfig, **kw) -> FusionLoader:
     cfg = LoaderConfig(teachers=(spec,), seq_len=T, global_batch_size=B, k=K, cache_dir=w.cache_dir, **kw)
     return FusionLoader(cfg, w.store, w.target_path, progress=False)
 
 
-def _online_spec(w, **kw) -> TeacherSpec:
-    return TeacherSpec(cache="", tokenizer=str(w.src_dir), name="src", online=True, **kw)
+def _online_spec(w, **kw) -> TeacherConfig:
+    return TeacherConfig(cache="", tokenizer=str(w.src_dir), name="src", mode="online", **kw)
 
 
 def _rows_fn(w, teacher: online.OnlineTeacher):
@@ -121,7 +125,7 @@ def _fresh_pieces(loader: FusionLoader, step: int) -> np.ndarray:
 
 def test_online_rows_equal_the_cached_path(world):
     w = world
-    cached = _loader(w, TeacherSpec(cache=str(w.root / "cache"), tokenizer=str(w.src_dir), name="src"))
+    cached = _loader(w, TeacherConfig(cache=str(w.root / "cache"), tokenizer=str(w.src_dir), name="src"))
     live = _loader(w, _online_spec(w, seq_len=64))
     assert live.plan.fingerprint == cached.plan.fingerprint
     rows = _rows_fn(w, online.OnlineTeacher(name="src", model=w.model_cfg, k=K, topk=K, logits_chunk=16))
@@ -177,17 +181,17 @@ def test_micro_batched_teachers_equal_one_pass(world):
     assert not (kind == ROW_ONEHOT).any() and (kind == ROW_TEACHER).any()
 
 
-# ------------------------------------------------------------------------------------------------ 3. train.main
+# ------------------------------------------------------------------------------------------------ 3. experiment.main
 
 
 def test_train_with_one_online_and_one_cached_teacher(assets, tmp_path):  # noqa: F811
     run = tmp_path / "run"
-    cfg = train_config(assets, run, sources=(train.SourceConfig(name="src", checkpoint=str(assets / "source"),
+    cfg = train_config(assets, run, sources=(schema.TeacherConfig(name="src", checkpoint=str(assets / "source"),
                                                                 mode="online"),),
-                       optimizer=train.OptimizerConfig(learning_rate=1e-2, warmup_ratio=0.0, accumulation=2),
-                       train=train.LoopConfig(steps=2, checkpoint_every=2, log_every=1, eval_batches=1,
+                       optimizer=schema.OptimizerConfig(learning_rate=1e-2, warmup_ratio=0.0, accumulation=2),
+                       train=schema.LoopConfig(steps=2, checkpoint_every=2, log_every=1, eval_batches=1,
                                               progress=False, export=False))
-    report = train.main(cfg)
+    report = experiment.main(cfg)
     assert (run / "cache" / "target" / "train" / "manifest.json").exists()
     assert not (run / "cache" / "src").exists()  # an online teacher is never captured
     tr, ev = report["train"], report["eval"]
@@ -196,7 +200,7 @@ def test_train_with_one_online_and_one_cached_teacher(assets, tmp_path):  # noqa
     assert tr["src_overflow"] == {"src": 0}
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2]
-    dry = train.main(dataclasses.replace(cfg, run_dir=str(tmp_path / "dry"), dry_run=True))
+    dry = experiment.main(dataclasses.replace(cfg, run_dir=str(tmp_path / "dry"), dry_run=True))
     assert dry["bytes_per_device"]["online/src"] > 0
 
 
@@ -205,15 +209,15 @@ def test_train_with_one_online_and_one_cached_teacher(assets, tmp_path):  # noqa
 
 def test_online_needs_bytes_alignment(assets, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="align=bytes only.*cached path"):
-        train_config(assets, tmp_path, sources=(train.SourceConfig(name="src", checkpoint="x", mode="online",
+        train_config(assets, tmp_path, sources=(schema.TeacherConfig(name="src", checkpoint="x", mode="online",
                                                                    align="fusellm"),)).validate()
     with pytest.raises(ValueError, match="mode must be one of"):
-        train_config(assets, tmp_path, sources=(train.SourceConfig(name="src", checkpoint="x", mode="live"),)
+        train_config(assets, tmp_path, sources=(schema.TeacherConfig(name="src", checkpoint="x", mode="live"),)
                      ).validate()
-    with pytest.raises(ValueError, match="align='bytes' only.*cached path"):
-        TeacherSpec(cache="", tokenizer="t", name="s", online=True, align="fusellm").validate()
+    with pytest.raises(ValueError, match="align=bytes only.*cached path"):  # one check, for the loader's teachers too
+        TeacherConfig(cache="", tokenizer="t", name="s", mode="online", align="fusellm").validate()
     with pytest.raises(ValueError, match="cache is required unless online"):
-        TeacherSpec(cache="", tokenizer="t", name="s").validate()
+        schema.LoaderConfig(teachers=(TeacherConfig(cache="", tokenizer="t", name="s"),)).validate()
 
 
 def test_a_short_source_block_is_counted_not_fatal(world):
@@ -237,7 +241,7 @@ def test_a_short_source_block_is_counted_not_fatal(world):
 def test_the_target_teacher_can_run_online(assets, tmp_path):  # noqa: F811
     cfg = train_config(assets, tmp_path, target_teacher_mode="online")
     cfg.validate()
-    specs = train.loader_config(cfg, train.teacher_list(cfg), "train").teachers
+    specs = pipeline.loader_config(cfg, pipeline.teacher_list(cfg), "train").teachers
     assert [s.online for s in specs] == [True, False] and specs[0].vocab_map == "identity" and specs[0].cache == ""
     with pytest.raises(ValueError, match="target_teacher_mode"):
         train_config(assets, tmp_path, target_teacher_mode="live").validate()

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from fusion_jax import config_loader, train
+from fusion_jax.config import loader as config_loader
+from fusion_jax.experiments import run as experiment
+from fusion_jax.config import schema
+from fusion_jax.cli import train as train_cli
+from fusion_jax.pipeline import run as pipeline
 from fusion_jax.convert import checkpoint, hf
 from fusion_jax.convert.architectures import architecture
 
@@ -174,7 +178,7 @@ def _check_dry_run(report: dict, shapes: dict[str, tuple[int, ...]], n_devices: 
 
 
 def test_yaml_is_the_papers_setting():
-    cfg = config_loader.load(train.TrainConfig, str(CONFIG))
+    cfg = config_loader.load(schema.TrainConfig, str(CONFIG))
     # fusellm.md §1/§2: k = 10, λ = 0.9, 128 × 2048, lr 1e-5, MinCE (per block), one epoch over ≈ 1.8e9 tokens.
     assert cfg.capture.k == cfg.loader.k == 10
     assert cfg.loss.lm_weight == 0.9 and cfg.loss.lm_weight_schedule == "constant" and cfg.loss.fusion_loss == "ce"
@@ -192,7 +196,7 @@ def test_yaml_is_the_papers_setting():
     # Teachers: Llama-2 itself first, then OpenLLaMA-7B-v2 and MPT-7B, all cached; MiniPile as a datasets directory.
     assert cfg.target_as_teacher and cfg.target_teacher_mode == "cached"
     assert [s.name for s in cfg.sources] == ["openllama", "mpt"] and all(s.mode == "cached" for s in cfg.sources)
-    assert [t.name for t in train.teacher_list(cfg)] == ["target", "openllama", "mpt"]
+    assert [t.name for t in pipeline.teacher_list(cfg)] == ["target", "openllama", "mpt"]
     assert cfg.data.corpus.format == "hf" and cfg.data.max_tokens == 2000
     assert (cfg.mesh.data, cfg.mesh.fsdp) == (1, -1)
 
@@ -214,7 +218,7 @@ def test_dry_run_8_devices(ckpts, tmp_path):
 
     assert jax.device_count() == 8
     run_dir = tmp_path / "run"
-    report = train.main(train.parse(["--config", str(CONFIG), "--dry-run", *_overrides(ckpts, run_dir)]))
+    report = experiment.main(train_cli.parse(["--config", str(CONFIG), "--dry-run", *_overrides(ckpts, run_dir)]))
     _check_dry_run(report, ckpts["target"][1], 8)
     assert report["bytes_per_device"] == {"step": 4, "params": 3_369_207_808, "opt_state": 6_738_415_624}
     assert not run_dir.exists()  # nothing written, nothing allocated

@@ -1,4 +1,4 @@
-"""The fusion-vs-CLM report (`fusion_jax.report`): files written, headline numbers, tables, robustness to NaN and
+"""The fusion-vs-CLM report (`fusion_jax.experiments.report`): files written, headline numbers, tables, robustness to NaN and
 missing parts, report.json merging, and read_metrics on resumed and crashed runs.
 
 `python tests/test_report.py DIR` renders the realistic synthetic case into DIR to look at the plots."""
@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny_tokenizers, also when run as a script
 
-from fusion_jax.report import PLOTS, margin, read_metrics, write_report  # noqa: E402
+from fusion_jax.experiments.report import PLOTS, margin, read_metrics, write_report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TEACHERS = ("llama_2_7b", "mpt_7b", "openllama_7b")
@@ -33,7 +33,7 @@ TEXT = (
 
 
 def _train_line(step: int, run: str, rng: np.random.Generator, steps: int) -> dict:
-    """A train record like fusion_jax.train writes: losses falling with noise, the fusion run a bit lower."""
+    """A train record like fusion_jax.pipeline.run writes: losses falling with noise, the fusion run a bit lower."""
     t = step / steps
     clm = 2.6 - 0.7 * t ** 0.5 - (0.06 * t if run == "fused" else 0.0) + rng.normal(0, 0.04)
     rec = {"step": step, "kind": "train", "clm": clm, "lm_weight": 0.9 if run == "fused" else 1.0,

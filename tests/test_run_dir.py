@@ -21,26 +21,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion_jax import capture, config_loader, train
-from fusion_jax.capture import CaptureConfig
-from fusion_jax.demo import build
+from fusion_jax.data import capture
+from fusion_jax.config import loader as config_loader
+from fusion_jax.experiments import run as experiment
+from fusion_jax.config import schema
+from fusion_jax.pipeline import run as pipeline
+from fusion_jax.data.capture import CaptureConfig
+from fusion_jax.experiments.demo import build
 from fusion_jax.errors import CheckpointError, RunDirError
 from fusion_jax.files import LOCK_FILE, DirectoryLock
 from fusion_jax.fusion.fuse import FusionConfig
 from fusion_jax.mesh import MeshConfig
-from fusion_jax.optim import schedule
+from fusion_jax.train.optim import schedule
 # test_train's tiny assets (a SentencePiece target and a byte-level source, both fusion_jax checkpoints, a jsonl
 # corpus), its prepared documents and caches, and its config; the module fixtures are reused through this import.
 from test_train import _cli, _train_losses, assets, config, prepared  # noqa: F401
 
 STEPS = 4
-OPT = train.OptimizerConfig(learning_rate=1e-2, schedule="cosine", warmup_ratio=0.55)  # warmup: 3 of 4 steps
+OPT = schema.OptimizerConfig(learning_rate=1e-2, schedule="cosine", warmup_ratio=0.55)  # warmup: 3 of 4 steps
 
 
-def _cfg(assets: Path, prepared: dict, run: Path | str, **kw) -> train.TrainConfig:
+def _cfg(assets: Path, prepared: dict, run: Path | str, **kw) -> schema.TrainConfig:
     loop = dict(steps=STEPS, checkpoint_every=2, log_every=1, eval_batches=1, progress=False)
     loop.update(kw.pop("loop", {}))
-    return config(assets, run, optimizer=kw.pop("optimizer", OPT), train=train.LoopConfig(**loop),
+    return config(assets, run, optimizer=kw.pop("optimizer", OPT), train=schema.LoopConfig(**loop),
                   **{**prepared, **kw})
 
 
@@ -48,7 +52,7 @@ def _cfg(assets: Path, prepared: dict, run: Path | str, **kw) -> train.TrainConf
 def finished(assets, prepared, tmp_path_factory) -> Path:
     """A finished run of STEPS steps (checkpoints 2 and 4, an export, a report); copy it before changing it."""
     run = tmp_path_factory.mktemp("finished") / "run"
-    train.main(_cfg(assets, prepared, run))
+    experiment.main(_cfg(assets, prepared, run))
     return run
 
 
@@ -69,7 +73,7 @@ def _snapshot(path: Path) -> dict[str, bytes | None]:
 
 @pytest.mark.parametrize("key, change", [
     ("optimizer.learning_rate", dict(optimizer=dataclasses.replace(OPT, learning_rate=2e-2))),
-    ("loss.lm_weight", dict(loss=train.LossConfig(lm_weight=0.5))),
+    ("loss.lm_weight", dict(loss=schema.LossConfig(lm_weight=0.5))),
     ("fusion.method", dict(fusion=FusionConfig(method="avg_ce"))),
     ("sources", dict(sources=())),
     ("train.steps", dict(loop=dict(steps=8))),
@@ -77,7 +81,7 @@ def _snapshot(path: Path) -> dict[str, bytes | None]:
 def test_changed_settings_are_refused_naming_the_keys(assets, prepared, finished, key, change):
     before = _snapshot(finished)
     with pytest.raises(RunDirError, match=rf"{re.escape(key)}[^ ]* differ.*another run_dir") as e:
-        train.main(_cfg(assets, prepared, finished, **change))
+        experiment.main(_cfg(assets, prepared, finished, **change))
     assert ("train.extend=true" in str(e.value)) == (key == "train.steps")
     assert _snapshot(finished) == before  # run_config.json, metrics, checkpoints, export: untouched
 
@@ -91,7 +95,7 @@ def test_what_does_not_define_the_run_may_change(assets, prepared, finished, tmp
     cfg = _cfg(assets, prepared, "run", mesh=MeshConfig(data=1, fsdp=8), loop=dict(log_every=2, eval_batches=2),
                data=dataclasses.replace(prepared["data"], documents=documents),
                optimizer=dataclasses.replace(OPT, accumulation=2))
-    report = train.main(cfg)
+    report = experiment.main(cfg)
     assert report["resumed_from"] == STEPS and (run / "checkpoints" / str(STEPS)).is_dir()
 
 
@@ -99,10 +103,10 @@ def test_extend_continues_over_the_new_total_and_refreshes_export_and_report(ass
     run = _copy(finished, tmp_path / "run")
     old_export = (run / "export" / "model.safetensors").read_bytes()
     logged = (run / "metrics.jsonl").read_text()
-    record = json.loads((run / train.RUN_CONFIG).read_text())
+    record = json.loads((run / pipeline.RUN_CONFIG).read_text())
     assert record["warmup_steps"] == 3 and record["steps"] == [STEPS]
 
-    report = train.main(_cfg(assets, prepared, run, loop=dict(steps=8, extend=True)))
+    report = experiment.main(_cfg(assets, prepared, run, loop=dict(steps=8, extend=True)))
     assert report["resumed_from"] == STEPS and report["steps"] == report["step"] == report["export_step"] == 8
     lrs = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
@@ -111,20 +115,20 @@ def test_extend_continues_over_the_new_total_and_refreshes_export_and_report(ass
             lrs[rec["step"]] = rec["learning_rate"]
     # Steps 5-8 follow the 8-step schedule with the warmup the run started with (3 steps): they decay from where
     # step 4 was; the 8-step schedule's own warmup (5 steps) would have taken step 5 back down to 0.8 · peak.
-    expected = schedule(train.schedule_optimizer(OPT, 8, 3), 8)
+    expected = schedule(pipeline.schedule_optimizer(OPT, 8, 3), 8)
     np.testing.assert_allclose([lrs[s] for s in range(5, 9)], [float(expected(s - 1)) for s in range(5, 9)], rtol=1e-6)
     assert all(lrs[s + 1] <= lrs[s] for s in range(STEPS, 8))
     assert json.loads((run / "report.json").read_text())["step"] == 8
-    assert train.export_step(run / "export") == 8
+    assert pipeline.export_step(run / "export") == 8
     assert (run / "export" / "model.safetensors").read_bytes() != old_export  # not the step-4 export any more
-    assert json.loads((run / train.RUN_CONFIG).read_text())["steps"] == [STEPS, 8]
+    assert json.loads((run / pipeline.RUN_CONFIG).read_text())["steps"] == [STEPS, 8]
 
     # Shortening is refused, with or without extend: nothing logged as a step the weights are not at.
     logged = (run / "metrics.jsonl").read_text()
     with pytest.raises(RunDirError, match=r"train.steps=6 is below step 8.*cannot be shortened"):
-        train.main(_cfg(assets, prepared, run, loop=dict(steps=6, extend=True)))
+        experiment.main(_cfg(assets, prepared, run, loop=dict(steps=6, extend=True)))
     with pytest.raises(RunDirError, match=r"train.steps differ"):
-        train.main(_cfg(assets, prepared, run, loop=dict(steps=6)))
+        experiment.main(_cfg(assets, prepared, run, loop=dict(steps=6)))
     assert (run / "metrics.jsonl").read_text() == logged
 
 
@@ -132,15 +136,15 @@ def test_run_from_before_run_config_json_is_recognised(assets, prepared, finishe
     """A run directory written before run_config.json (its settings in config.json) is checked against its
     settings, and adopted when they match."""
     run = _copy(finished, tmp_path / "run")
-    record = json.loads((run / train.RUN_CONFIG).read_text())
-    (run / train.RUN_CONFIG).unlink()
+    record = json.loads((run / pipeline.RUN_CONFIG).read_text())
+    (run / pipeline.RUN_CONFIG).unlink()
     (run / "config.json").write_text(json.dumps(record["config"], indent=1))
     before = _snapshot(run)
     with pytest.raises(RunDirError, match=r"optimizer.learning_rate differ"):
-        train.main(_cfg(assets, prepared, run, optimizer=dataclasses.replace(OPT, learning_rate=3e-2)))
+        experiment.main(_cfg(assets, prepared, run, optimizer=dataclasses.replace(OPT, learning_rate=3e-2)))
     assert _snapshot(run) == before
-    assert train.main(_cfg(assets, prepared, run))["resumed_from"] == STEPS
-    assert json.loads((run / train.RUN_CONFIG).read_text())["identity"] == record["identity"]
+    assert experiment.main(_cfg(assets, prepared, run))["resumed_from"] == STEPS
+    assert json.loads((run / pipeline.RUN_CONFIG).read_text())["identity"] == record["identity"]
 
 
 # ------------------------------------------------------------------------------------------------ item 9: not a run
@@ -159,7 +163,7 @@ def test_run_dir_holding_a_model_or_other_files_is_refused_before_writing(assets
                                (notes, r"is not a fusion_jax run \(no run_config.json\): thesis.txt")):
         before = _snapshot(directory)
         with pytest.raises(RunDirError, match=message):
-            train.main(_cfg(assets, prepared, directory, target=str(directory)))
+            experiment.main(_cfg(assets, prepared, directory, target=str(directory)))
         assert _snapshot(directory) == before and not (directory / LOCK_FILE).exists(), directory
 
 
@@ -171,8 +175,8 @@ def test_a_held_run_dir_or_capture_output_fails_fast_naming_the_holder(assets, p
     for run in (fresh, finished):
         with DirectoryLock(run, "run directory"):  # another command's lock (its own descriptor: flock conflicts)
             with pytest.raises(RunDirError, match=rf"in use by pid {os.getpid()} .*wait for it to finish"):
-                train.main(_cfg(assets, prepared, run))
-    assert not (fresh / train.RUN_CONFIG).exists()
+                experiment.main(_cfg(assets, prepared, run))
+    assert not (fresh / pipeline.RUN_CONFIG).exists()
     out = Path(prepared["cache_dir"]) / "src" / "train"
     with DirectoryLock(out, "capture output"):
         with pytest.raises(RunDirError, match="capture output is in use"):
@@ -187,12 +191,12 @@ def test_a_held_run_dir_or_capture_output_fails_fast_naming_the_holder(assets, p
 def test_run_that_stops_learning_stops_without_export(assets, prepared, tmp_path):
     """The issue's case: learning rate 1e6 with default clipping → gradient norm exactly 0 and the loss at ln V."""
     run = tmp_path / "run"
-    cfg = _cfg(assets, prepared, run, optimizer=train.OptimizerConfig(learning_rate=1e6, warmup_ratio=0.0),
+    cfg = _cfg(assets, prepared, run, optimizer=schema.OptimizerConfig(learning_rate=1e6, warmup_ratio=0.0),
                loop=dict(steps=12, checkpoint_every=100, stall_steps=3))
     with pytest.raises(ValueError, match=r"stopped learning: for 3 steps in a row \(steps 2–4\).*"
                                          r"lower optimizer.learning_rate") as e:
-        train.main(cfg)
-    assert isinstance(e.value, train.TrainingError)  # cli.run: one "error:" line
+        experiment.main(cfg)
+    assert isinstance(e.value, pipeline.TrainingError)  # cli.run: one "error:" line
     assert not (run / "export").exists() and not (run / "report.json").exists()
 
 
@@ -211,7 +215,7 @@ def test_metrics_and_report_are_strict_json(finished):
     records = [_strict(line) for line in (finished / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "train" and r["mfu"] is None for r in records)
     assert _strict((finished / "report.json").read_text())["train"]["mfu"] is None
-    _strict((finished / train.RUN_CONFIG).read_text())
+    _strict((finished / pipeline.RUN_CONFIG).read_text())
 
 
 # ------------------------------------------------------------------------------------------------ item 11: damaged
@@ -226,8 +230,8 @@ def _truncate_data(step_dir: Path) -> None:
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(assets, prepared, finished, tmp_path, caplog):
     run = _copy(finished, tmp_path / "run")
     _truncate_data(run / "checkpoints" / str(STEPS))
-    caplog.set_level("WARNING", logger="fusion_jax.checkpointing")
-    report = train.main(_cfg(assets, prepared, run))
+    caplog.set_level("WARNING", logger="fusion_jax.train.checkpoint")
+    report = experiment.main(_cfg(assets, prepared, run))
     assert report["resumed_from"] == 2
     assert re.search(rf"checkpoints/{STEPS} does not restore", caplog.text)
     assert (run / "checkpoints.damaged" / str(STEPS)).is_dir() and (run / "checkpoints" / str(STEPS)).is_dir()
@@ -240,7 +244,7 @@ def test_no_intact_checkpoint_is_one_clear_error(assets, prepared, finished, tmp
         _truncate_data(run / "checkpoints" / str(step))
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(run / 'checkpoints'))}: none of the checkpoints "
                                               r"\(steps 4, 2\) restores.*delete"):
-        train.main(_cfg(assets, prepared, run))
+        experiment.main(_cfg(assets, prepared, run))
     assert not (run / "checkpoints.damaged").exists()  # nothing moved when there is nothing to fall back to
 
 
@@ -258,7 +262,7 @@ def test_ctrl_c_exits_130_and_leaves_the_last_checkpoint_intact(assets, prepared
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out
     assert "run the same command again to resume" in out and "Traceback" not in out
-    report = train.main(cfg)  # the lock went with the process; the newest checkpoint restores
+    report = experiment.main(cfg)  # the lock went with the process; the newest checkpoint restores
     assert report["resumed_from"] >= 2 and sorted(_train_losses(run))[-1] == 12
 
 
@@ -267,7 +271,7 @@ def test_ctrl_c_while_a_save_starts_is_handled_once_it_has_started(tmp_path, mon
     exit (tracebacks after the resume note): the interrupt waits until the save is under way."""
     import jax.numpy as jnp
 
-    from fusion_jax.checkpointing import Checkpoints
+    from fusion_jax.train.checkpoint import Checkpoints
 
     ckpts = Checkpoints(tmp_path / "checkpoints")
     real_save, started = ckpts.manager.save, []
@@ -293,16 +297,16 @@ def test_demo_stage_compares_as_a_run_identity(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     stage = tmp_path / "pretrain"
     stage.mkdir()
-    base = train.TrainConfig(run_dir="runs/demo/pretrain", target="runs/demo/init/model",
-                             data=train.DataConfig(corpus=train.CorpusConfig(paths=("runs/demo/corpus.jsonl",))))
+    base = schema.TrainConfig(run_dir="runs/demo/pretrain", target="runs/demo/init/model",
+                             data=schema.DataConfig(corpus=schema.CorpusConfig(paths=("runs/demo/corpus.jsonl",))))
     settings = config_loader.to_dict(base)
     build._done(stage, settings)
     moved = config_loader.to_dict(dataclasses.replace(
         base, run_dir=str(tmp_path / "runs/demo/pretrain"), target="./runs/demo/init/model",
-        mesh=MeshConfig(data=2, fsdp=4), data=train.DataConfig(corpus=train.CorpusConfig(
+        mesh=MeshConfig(data=2, fsdp=4), data=schema.DataConfig(corpus=schema.CorpusConfig(
             paths=(str(tmp_path / "runs/demo/corpus.jsonl"),)))))
-    assert build._stage(stage, moved, train.run_identity)
+    assert build._stage(stage, moved, pipeline.run_identity)
     changed = config_loader.to_dict(dataclasses.replace(
-        base, optimizer=train.OptimizerConfig(learning_rate=1.0)))
+        base, optimizer=schema.OptimizerConfig(learning_rate=1.0)))
     with pytest.raises(RunDirError, match=r"\(optimizer.learning_rate differ\); use another run_dir"):
-        build._stage(stage, changed, train.run_identity)
+        build._stage(stage, changed, pipeline.run_identity)

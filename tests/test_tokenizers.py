@@ -20,14 +20,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fusion_jax.errors import ConfigError
-from fusion_jax.tokenizers import (
-    Encoding,
-    TokenizationError,
-    VocabSizeError,
-    bytes_to_unicode,
-    check_vocab_size,
-    load_tokenizer,
-)
+from fusion_jax.tokenizers import Encoding, TokenizationError, VocabSizeError, bytes_to_unicode, check_vocab_size, load_tokenizer
 from tiny_tokenizers import train_byte_level, train_sentencepiece
 
 SAMPLES = [

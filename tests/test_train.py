@@ -16,12 +16,14 @@ import jax
 import numpy as np
 import pytest
 
-from fusion_jax import train
+from fusion_jax.experiments import run as experiment
+from fusion_jax.config import schema
+from fusion_jax.pipeline import run as pipeline
 from fusion_jax.convert import checkpoint
 from fusion_jax.data.corpus import CorpusConfig
 from fusion_jax.mesh import MeshConfig
 from fusion_jax.models import decoder
-from fusion_jax.models.config import ModelConfig
+from fusion_jax.config.model import ModelConfig
 from fusion_jax.tokenizers import load_tokenizer
 from tiny_tokenizers import train_byte_level, train_sentencepiece
 
@@ -62,23 +64,23 @@ def prepared(assets, tmp_path_factory):
     """Documents and teacher caches made once (by the stages themselves) and shared by the tests that train."""
     root = tmp_path_factory.mktemp("prepared")
     cfg = config(assets, root / "run", cache_dir=str(root / "cache"))
-    documents = train.documents_stage(cfg)
-    train.capture_stage(cfg, documents)
+    documents = pipeline.documents_stage(cfg)
+    pipeline.capture_stage(cfg, documents)
     return {"data": dataclasses.replace(cfg.data, documents=documents), "cache_dir": cfg.cache_dir}
 
 
-def config(assets: Path, run_dir: Path, **kw) -> train.TrainConfig:
-    base = train.TrainConfig(
+def config(assets: Path, run_dir: Path, **kw) -> schema.TrainConfig:
+    base = schema.TrainConfig(
         run_dir=str(run_dir), target=str(assets / "target"), compute_dtype="float32",
-        sources=(train.SourceConfig(name="src", checkpoint=str(assets / "source")),),
-        data=train.DataConfig(corpus=CorpusConfig(format="jsonl", paths=(str(assets / "corpus.jsonl"),),
+        sources=(schema.TeacherConfig(name="src", checkpoint=str(assets / "source")),),
+        data=schema.DataConfig(corpus=CorpusConfig(format="jsonl", paths=(str(assets / "corpus.jsonl"),),
                                                   domain_field="domain"),
                               max_tokens=40, validation_fraction=0.2),
-        capture=train.CaptureSettings(k=4, seq_len=48, batch_size=8, docs_per_shard=8, param_dtype="float32",
+        capture=schema.CaptureSettings(k=4, seq_len=48, batch_size=8, docs_per_shard=8, param_dtype="float32",
                                       compute_dtype="float32"),
-        loader=train.LoaderConfig(seq_len=32, global_batch_size=8, k=4),
-        optimizer=train.OptimizerConfig(learning_rate=1e-2, warmup_ratio=0.0),
-        train=train.LoopConfig(steps=2, checkpoint_every=2, log_every=1, eval_batches=1, progress=False),
+        loader=schema.LoaderConfig(seq_len=32, global_batch_size=8, k=4),
+        optimizer=schema.OptimizerConfig(learning_rate=1e-2, warmup_ratio=0.0),
+        train=schema.LoopConfig(steps=2, checkpoint_every=2, log_every=1, eval_batches=1, progress=False),
         mesh=MeshConfig(data=2, fsdp=4),
     )
     return dataclasses.replace(base, **kw)
@@ -95,7 +97,7 @@ def _train_losses(run_dir: Path) -> dict[int, float]:
 
 def test_smoke_every_stage(assets, tmp_path):
     run = tmp_path / "run"
-    report = train.main(config(assets, run))
+    report = experiment.main(config(assets, run))
     assert report["steps"] == 2 and report["resumed_from"] == 0
     for p in ("documents/documents.json", "cache/target/train/manifest.json", "cache/src/validation/manifest.json",
               "checkpoints/2", "metrics.jsonl", "export/config.json", "report.json"):
@@ -108,7 +110,7 @@ def test_smoke_every_stage(assets, tmp_path):
     losses = _train_losses(run)
     assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
     # Re-running the finished run does every stage's "already complete" path and keeps the results.
-    again = train.main(config(assets, run))
+    again = experiment.main(config(assets, run))
     assert again["resumed_from"] == 2
 
 
@@ -116,15 +118,15 @@ def _one_step(assets, prepared, run_dir, mesh_cfg, **kw):
     """State and metrics after one step, on the shared documents and caches."""
     cfg = config(assets, run_dir, mesh=mesh_cfg, **prepared, **kw)
     from fusion_jax.data.loader import FusionLoader
-    from fusion_jax.train_step import abstract_state, host_metrics, init_state, jit_train_step, make_train_step
+    from fusion_jax.train.step import abstract_state, host_metrics, init_state, jit_train_step, make_train_step
     from fusion_jax import mesh as mesh_lib
 
     stages = config(assets, run_dir, **prepared)  # complete already: the stages only check
-    documents = train.documents_stage(stages)
-    teachers = train.capture_stage(stages, documents)
+    documents = pipeline.documents_stage(stages)
+    teachers = pipeline.capture_stage(stages, documents)
     n = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
     mesh = mesh_lib.make_mesh(mesh_cfg, jax.devices()[:n])
-    loader = FusionLoader(train.loader_config(cfg, teachers, "train"), documents, str(assets / "target"),
+    loader = FusionLoader(pipeline.loader_config(cfg, teachers, "train"), documents, str(assets / "target"),
                           mesh=mesh, rules=cfg.mesh.rules, progress=False)
     model_cfg, params = checkpoint.load(cfg.target, mesh, cfg.mesh.rules, param_dtype="float32",
                                         compute_dtype="float32")
@@ -139,7 +141,7 @@ def test_step_on_2x4_mesh_equals_one_device(assets, prepared, tmp_path):
     run = tmp_path / "run"
     # A small learning rate: Adam's first update is ±lr wherever |g| ≫ ε, so a larger one would only magnify
     # last-bit differences of tiny gradients.
-    opt = train.OptimizerConfig(learning_rate=1e-4, warmup_ratio=0.0)
+    opt = schema.OptimizerConfig(learning_rate=1e-4, warmup_ratio=0.0)
     sharded, m8 = _one_step(assets, prepared, run, MeshConfig(data=2, fsdp=4), optimizer=opt)
     single, m1 = _one_step(assets, prepared, run, MeshConfig(data=1, fsdp=1), optimizer=opt)
     for k in ("loss", "clm", "fusion", "grad_norm"):
@@ -150,7 +152,7 @@ def test_step_on_2x4_mesh_equals_one_device(assets, prepared, tmp_path):
 
 def test_gradient_accumulation_gives_the_same_step(assets, prepared, tmp_path):
     run = tmp_path / "run"
-    opt = train.OptimizerConfig(learning_rate=1e-4, warmup_ratio=0.0)
+    opt = schema.OptimizerConfig(learning_rate=1e-4, warmup_ratio=0.0)
     p1, m1 = _one_step(assets, prepared, run, MeshConfig(data=2, fsdp=4), optimizer=opt)
     p4, m4 = _one_step(assets, prepared, run, MeshConfig(data=2, fsdp=4),
                        optimizer=dataclasses.replace(opt, accumulation=4))
@@ -160,11 +162,11 @@ def test_gradient_accumulation_gives_the_same_step(assets, prepared, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def _cli(cfg: train.TrainConfig) -> subprocess.Popen:
+def _cli(cfg: schema.TrainConfig) -> subprocess.Popen:
     path = Path(cfg.run_dir).with_suffix(".yaml")
     import yaml
 
-    from fusion_jax import config_loader
+    from fusion_jax.config import loader as config_loader
 
     path.write_text(yaml.safe_dump(config_loader.to_dict(cfg)))
     return subprocess.Popen([sys.executable, "-m", "fusion_jax.train", "--config", str(path)], cwd=ROOT,
@@ -172,10 +174,10 @@ def _cli(cfg: train.TrainConfig) -> subprocess.Popen:
 
 
 def test_kill_9_and_resume_gives_the_same_losses(assets, prepared, tmp_path):
-    long = dict(train=train.LoopConfig(steps=8, checkpoint_every=2, log_every=1, eval_batches=1, progress=False,
+    long = dict(train=schema.LoopConfig(steps=8, checkpoint_every=2, log_every=1, eval_batches=1, progress=False,
                                        export=False), **prepared)
     straight = tmp_path / "straight"
-    train.main(config(assets, straight, **long))
+    experiment.main(config(assets, straight, **long))
     expected = _train_losses(straight)
     run = tmp_path / "killed"
     proc = _cli(config(assets, run, **long))
@@ -196,17 +198,17 @@ def test_kill_9_and_resume_gives_the_same_losses(assets, prepared, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, prepared, tmp_path):
     run = tmp_path / "run"
-    cfg = config(assets, run, optimizer=train.OptimizerConfig(learning_rate=1e30, warmup_ratio=0.0, grad_clip=0.0),
-                 train=train.LoopConfig(steps=6, checkpoint_every=1, log_every=1, eval_batches=1, progress=False),
+    cfg = config(assets, run, optimizer=schema.OptimizerConfig(learning_rate=1e30, warmup_ratio=0.0, grad_clip=0.0),
+                 train=schema.LoopConfig(steps=6, checkpoint_every=1, log_every=1, eval_batches=1, progress=False),
                  **prepared)
     with pytest.raises(FloatingPointError, match=r"step \d: the loss is not finite .* last good checkpoint is step \d"):
-        train.main(cfg)
+        experiment.main(cfg)
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and all(np.isfinite(v) for s, v in _train_losses(run).items() if s in steps)
 
 
 def test_dry_run_allocates_nothing_and_reports_bytes(assets, tmp_path, capsys):
-    report = train.main(config(assets, tmp_path / "dry", dry_run=True))
+    report = experiment.main(config(assets, tmp_path / "dry", dry_run=True))
     per = report["bytes_per_device"]
     params = report["params"]
     assert per["params"] * 8 >= params * 4 and per["opt_state"] >= per["params"]  # fsdp-sharded fp32, Adam μ and ν
@@ -219,12 +221,12 @@ def test_clm_only_run_without_teachers(assets, prepared, tmp_path):
     with pytest.raises(ValueError, match="lm_weight=1.0"):
         config(assets, tmp_path / "bad", sources=(), target_as_teacher=False).validate()
     clm_cfg = config(assets, tmp_path / "clm", sources=(), target_as_teacher=False, data=prepared["data"],
-                     loss=train.LossConfig(lm_weight=1.0), train=train.LoopConfig(
+                     loss=schema.LossConfig(lm_weight=1.0), train=schema.LoopConfig(
                          steps=1, checkpoint_every=1, log_every=1, eval_batches=1, progress=False, export=False))
-    report = train.main(clm_cfg)
+    report = experiment.main(clm_cfg)
     assert report["train"]["win_rate"] == {} and report["train"]["fusion_tokens"] == 0
     assert np.isfinite(report["eval"]["bits_per_byte"]) and "cache" not in os.listdir(tmp_path / "clm")
-    fused = train.main(dataclasses.replace(clm_cfg, run_dir=str(tmp_path / "fused"), cache_dir=prepared["cache_dir"],
+    fused = experiment.main(dataclasses.replace(clm_cfg, run_dir=str(tmp_path / "fused"), cache_dir=prepared["cache_dir"],
                                            sources=config(assets, tmp_path).sources, target_as_teacher=True,
-                                           loss=train.LossConfig(lm_weight=0.9)))
+                                           loss=schema.LossConfig(lm_weight=0.9)))
     assert fused["train"]["clm"] == pytest.approx(report["train"]["clm"], rel=1e-6)

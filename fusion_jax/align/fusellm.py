@@ -28,7 +28,13 @@ import numpy as np
 
 from fusion_jax.align.dtw import DtwAlignment, TieOrder, dtw
 from fusion_jax.align.transfer import (
-    ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER, SparseRows, _check_topk, covering, empty_rows,
+    ROW_EMPTY,
+    ROW_ONEHOT,
+    ROW_TEACHER,
+    SparseRows,
+    _check_topk,
+    covering,
+    empty_rows,
 )
 from fusion_jax.align.vocab import prefix_char
 from fusion_jax.tokenizers import Tokenizer

@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fusion_jax.config.model import ModelConfig, RopeScaling
 from fusion_jax.errors import CheckpointError
-from fusion_jax.models.config import ModelConfig, RopeScaling
 
 Path = tuple[str, ...]
 Arrays = list[np.ndarray]

@@ -31,14 +31,15 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from fusion_jax import config_loader, mesh as mesh_lib
+from fusion_jax import mesh as mesh_lib
+from fusion_jax.config import loader as config_loader
+from fusion_jax.config.model import ModelConfig
 from fusion_jax.convert import hf, integrity
 from fusion_jax.convert.architectures import architecture
 from fusion_jax.convert.hf import CheckpointError
 from fusion_jax.errors import RunDirError, UserError
 from fusion_jax.files import check_output_path, check_replaceable, commit_directory, read_json
 from fusion_jax.models import decoder
-from fusion_jax.models.config import ModelConfig
 from fusion_jax.tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger("fusion_jax.convert")

@@ -18,11 +18,11 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from fusion_jax.config.model import ModelConfig
 from fusion_jax.convert.architectures import HF_CLASSES, TensorGroup, architecture
 from fusion_jax.errors import CheckpointError
 from fusion_jax.files import read_json
 from fusion_jax.models import decoder
-from fusion_jax.models.config import ModelConfig
 
 FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors → param_dtype
 # Buffers some checkpoints carry that are recomputed, not learned.

@@ -27,16 +27,15 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from fusion_jax.config_loader import option as _help
-from fusion_jax.errors import ConfigError, InputError
+from fusion_jax.config.schema import CorpusConfig
+from fusion_jax.errors import InputError
 
 __all__ = ["CorpusConfig", "CorpusError", "Document", "read_documents", "split_of"]
 
 log = logging.getLogger(__name__)
 
-Format = Literal["text", "jsonl", "parquet", "hf", "tfds"]
 DEFAULT_GLOB = {"text": "**/*.txt", "jsonl": "**/*.jsonl", "parquet": "**/*.parquet"}
 _MISSING = object()
 
@@ -52,40 +51,6 @@ class Document:
     id: str
     text: str
     domain: str
-
-
-@dataclasses.dataclass(frozen=True)
-class CorpusConfig:
-    """Where the documents come from and which record fields hold text, id and domain."""
-
-    format: Format = _help(
-        "text (one document per file), jsonl (one per line), parquet, hf (datasets), tfds (array_record)", "jsonl")
-    paths: tuple[str, ...] = _help(
-        "files or directories; for hf a saved dataset directory or a hub id; for tfds the dataset name", ())
-    glob: str = _help("files taken from a directory (default **/*.txt, **/*.jsonl, **/*.parquet by format), sorted", "")
-    text_field: str = _help("record field holding the text", "text")
-    id_field: str = _help("record field holding a unique id (default: positional ids, see fusion_jax.data.corpus)", "")
-    domain_field: str = _help("record field holding the domain (default: every document gets `domain`)", "")
-    domain: str = _help("domain when domain_field is empty", "default")
-    split: str = _help("hf/tfds split to read", "train")
-    data_dir: str = _help("tfds data_dir (default: TFDS's own)", "")
-    max_documents: int = _help("stop after this many documents (0 = all)", 0, minimum=0)
-
-    def validate(self) -> None:
-        """Checks the settings; paths may be empty here (a config that reads prepared documents has no corpus):
-        :meth:`require` is the check before reading."""
-        if self.format in ("hf", "tfds") and len(self.paths) != 1:
-            raise ConfigError(f"format {self.format!r} reads one dataset, got {len(self.paths)} paths: {list(self.paths)}")
-        if self.format == "text" and (self.id_field or self.domain_field):
-            raise ConfigError("format 'text' has no record fields: leave id_field and domain_field empty")
-        if not self.text_field:
-            raise ConfigError("text_field must not be empty")
-
-    def require(self) -> None:
-        """:meth:`validate`, and there must be something to read."""
-        if not self.paths:
-            raise ConfigError("paths is required: files or directories, a saved hf dataset or hub id, or a TFDS name")
-        self.validate()
 
 
 def split_of(doc_id: str, validation_fraction: float) -> str:

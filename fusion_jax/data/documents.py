@@ -27,8 +27,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fusion_jax.errors import InputError
 from fusion_jax.data.corpus import Document
+from fusion_jax.errors import InputError
 
 __all__ = ["DocumentStore", "DocumentWriter", "StoreError", "SPLITS", "read_meta", "write_documents"]
 

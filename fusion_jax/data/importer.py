@@ -66,10 +66,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from fusion_jax.errors import InputError
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.data.corpus import Document
 from fusion_jax.data.documents import SPLITS, DocumentWriter
+from fusion_jax.errors import InputError
 from fusion_jax.tokenizers import Tokenizer, load_tokenizer
 
 __all__ = ["FuseLLMImportError", "import_fusellm", "teacher_columns", "IMPORT_FILE"]

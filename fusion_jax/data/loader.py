@@ -34,7 +34,7 @@ A batch (leading dimension B = global batch size; numpy per host, ``jax.Array`` 
         seq_bpb   float32[B]         the teacher's CE summed over its tokens whose span lies inside the block's text
                                      (and that it predicted: not its first token of a document), over ln 2 × those
                                      tokens' bytes; NaN when the block holds no such byte
-      an *online* teacher (``TeacherSpec.online``: no cache, its forward runs inside the train step,
+      an *online* teacher (``TeacherConfig.mode == 'online'``: no cache, its forward runs inside the train step,
       ``fusion_jax/online.py``) ships its inputs and the alignment table instead of rows (Ts = its ``seq_len``):
         src_tokens       int32[B, Ts]    the source tokens of the block's document pieces, one segment per piece
         src_segment_ids  int32[B, Ts]    1, 2, … (the piece's target segment id), 0 = padding
@@ -70,108 +70,25 @@ import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from fusion_jax.errors import ConfigError, InputError
-from fusion_jax.align.transfer import FALLBACKS, ROW_EMPTY, SparseRows, covering, transfer_topk
-from fusion_jax.config_loader import option as _field
-from fusion_jax.files import atomic_path
+from fusion_jax.align.transfer import ROW_EMPTY, SparseRows, covering, transfer_topk
+from fusion_jax.config.schema import LoaderConfig, TeacherConfig
 from fusion_jax.data.packing import PackingPlan, block_layout
 from fusion_jax.data.teacher_cache import CacheError, TeacherCache
+from fusion_jax.errors import InputError
+from fusion_jax.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-ALIGN_MODES = ("bytes", "fusellm")
-BYTES_MAPS = ("prefix", "exact", "identity")
 _LENGTHS_VERSION = 1
 _STEPS_AHEAD = 1 << 40  # the grain range is "infinite"
 
 
 class LoaderError(InputError):
     """A loader that cannot be built or a batch that cannot be made; the message names the teacher and field."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherSpec:
-    """One teacher: its cache (or ``online``), its tokenizer and how its rows are aligned to the target."""
-
-    cache: str = _field("teacher cache directory (python -m fusion_jax.capture); empty for an online teacher")
-    tokenizer: str = _field("the teacher's tokenizer (tokenizer.json, SentencePiece .model, or a directory)")
-    name: str | None = _field("name in messages and metrics (default: the cache directory's name)", None)
-    align: Literal["bytes", "fusellm"] = _field("bytes: exact byte alignment (default); fusellm: official DTW",
-                                                "bytes")
-    vocab_map: Literal["prefix", "exact", "identity"] = _field(
-        "bytes mode: source→target vocabulary map (identity: a teacher with the target's own tokenizer)", "prefix")
-    fallback: Literal["onehot_next", "mask"] = _field("bytes mode: rows without a teacher row", "onehot_next")
-    vocab_align: Literal["hard", "soft"] = _field("fusellm mode: EM (hard) or MinED (soft) acceptance", "hard")
-    onehot_target: Literal["current", "next"] = _field("fusellm mode: one-hot on the current (official) or next token",
-                                                       "current")
-    tie_order: Literal["official", "fusechat_v2"] = _field("fusellm mode: DTW tie order", "official")
-    online: bool = _field("no cache: the loader ships the source tokens and the alignment table, the train step runs "
-                          "the teacher (align=bytes only)", False)
-    seq_len: int = _field("online: source tokens per block (Ts); 0 = 2 × the loader's seq_len", 0, minimum=0)
-
-    @property
-    def label(self) -> str:
-        return self.name or Path(self.cache or self.tokenizer).name
-
-    def source_len(self, target_len: int) -> int:
-        """Ts, the online source block length."""
-        return self.seq_len or 2 * target_len
-
-    def validate(self) -> None:
-        if self.online:
-            if self.align != "bytes":
-                raise ConfigError(f"teacher {self.label}: online teachers support align='bytes' only, got "
-                                 f"{self.align!r}: the fusellm DTW alignment is host-side string work on the "
-                                 "teacher's top-k per document and needs the cached path (online=false, capture first)")
-            if self.seq_len < 0:
-                raise ConfigError(f"teacher {self.label}: seq_len must be >= 0 (0 = 2 × the target's), got "
-                                 f"{self.seq_len}")
-        elif not self.cache:
-            raise ConfigError(f"teacher {self.label}: cache is required unless online=true")
-        if self.align not in ALIGN_MODES:
-            raise ConfigError(f"teacher {self.label}: align must be one of {ALIGN_MODES}, got {self.align!r}")
-        if self.vocab_map not in BYTES_MAPS:
-            raise ConfigError(f"teacher {self.label}: vocab_map must be one of {BYTES_MAPS}, got {self.vocab_map!r}")
-        if self.fallback not in FALLBACKS:
-            raise ConfigError(f"teacher {self.label}: fallback must be one of {FALLBACKS}, got {self.fallback!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoaderConfig:
-    """Packing, batching and teachers of the fusion loader."""
-
-    teachers: tuple[TeacherSpec, ...] = _field("the teachers, in order", ())
-    seq_len: int = _field("tokens per block (T)", 2048, minimum=1)
-    global_batch_size: int = _field("blocks per global batch (B), over all processes", 128, minimum=1)
-    seed: int = _field("shuffling seed: epoch e visits documents in default_rng([seed, e]).permutation(N)", 0)
-    k: int = _field("candidates per position after transfer (each teacher's cache needs at least k)", 10, minimum=1)
-    append_eos: bool = _field("append the target's EOS to every document (must match the caches)", True)
-    mask_documents: bool = _field("one segment per document piece; false = official (attend across documents)", True)
-    worker_count: int = _field("grain worker processes (0: build batches in this process)", 0, minimum=0)
-    prefetch: int = _field("batches buffered ahead (per worker with workers)", 2, minimum=0)
-    cache_dir: str | None = _field("vocab maps and document lengths cache (default $FUSION_JAX_CACHE)", None)
-    doc_cache: int = _field("documents kept per worker (target encoding + transferred rows), for straddling docs", 32,
-                            minimum=0)
-    verify: Literal["full", "size"] = _field(
-        "teacher cache check at start: sizes (default; ArrayRecord's chunk hashes still catch corrupted reads) or "
-        "full sha256 of every shard (minutes for MiniPile-size caches, on every start)", "size")
-
-    def validate(self) -> None:
-        if min(self.seq_len, self.global_batch_size, self.k) <= 0:
-            raise ConfigError("seq_len, global_batch_size and k must be positive")
-        if self.worker_count < 0 or self.prefetch < 0 or self.doc_cache < 0:
-            raise ConfigError("worker_count, prefetch and doc_cache must be non-negative")
-        if self.verify not in ("full", "size"):
-            raise ConfigError(f"verify must be 'full' or 'size', got {self.verify!r}")
-        for t in self.teachers:
-            t.validate()
-        labels = [t.label for t in self.teachers]
-        if len(set(labels)) != len(labels):
-            raise ConfigError(f"teacher names must be unique, got {labels}: set teachers[i].name")
 
 
 # ------------------------------------------------------------------------------------------------ document lengths
@@ -268,7 +185,7 @@ class _Teacher:
     """A teacher at run time: its opened cache and the tables its transfer needs. Picklable (the tokenizers and the
     FuseLLM pair tables are rebuilt lazily in each worker)."""
 
-    def __init__(self, spec: TeacherSpec, cache: TeacherCache | None, tokenizer_path: str, target_path: str,
+    def __init__(self, spec: TeacherConfig, cache: TeacherCache | None, tokenizer_path: str, target_path: str,
                  table: np.ndarray | None, tokenizer=None):
         self.spec, self.name, self.cache = spec, spec.label, cache  # cache None: an online teacher
         self.tokenizer_path, self.target_path = tokenizer_path, target_path
@@ -572,7 +489,7 @@ class _LocalBatch:
 # ------------------------------------------------------------------------------------------------ the loader
 
 
-def _check_teacher(spec: TeacherSpec, cache: TeacherCache, src, cfg: LoaderConfig, store) -> None:
+def _check_teacher(spec: TeacherConfig, cache: TeacherCache, src, cfg: LoaderConfig, store) -> None:
     m = cache.manifest
     name = spec.label
 
@@ -581,7 +498,7 @@ def _check_teacher(spec: TeacherSpec, cache: TeacherCache, src, cfg: LoaderConfi
 
     if m.get("tokenizer") != src.fingerprint:
         raise fail("tokenizer", f"the cache was captured with tokenizer fingerprint {str(m.get('tokenizer'))[:16]}… "
-                   f"but {spec.tokenizer} has {src.fingerprint[:16]}…: give the tokenizer the teacher was captured "
+                   f"but {spec.tokenizer_path} has {src.fingerprint[:16]}…: give the tokenizer the teacher was captured "
                    "with, or capture again")
     if cache.k < cfg.k:
         raise fail("k", f"the cache holds top-{cache.k} per position but the loader needs k={cfg.k}: lower k or "
@@ -663,13 +580,13 @@ class FusionLoader:
 
         teachers = []
         for spec in cfg.teachers:
-            src = load_tokenizer(spec.tokenizer)
+            src = load_tokenizer(spec.tokenizer_path)
             if spec.online:
                 if cfg.append_eos and src.eos_id is None:
-                    raise LoaderError(f"teacher {spec.label}: tokenizer {spec.tokenizer} has no EOS token, needed "
+                    raise LoaderError(f"teacher {spec.label}: tokenizer {spec.tokenizer_path} has no EOS token, needed "
                                       "with append_eos=true")
                 table = vocab_map(src, target, spec.vocab_map, cfg.cache_dir)
-                teachers.append(_Teacher(spec, None, str(spec.tokenizer), self.target_path, table, src))
+                teachers.append(_Teacher(spec, None, spec.tokenizer_path, self.target_path, table, src))
                 continue
             cache = TeacherCache(spec.cache, verify=cfg.verify)
             _check_teacher(spec, cache, src, cfg, self.store)
@@ -679,7 +596,7 @@ class FusionLoader:
                 table = vocab_map(src, target, "mined", cfg.cache_dir)
             else:
                 table = None
-            teachers.append(_Teacher(spec, cache, str(spec.tokenizer), self.target_path, table))
+            teachers.append(_Teacher(spec, cache, spec.tokenizer_path, self.target_path, table))
 
         raw = target_lengths(self.store, target, self.target_path, cfg.cache_dir, workers=cfg.worker_count,
                              progress=progress)
@@ -792,7 +709,7 @@ class FusionLoader:
             sh = self.sharding(len(shape)) if self.mesh is not None else None
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
 
-        def teacher(spec: TeacherSpec) -> dict:
+        def teacher(spec: TeacherConfig) -> dict:
             if spec.online:
                 Ts = spec.source_len(T)
                 return {"src_tokens": s((B, Ts), np.int32), "src_segment_ids": s((B, Ts), np.int32),

@@ -2,8 +2,7 @@
 (CLM + fusion CE/KL from one log-sum-exp per position, optionally over sequence chunks)."""
 
 from fusion_jax.fusion.fuse import FusedTarget, FusionConfig, Teachers, fuse
-from fusion_jax.fusion.losses import (LossConfig, block_means, lm_weight, make_fusion_mask, sparse_losses,
-                                      total_loss)
+from fusion_jax.fusion.losses import LossConfig, block_means, lm_weight, make_fusion_mask, sparse_losses, total_loss
 
 __all__ = [
     "FusedTarget",

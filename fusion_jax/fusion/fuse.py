@@ -50,87 +50,14 @@ dense bf16 target entry for entry (``tests/test_fusion.py`` checks this on the F
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Any, Literal, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fusion_jax.align.transfer import ROW_EMPTY, ROW_TEACHER
-from fusion_jax.config_loader import option as _help
-from fusion_jax.errors import ConfigError
-
-METHODS = ("min_ce", "avg_ce")
-GRANULARITIES = ("sequence", "token")
-SCORES = ("bpb", "ce")
-AVG_WEIGHTS = ("official", "softmax")
-EMPTY_ROWS = ("skip", "first_teacher")
-
-
-@dataclasses.dataclass(frozen=True)
-class FusionConfig:
-    """How K teachers' rows become one target (FuseLLM's fusion function)."""
-
-    method: Literal["min_ce", "avg_ce"] = _help(
-        "min_ce: the best-scoring teacher's row (paper's MinCE); avg_ce: a score-weighted mixture (AvgCE)", "min_ce")
-    granularity: Literal["sequence", "token"] = _help(
-        "sequence: one choice per block from the block scores (official); token: per position from −log p_j(label) "
-        "(a fallback one-hot row takes part only where no teacher has a real row, and wins nothing)",
-        "sequence")
-    score: Literal["bpb", "ce"] = _help(
-        "sequence score: bpb = the loader's seq_bpb (bits per byte, comparable across tokenizers); ce = the "
-        "official seq_ce (mean CE on each teacher's own tokens)", "bpb")
-    avg_weights: Literal["official", "softmax"] = _help(
-        "avg_ce weights: official = softmax_j(exp(−score_j)) (the code's formula, nearly uniform); "
-        "softmax = softmax_j(−score_j / temperature)", "softmax")
-    temperature: float = _help("τ of avg_weights=softmax", 1.0, exclusive_minimum=0)
-    teacher_temperature: float = _help(
-        "T dividing each teacher's log-weights before the softmax over its kept entries (official default 1)", 1.0,
-        exclusive_minimum=0)
-    teacher_weights: tuple[float, ...] = _help(
-        "static per-teacher multipliers, one per teacher (empty: all 1). avg_ce multiplies the weights and "
-        "renormalises; min_ce picks argmin of score − log(weight); 0 excludes a teacher from the target", (),
-        minimum=0)
-    empty_rows: Literal["skip", "first_teacher"] = _help(
-        "a teacher without a row at a position: skip = it does not take part there (weights renormalised over the "
-        "others); first_teacher = it uses teacher 0's row (the official collator's substitution)", "skip")
-    compat_bf16: bool = _help(
-        "official numerics: bf16 teacher softmax, bf16 rewards 1/exp(bf16(score)), ties to the first teacher, "
-        "target rounded to bf16", False)
-
-    def validate(self) -> None:
-        for name, options in (("method", METHODS), ("granularity", GRANULARITIES), ("score", SCORES),
-                              ("avg_weights", AVG_WEIGHTS), ("empty_rows", EMPTY_ROWS)):
-            if getattr(self, name) not in options:
-                raise ConfigError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
-        for name in ("temperature", "teacher_temperature"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise ConfigError(f"{name} must be a positive number, got {v!r}")
-        w = self.teacher_weights
-        if any(not (math.isfinite(x) and x >= 0) for x in w):
-            raise ConfigError(f"teacher_weights must be finite and >= 0, got {list(w)}")
-        if w and not any(x > 0 for x in w):
-            raise ConfigError(f"teacher_weights must have a positive entry, got {list(w)}")
-
-    def weights_for(self, num_teachers: int) -> np.ndarray:
-        """float64[K] static teacher multipliers (all 1 when ``teacher_weights`` is empty)."""
-        if not self.teacher_weights:
-            return np.ones(num_teachers)
-        if len(self.teacher_weights) != num_teachers:
-            raise ConfigError(f"teacher_weights has {len(self.teacher_weights)} entries but there are {num_teachers} "
-                             "teachers: give one weight per teacher, in config order")
-        return np.asarray(self.teacher_weights, np.float64)
-
-    @classmethod
-    def official(cls, method: Literal["min_ce", "avg_ce"] = "min_ce", **kw: Any) -> "FusionConfig":
-        """The official FuseLLM fusion (MinCE by default): block CE scores, bf16 numerics, empty rows → teacher 0."""
-        base = dict(method=method, granularity="sequence", score="ce", avg_weights="official",
-                    empty_rows="first_teacher", compat_bf16=True)
-        base.update(kw)
-        return cls(**base)
+from fusion_jax.config.schema import FusionConfig
 
 
 class Teachers(NamedTuple):

@@ -25,50 +25,13 @@ A chunk size that does not divide T is fine (the last chunk is padded and the pa
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from fusion_jax.config_loader import option as _help
-from fusion_jax.errors import ConfigError
+from fusion_jax.config.schema import LossConfig
 from fusion_jax.fusion.fuse import FusedTarget
-
-LM_SCHEDULES = ("constant", "hard_and_decay")
-FUSION_LOSSES = ("ce", "kl")
-FUSION_MASKS = ("next_label", "attention")
-REDUCTIONS = ("tokens", "blocks")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """The training objective λ·CLM + (1−λ)·fusion."""
-
-    lm_weight: float = _help("λ, the CLM weight (paper: 0.9)", 0.9, minimum=0, maximum=1)
-    lm_weight_schedule: Literal["constant", "hard_and_decay"] = _help(
-        "constant: λ; hard_and_decay (official option): λ_t = λ + (1−λ)·step/max_steps", "constant")
-    fusion_loss: Literal["ce", "kl"] = _help(
-        "fusion term: cross-entropy to the fused target, or KL (= CE − H(p))", "ce")
-    fusion_mask: Literal["next_label", "attention"] = _help(
-        "positions of the fusion term: next_label = those with a CLM label (FuseChat's fix); attention = every "
-        "non-pad position, incl. each block's last (official FuseLLM)", "next_label")
-    reduction: Literal["tokens", "blocks"] = _help(
-        "tokens: Σ over the global batch / token count; blocks: mean of per-block means (official bs=1 runs)",
-        "tokens")
-    chunk_size: int = _help(
-        "positions per chunk of the student's logits (recomputed in the backward pass); 0 = all at once", 0,
-        minimum=0)
-
-    def validate(self) -> None:
-        if not 0.0 <= self.lm_weight <= 1.0:
-            raise ConfigError(f"lm_weight must be in [0, 1], got {self.lm_weight!r}")
-        for name, options in (("lm_weight_schedule", LM_SCHEDULES), ("fusion_loss", FUSION_LOSSES),
-                              ("fusion_mask", FUSION_MASKS), ("reduction", REDUCTIONS)):
-            if getattr(self, name) not in options:
-                raise ConfigError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
-        if self.chunk_size < 0:
-            raise ConfigError(f"chunk_size must be >= 0 (0 = unchunked), got {self.chunk_size}")
 
 
 def lm_weight(cfg: LossConfig, step: Any = 0, max_steps: Any = 1) -> jax.Array:

@@ -1,6 +1,6 @@
 """One decoder family (Llama/Mistral/Qwen2, GPT-NeoX, MPT) as pure functions over a params tree."""
 
-from fusion_jax.models.config import ModelConfig, RopeScaling
+from fusion_jax.config.model import ModelConfig, RopeScaling
 from fusion_jax.models.decoder import (
     abstract_params,
     apply,

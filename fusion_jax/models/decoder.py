@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from fusion_jax import mesh as mesh_lib
+from fusion_jax.config.model import ModelConfig
 from fusion_jax.models import layers
-from fusion_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
 Rules = dict[str, tuple[str, ...]]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusion_jax.models.config import ModelConfig
+from fusion_jax.config.model import ModelConfig
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,

@@ -5,11 +5,11 @@ After the fusion run in ``<run_dir>``:
 1. the CLM baseline: the same target start, the same documents, batches (the loader's packing depends on the target
    tokens and the seed only), optimizer and steps, with λ = 1 and no teachers, in ``<run_dir>/clm``;
 2. held-out bits per byte of the starting target and of every source (each with its own tokenizer; bits per byte is
-   comparable across tokenizers) on the documents the runs were evaluated on (``fusion_jax.evaluate``), cached in
+   comparable across tokenizers) on the documents the runs were evaluated on (``fusion_jax.evaluate.bpb``), cached in
    ``<run_dir>/evaluations.json`` by model and settings;
 3. the alignment audit of every source → target pair on the held-out text (``fusion_jax.align.audit``, both modes);
 4. ``report.md``, ``plots/*.png`` and ``report.json`` with ``{"bpb": {"fused"|"clm"|"target_init"|"source:<name>":
-   {"<domain>"|"all": bits per byte}}}`` (``fusion_jax.report``).
+   {"<domain>"|"all": bits per byte}}}`` (``fusion_jax.experiments.report``).
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ import logging
 import time
 from pathlib import Path
 
-from fusion_jax import config_loader
+from fusion_jax.config import loader as config_loader
 from fusion_jax.errors import RunDirError
 from fusion_jax.files import atomic_write_json, read_json
 
-log = logging.getLogger("fusion_jax.compare")
+log = logging.getLogger("fusion_jax.experiments.compare")
 
 _RECOMPUTED = "a cache of this comparison: delete it and it is recomputed"
 
 
 def baseline_config(cfg, documents: str):
     """The CLM baseline of ``cfg``: no teachers, λ = 1, same start, documents, loader, optimizer and steps."""
-    from fusion_jax.demo.build import DemoConfig
+    from fusion_jax.experiments.demo.build import DemoConfig
 
     return dataclasses.replace(
         cfg, run_dir=str(Path(cfg.run_dir) / "clm"), sources=(), target_as_teacher=False,
@@ -55,7 +55,7 @@ def evaluate_models(cfg, documents: str, cache: Path) -> dict[str, dict[str, flo
     from fusion_jax import mesh as mesh_lib
     from fusion_jax.convert import checkpoint
     from fusion_jax.data.documents import DocumentStore
-    from fusion_jax.evaluate import evaluate_bpb
+    from fusion_jax.evaluate.bpb import evaluate_bpb
     from fusion_jax.tokenizers import load_tokenizer
 
     store = DocumentStore(documents, "validation")
@@ -128,8 +128,8 @@ def main(cfg, fused_report: dict) -> dict:
     """Baseline, evaluations, audit and report after the fusion run ``cfg`` (see the module docstring)."""
     import jax
 
-    from fusion_jax import train
-    from fusion_jax.report import write_report
+    from fusion_jax.experiments.report import write_report
+    from fusion_jax.pipeline import run as train
 
     run = Path(cfg.run_dir)
     times = {}

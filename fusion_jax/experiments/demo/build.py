@@ -6,7 +6,7 @@
    in every stage, so no model ever trains on a held-out document.
 2. ``tokenizers/<model>/``: each model's tokenizer, trained on the train split of the text it is pretrained on.
 3. ``init/<model>/``: a random initialisation in our format, with its Hugging Face model type (Llama, MPT, GPT-NeoX).
-4. ``pretrain/<model>/``: a CLM-only run of ``fusion_jax.train`` (no teachers, λ = 1) on the model's domain;
+4. ``pretrain/<model>/``: a CLM-only run of ``fusion_jax.pipeline.run`` (no teachers, λ = 1) on the model's domain;
    its export moves to ``hf/<model>/``, a Hugging Face checkpoint directory (safetensors, config.json, tokenizer):
    the sources enter the fusion run from there through ``convert``, exactly as a user's checkpoints do, and the
    target starts from its own.
@@ -22,92 +22,14 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
-from fusion_jax import config_loader
-from fusion_jax.config_loader import option as _help
+from fusion_jax.config import loader as config_loader
+from fusion_jax.config.schema import DemoConfig, DemoModel, TeacherConfig
 from fusion_jax.errors import ConfigError, RunDirError
 from fusion_jax.files import atomic_write_text, commit_directory, json_dumps, read_json
 
-log = logging.getLogger("fusion_jax.demo")
-
-DOMAINS = ("code", "prose")
-ARCHITECTURES = ("llama", "mpt", "gpt_neox")
-TOKENIZERS = ("sentencepiece", "byte_level", "byte_level_digits")
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoModel:
-    """One model of the demo: its tokenizer, architecture, size and pretraining."""
-
-    name: str = _help("name (the sources' names in metrics and the report)")
-    architecture: Literal["llama", "mpt", "gpt_neox"] = _help("Hugging Face family it is written as", "llama")
-    tokenizer: Literal["sentencepiece", "byte_level", "byte_level_digits"] = _help(
-        "sentencepiece: ▁ and byte fallback (Llama-2-like); byte_level: Ġ (GPT-NeoX/MPT-like); byte_level_digits: "
-        "byte-level with single digits", "byte_level")
-    vocab_size: int = _help("tokenizer vocabulary", 2048, minimum=1)
-    hidden_size: int = _help("model width", 128, minimum=1)
-    num_layers: int = _help("layers", 2, minimum=1)
-    num_heads: int = _help("attention heads", 4, minimum=1)
-    domain: Literal["code", "prose", "mix"] = _help("what it is pretrained on (mix: both domains)", "mix")
-    steps: int = _help("pretraining steps", 100, minimum=1)
-    learning_rate: float = _help("pretraining peak learning rate", 3e-3, exclusive_minimum=0)
-
-    def validate(self) -> None:
-        if not self.name or self.name == "target":
-            raise ConfigError(f"a demo model needs a name other than 'target', got {self.name!r}")
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "steps"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{self.name}.{key} must be positive, got {getattr(self, key)}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"{self.name}: hidden_size {self.hidden_size} must be a multiple of num_heads "
-                             f"{self.num_heads}")
-
-
-def _target() -> DemoModel:
-    return DemoModel(name="llama_mix", architecture="llama", tokenizer="sentencepiece", vocab_size=2048,
-                     hidden_size=128, num_layers=2, num_heads=4, domain="mix", steps=60)
-
-
-def _code() -> DemoModel:
-    return DemoModel(name="mpt_code", architecture="mpt", tokenizer="byte_level", vocab_size=2048, hidden_size=128,
-                     num_layers=2, num_heads=4, domain="code", steps=300)
-
-
-def _prose() -> DemoModel:
-    return DemoModel(name="neox_prose", architecture="gpt_neox", tokenizer="byte_level_digits", vocab_size=3072,
-                     hidden_size=128, num_layers=2, num_heads=4, domain="prose", steps=300)
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """The built-in demo: corpus, tokenizers and models made at run time; fills target, sources and data.corpus."""
-
-    enabled: bool = _help("build the demo's assets first and fuse them (configs/demo.yaml)", False)
-    seed: int = _help("seed of the corpus order, the initialisations and the data order", 0)
-    code_bytes: int = _help("code domain: UTF-8 bytes of standard-library source", 2_000_000, minimum=1)
-    prose_bytes: int = _help("prose domain: UTF-8 bytes of pydoc topics and docstrings (Python 3.11 has ≈ 1.1 MB "
-                             "at 12 kB per document; a larger budget takes all of it)", 1_200_000, minimum=1)
-    mix_bytes: int = _help("bytes of each domain in the fusion run's corpus", 450_000, minimum=1)
-    max_document_bytes: int = _help("longer files are cut at a line boundary", 12_000, minimum=1)
-    target: DemoModel = _help("the target, pretrained briefly on both domains", default_factory=_target)
-    code: DemoModel = _help("source A, pretrained on code", default_factory=_code)
-    prose: DemoModel = _help("source B, pretrained on prose", default_factory=_prose)
-    pretrain_batch_size: int = _help("pretraining blocks per step", 8, minimum=1)
-    pretrain_seq_len: int = _help("pretraining tokens per block", 256, minimum=1)
-
-    def validate(self) -> None:
-        for key in ("code_bytes", "prose_bytes", "mix_bytes", "max_document_bytes", "pretrain_batch_size",
-                    "pretrain_seq_len"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"demo.{key} must be positive, got {getattr(self, key)}")
-        names = [m.name for m in (self.target, *self.sources)]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"demo model names must be unique, got {names}")
-
-    @property
-    def sources(self) -> tuple[DemoModel, DemoModel]:
-        return self.code, self.prose
+log = logging.getLogger("fusion_jax.experiments.demo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +49,7 @@ class Assets:
 def _stage(directory: Path, settings: dict, comparable: Callable[[dict], dict] = lambda s: s) -> bool:
     """True when ``directory`` holds a finished stage with these settings (as ``comparable`` sees them: it drops what
     may change and normalises paths); raise, naming the keys, when they differ."""
-    from fusion_jax.train import differing_keys
+    from fusion_jax.pipeline.run import differing_keys
 
     marker = directory / "stage.json"
     if not marker.exists():
@@ -146,7 +68,7 @@ def _done(directory: Path, settings: dict) -> None:
 
 def corpus_stage(demo: DemoConfig, out: Path, validation_fraction: float) -> tuple[Path, Path, Path]:
     """→ (code.jsonl, prose.jsonl, mix.jsonl) under ``out``."""
-    from fusion_jax.demo.corpus import write_stdlib_corpus
+    from fusion_jax.experiments.demo.corpus import write_stdlib_corpus
 
     settings = {"seed": demo.seed, "code_bytes": demo.code_bytes, "prose_bytes": demo.prose_bytes,
                 "mix_bytes": demo.mix_bytes, "max_document_bytes": demo.max_document_bytes,
@@ -200,7 +122,7 @@ def _domain_files(model: DemoModel, code: Path, prose: Path) -> list[Path]:
 
 
 def tokenizer_stage(model: DemoModel, files: list[Path], out: Path, validation_fraction: float) -> Path:
-    from fusion_jax.demo import tokenizers
+    from fusion_jax.experiments.demo import tokenizers
 
     settings = {"tokenizer": model.tokenizer, "vocab_size": model.vocab_size, "domain": model.domain,
                 "validation_fraction": validation_fraction}
@@ -220,7 +142,7 @@ def tokenizer_stage(model: DemoModel, files: list[Path], out: Path, validation_f
 
 def model_config(model: DemoModel, vocab_size: int):
     """The demo model's ModelConfig in its family's conventions (as its HF config would say)."""
-    from fusion_jax.models.config import ModelConfig
+    from fusion_jax.config.model import ModelConfig
 
     h = model.hidden_size
     common = dict(vocab_size=vocab_size, hidden_size=h, num_layers=model.num_layers, num_heads=model.num_heads,
@@ -235,7 +157,7 @@ def model_config(model: DemoModel, vocab_size: int):
         return ModelConfig(**common, intermediate_size=4 * h, norm="layer", norm_bias=True, norm_eps=1e-5,
                            mlp="plain", activation="gelu", mlp_bias=True, qkv_bias=True, out_bias=True,
                            parallel_residual=True, rotary_fraction=0.25)
-    raise ConfigError(f"{model.name}: architecture must be one of {ARCHITECTURES}, got {model.architecture!r}")
+    raise ConfigError(f"{model.name}: architecture must be one of ('llama', 'mpt', 'gpt_neox'), got {model.architecture!r}")
 
 
 def _multiple(x: int, m: int) -> int:
@@ -269,10 +191,10 @@ def init_stage(model: DemoModel, tokenizer_dir: Path, out: Path, seed: int, max_
 
 def pretrain_config(base, model: DemoModel, init: Path, files: list[Path], run_dir: Path):
     """A CLM-only ``TrainConfig`` (no teachers, λ = 1) that pretrains ``model`` from ``init`` on ``files``."""
-    from fusion_jax import train
     from fusion_jax.data.corpus import CorpusConfig
     from fusion_jax.fusion.losses import LossConfig
-    from fusion_jax.optim import OptimizerConfig
+    from fusion_jax.pipeline import run as train
+    from fusion_jax.train.optim import OptimizerConfig
 
     demo = base.demo
     corpus = CorpusConfig(format="jsonl", paths=tuple(str(f) for f in files), id_field="id", domain_field="domain")
@@ -294,7 +216,7 @@ def pretrain_config(base, model: DemoModel, init: Path, files: list[Path], run_d
 
 def pretrain_stage(base, model: DemoModel, init: Path, files: list[Path], run_dir: Path) -> Path:
     """Pretrain (resumable: the run's own checkpoints) → its Hugging Face export directory."""
-    from fusion_jax import train
+    from fusion_jax.pipeline import run as train
 
     cfg = pretrain_config(base, model, init, files, run_dir)
     settings = config_loader.to_dict(cfg)
@@ -334,11 +256,10 @@ def build(cfg) -> Assets:
 
 def apply(cfg):
     """The TrainConfig with the built demo's target, sources and corpus filled in (the fusion run's inputs)."""
-    from fusion_jax import train
     from fusion_jax.data.corpus import CorpusConfig
 
     assets = build(cfg)
-    sources = tuple(train.SourceConfig(name=name, checkpoint=path) for name, path in assets.sources.items())
+    sources = tuple(TeacherConfig(name=name, checkpoint=path) for name, path in assets.sources.items())
     corpus = CorpusConfig(format="jsonl", paths=(assets.mix,), id_field="id", domain_field="domain")
     return dataclasses.replace(cfg, target=assets.target, target_tokenizer="", sources=sources,
                                data=dataclasses.replace(cfg.data, documents="", corpus=corpus))

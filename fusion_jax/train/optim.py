@@ -12,34 +12,13 @@ Weight decay skips vectors (norm scales, biases), as Hugging Face's trainer does
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fusion_jax.config_loader import option as _help
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    learning_rate: float = _help("peak learning rate (FuseLLM: 1e-5)", 1e-5, exclusive_minimum=0)
-    schedule: Literal["cosine", "as_run", "constant"] = _help(
-        "cosine: warmup + cosine (the official flags); as_run: DeepSpeed's log warmup + linear decay (what the official "
-        "runs executed); constant: warmup then flat", "cosine")
-    warmup_ratio: float = _help("share of the steps spent warming up (FuseLLM: 0.008)", 0.008, minimum=0,
-                                exclusive_maximum=1)
-    min_lr_ratio: float = _help("cosine: final learning rate as a share of the peak", 0.0, minimum=0, maximum=1)
-    b1: float = _help("Adam β1", 0.9, minimum=0, exclusive_maximum=1)
-    b2: float = _help("Adam β2 (official flags 0.95; the as-run DeepSpeed optimizer used 0.999)", 0.95, minimum=0,
-                      exclusive_maximum=1)
-    eps: float = _help("Adam ε", 1e-8, exclusive_minimum=0)
-    weight_decay: float = _help("decoupled weight decay on matrices (not on norms or biases)", 0.0, minimum=0)
-    grad_clip: float = _help("clip the global gradient norm to this (0 = off)", 1.0, minimum=0)
-    accumulation: int = _help("micro-batches per optimizer step (each is global_batch_size / accumulation rows)", 1,
-                              minimum=1)
+from fusion_jax.config.schema import OptimizerConfig
 
 
 def warmup_steps(cfg: OptimizerConfig, steps: int) -> int:

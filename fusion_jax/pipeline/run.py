@@ -6,7 +6,7 @@ Stages, each skipped when its output is already complete (so re-running after a 
    (``fusion_jax/demo/build.py``), which then fill ``target``, ``sources`` and ``data.corpus``;
 1. documents: ``data.documents``, or prepared from ``data.corpus`` into ``<run_dir>/documents``;
 2. capture: every cached teacher (the target itself when ``target_as_teacher`` — the paper's setting — then
-   ``sources``) over the train and validation documents into ``<cache>/{train,validation}`` (``fusion_jax.capture``);
+   ``sources``) over the train and validation documents into ``<cache>/{train,validation}`` (``fusion_jax.data.capture``);
    an online teacher (``mode: online``) is not captured: its params are loaded once (frozen, sharded, in
    ``capture.param_dtype``) and it runs inside the train step on the source tokens the loader ships
    (``fusion_jax/online.py``);
@@ -45,168 +45,26 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 
-from fusion_jax import cli, config_loader, mesh as mesh_lib
-from fusion_jax.capture import CaptureConfig
-from fusion_jax.config_loader import option as _help
-from fusion_jax.data.corpus import CorpusConfig
-from fusion_jax.data.loader import FusionLoader, LoaderConfig, TeacherSpec
-from fusion_jax.demo.build import DemoConfig
-from fusion_jax.errors import ConfigError, InputError, RunDirError, UserError
+from fusion_jax import mesh as mesh_lib
+from fusion_jax.config import loader as config_loader
+from fusion_jax.config.model import ModelConfig
+from fusion_jax.config.schema import CaptureConfig, LoaderConfig, OptimizerConfig, TeacherConfig, TrainConfig
+from fusion_jax.data.loader import FusionLoader
+from fusion_jax.errors import RunDirError, UserError
 from fusion_jax.files import LOCK_FILE, DirectoryLock, atomic_write_json, json_dumps, read_json
-from fusion_jax.fusion.fuse import FusionConfig
-from fusion_jax.fusion.losses import LossConfig
-from fusion_jax.mesh import MeshConfig
 from fusion_jax.models import decoder
-from fusion_jax.models.config import DType, ModelConfig, RematPolicy
-from fusion_jax.optim import OptimizerConfig
 
-log = logging.getLogger("fusion_jax.train")
+log = logging.getLogger("fusion_jax.pipeline.run")
 SPLITS = ("train", "validation")
 
 # Dense bf16 peak FLOP/s per chip, for MFU (override with train.peak_flops).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "A100": 312e12, "H100": 989e12, "H200": 989e12}
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceConfig:
-    """A source (teacher) model: captured once and aligned to the target by the loader (cached), or run inside the
-    train step on the source tokens the loader ships with the alignment tables (online)."""
-
-    name: str = _help("name in metrics and cache paths")
-    checkpoint: str = _help("fusion_jax or Hugging Face model directory")
-    tokenizer: str = _help("its tokenizer (default: the checkpoint directory)", "")
-    cache: str = _help("teacher cache directory (default: <cache_dir>/<name>)", "")
-    align: Literal["bytes", "fusellm"] = _help("bytes (exact byte alignment) | fusellm (official DTW)", "bytes")
-    vocab_map: Literal["prefix", "exact", "identity"] = _help("bytes mode: prefix | exact | identity", "prefix")
-    fallback: Literal["onehot_next", "mask"] = _help(
-        "bytes mode: onehot_next | mask for positions without a teacher row", "onehot_next")
-    vocab_align: Literal["hard", "soft"] = _help("fusellm mode: hard (EM) | soft (MinED)", "hard")
-    onehot_target: Literal["current", "next"] = _help("fusellm mode: current (official) | next", "current")
-    tie_order: Literal["official", "fusechat_v2"] = _help("fusellm mode: official | fusechat_v2", "official")
-    mode: Literal["cached", "online"] = _help(
-        "cached (capture once, read the cache) | online (run inside the train step, no cache; align=bytes only)",
-        "cached")
-    seq_len: int = _help("online: source tokens per block (0: 2 × loader.seq_len); overflow falls back and is counted "
-                         "in the metrics' src_overflow", 0, minimum=0)
-
-
-MODES = ("cached", "online")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    documents: str = _help("prepared document store; empty: prepare data.corpus into <run_dir>/documents", "")
-    corpus: CorpusConfig = _help("corpus to prepare when documents is empty", default_factory=CorpusConfig)
-    max_tokens: int = _help("prepare: longest document in tokens of any tokenizer (FuseLLM: block − 48)", 2000,
-                            minimum=1)
-    validation_fraction: float = _help("prepare: share of documents held out", 0.01, minimum=0, exclusive_maximum=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class CaptureSettings:
-    k: int = _help("candidates stored per position", 10, minimum=1, maximum=255)
-    seq_len: int = _help("rows the sources run on (≥ max_tokens + 1)", 2048, minimum=2)
-    batch_size: int = _help("global rows per capture step", 8, minimum=1)
-    docs_per_shard: int = _help("documents per cache shard", 256, minimum=1)
-    param_dtype: DType = _help("sources' param dtype", "bfloat16")
-    compute_dtype: DType = _help("sources' compute dtype", "bfloat16")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-    steps: int = _help("optimizer steps", 1000, minimum=1)
-    checkpoint_every: int = _help("save every N steps (and at the end)", 100, minimum=1)
-    keep_checkpoints: int = _help("checkpoints kept", 3, minimum=1)
-    log_every: int = _help("metrics to JSONL / TensorBoard every N steps", 10, minimum=1)
-    eval_every: int = _help("held-out evaluation every N steps (0: only at the end)", 0, minimum=0)
-    eval_batches: int = _help("held-out batches for the fusion loss and win rates (0: bits per byte only)", 4,
-                              minimum=0)
-    eval_documents: int = _help("held-out documents for bits per byte (0: all)", 0, minimum=0)
-    peak_flops: float = _help("peak FLOP/s per device for MFU (0: by device kind)", 0.0, minimum=0)
-    export: bool = _help("export the trained target as a Hugging Face checkpoint at the end", True)
-    progress: bool = _help("progress bar", True)
-    extend: bool = _help("continue this run_dir's run to a new train.steps (more steps than it was started with); "
-                         "the learning-rate and λ schedules then span the new total, the warmup keeps its length "
-                         "(see fusion_jax.train.schedule_optimizer). Without it a changed train.steps is refused",
-                         False)
-    stall_steps: int = _help("stop when, for this many steps in a row, the gradient norm is exactly 0 or the CLM loss "
-                             "sits at ln V (a uniform prediction: the model stopped learning; 0: never check)", 20,
-                             minimum=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    run_dir: str = _help("where everything of this run goes", "runs/fusion")
-    cache_dir: str = _help("teacher caches, one directory per teacher (default <run_dir>/cache); share it between "
-                           "runs on the same documents: one capture serves any number of targets", "")
-    target: str = _help("the target: a fusion_jax or Hugging Face model directory", "")
-    target_tokenizer: str = _help("the target's tokenizer (default: the target directory)", "")
-    allow_tokenizer_mismatch: bool = _help("let target_tokenizer / sources[].tokenizer differ from the tokenizer a "
-                                           "checkpoint was saved with (warn instead of refusing)", False)
-    target_as_teacher: bool = _help("capture the target too and make it teacher 0 (the paper's setting)", True)
-    target_teacher_mode: Literal["cached", "online"] = _help(
-        "the target as teacher: cached | online (a frozen copy runs in the step)", "cached")
-    param_dtype: DType = _help("the target's master weights (and optimizer state)", "float32")
-    compute_dtype: DType = _help("the target's forward/backward activations", "bfloat16")
-    sources: tuple[SourceConfig, ...] = _help("the source models", ())
-    data: DataConfig = _help("documents", default_factory=DataConfig)
-    capture: CaptureSettings = _help("teacher capture", default_factory=CaptureSettings)
-    loader: LoaderConfig = _help("blocks and batches (loader.teachers is filled from target/sources)",
-                                 default_factory=LoaderConfig)
-    fusion: FusionConfig = _help("how the teachers' rows fuse", default_factory=FusionConfig)
-    loss: LossConfig = _help("λ·CLM + (1−λ)·fusion", default_factory=LossConfig)
-    optimizer: OptimizerConfig = _help("AdamW and schedule", default_factory=OptimizerConfig)
-    train: LoopConfig = _help("the loop", default_factory=LoopConfig)
-    remat: RematPolicy = _help("activation checkpointing of the target's layers (full: a 7B target at T=2048 needs it)",
-                               "none")
-    mesh: MeshConfig = _help("device mesh and sharding rules (default: params, optimizer state and batch sharded "
-                             "over every device, FSDP)", default_factory=lambda: MeshConfig(data=1, fsdp=-1))
-    dry_run: bool = _help("print the sharded state's bytes per device and stop (allocates nothing)", False)
-    baseline: bool = _help("also train the CLM baseline (λ = 1, no teachers) from the same start on the same batches "
-                           "in <run_dir>/clm, evaluate the sources and the starting target on the same held-out "
-                           "documents, audit the alignments, and write report.md with plots", False)
-    demo: DemoConfig = _help("the built-in demo (configs/demo.yaml): corpus, tokenizers and models made at run time",
-                             default_factory=DemoConfig)
-
-    def validate(self) -> None:
-        if self.demo.enabled:
-            if self.target or self.sources or self.data.documents or self.data.corpus.paths:
-                raise ConfigError("demo.enabled builds the target, sources and corpus itself: leave target, sources, "
-                                 "data.documents and data.corpus.paths unset (or set demo.enabled=false)")
-            return
-        if not self.target:
-            raise ConfigError("target is required: a fusion_jax or Hugging Face model directory (--set target=DIR)")
-        if not self.data.documents and not self.data.corpus.paths:
-            raise ConfigError("no data: set data.documents (a prepared store) or data.corpus.paths (a corpus to prepare)")
-        names = [s.name for s in self.sources] + (["target"] if self.target_as_teacher else [])
-        if len(set(names)) != len(names):
-            raise ConfigError(f"source names must be unique (and not 'target'), got {names}")
-        if not names and (self.loss.lm_weight != 1.0 or self.loss.lm_weight_schedule != "constant"):
-            raise ConfigError("no teachers, so the fusion term is empty: add sources, set target_as_teacher=true, or "
-                             "train CLM only with loss.lm_weight=1.0")
-        if self.target_teacher_mode not in MODES:
-            raise ConfigError(f"target_teacher_mode must be one of {MODES}, got {self.target_teacher_mode!r}")
-        for s in self.sources:
-            if s.mode not in MODES:
-                raise ConfigError(f"sources[{s.name}].mode must be one of {MODES}, got {s.mode!r}")
-            if s.mode == "online" and s.align != "bytes":
-                raise ConfigError(f"sources[{s.name}]: mode=online supports align=bytes only, got align={s.align!r}: "
-                                 "the fusellm DTW alignment is host-side string work per document and needs the "
-                                 "cached path (mode=cached)")
-            if s.seq_len < 0:
-                raise ConfigError(f"sources[{s.name}].seq_len must be >= 0, got {s.seq_len}")
-        if self.loader.global_batch_size % self.optimizer.accumulation:
-            raise ConfigError(f"loader.global_batch_size ({self.loader.global_batch_size}) must be a multiple of "
-                             f"optimizer.accumulation ({self.optimizer.accumulation})")
-        if self.capture.seq_len <= self.data.max_tokens and not self.data.documents:
-            raise ConfigError(f"capture.seq_len ({self.capture.seq_len}) must exceed data.max_tokens "
-                             f"({self.data.max_tokens}) so that every document plus EOS fits one row")
 
 
 # ------------------------------------------------------------------------------------------------ the run directory
@@ -279,7 +137,7 @@ def run_identity(settings: dict) -> dict:
     """The settings that define a run: ``config_loader.to_dict(cfg)`` (or a run's recorded config) without the keys
     of :data:`NOT_IDENTITY`, with local paths absolute, so that a run given ``corpus.jsonl`` once and
     ``./corpus.jsonl`` (or a relative and an absolute run_dir) the next time is the same run."""
-    from fusion_jax import prepare
+    from fusion_jax.data import prepare
 
     out = json.loads(json_dumps(settings))
     demo = out.get("demo")
@@ -316,7 +174,7 @@ def schedule_optimizer(opt: OptimizerConfig, steps: int, warmup: int) -> Optimiz
     already done, and the run must not go back up a warmup it finished. Where the decay had already brought the
     learning rate down, it comes back up to the 8-step schedule's value: that is what asking for a longer run means,
     and why extending is refused unless asked for."""
-    from fusion_jax.optim import warmup_steps
+    from fusion_jax.train.optim import warmup_steps
 
     if warmup_steps(opt, steps) == warmup:
         return opt
@@ -363,7 +221,7 @@ def _check_run_dir(run: Path) -> None:
 
 
 def _warmup_of(settings: dict, where: Path) -> int:
-    from fusion_jax.optim import warmup_steps
+    from fusion_jax.train.optim import warmup_steps
 
     try:
         opt = config_loader.from_dict(OptimizerConfig, settings["optimizer"])
@@ -481,13 +339,12 @@ def open_run(cfg: TrainConfig) -> Iterator[dict]:
             lock.release()
 
 
-
 # ------------------------------------------------------------------------------------------------ stages
 
 
-def teacher_list(cfg: TrainConfig) -> list[SourceConfig]:
+def teacher_list(cfg: TrainConfig) -> list[TeacherConfig]:
     caches = Path(cfg.cache_dir or Path(cfg.run_dir) / "cache")
-    out = [SourceConfig(name="target", checkpoint=cfg.target, tokenizer=cfg.target_tokenizer, vocab_map="identity",
+    out = [TeacherConfig(name="target", checkpoint=cfg.target, tokenizer=cfg.target_tokenizer, vocab_map="identity",
                         mode=cfg.target_teacher_mode)] if cfg.target_as_teacher else []
     out += list(cfg.sources)
     return [dataclasses.replace(s, cache=s.cache or str(caches / s.name)) for s in out]
@@ -496,7 +353,7 @@ def teacher_list(cfg: TrainConfig) -> list[SourceConfig]:
 def documents_stage(cfg: TrainConfig) -> str:
     if cfg.data.documents:
         return cfg.data.documents
-    from fusion_jax import prepare
+    from fusion_jax.data import prepare
     from fusion_jax.data.documents import read_meta
 
     out = Path(cfg.run_dir) / "documents"
@@ -520,37 +377,33 @@ def documents_stage(cfg: TrainConfig) -> str:
     return str(out)
 
 
-def capture_stage(cfg: TrainConfig, documents: str) -> list[SourceConfig]:
-    from fusion_jax import capture
+def capture_stage(cfg: TrainConfig, documents: str) -> list[TeacherConfig]:
+    from fusion_jax.data import capture
 
     teachers = teacher_list(cfg)
     for t in teachers:
         if t.mode == "online":  # runs inside the train step: nothing to capture
             continue
         for split in SPLITS:
-            c = cfg.capture
             capture.main(CaptureConfig(
+                **{f.name: getattr(cfg.capture, f.name) for f in dataclasses.fields(cfg.capture)},
                 documents=documents, split=split, source=t.checkpoint, tokenizer=t.tokenizer,
-                output=str(Path(t.cache) / split), k=c.k, seq_len=c.seq_len, batch_size=c.batch_size,
-                docs_per_shard=c.docs_per_shard, param_dtype=c.param_dtype, compute_dtype=c.compute_dtype,
-                append_eos=cfg.loader.append_eos, mesh=cfg.mesh, allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch))
+                output=str(Path(t.cache) / split), append_eos=cfg.loader.append_eos, mesh=cfg.mesh,
+                allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch))
     return teachers
 
 
-def loader_config(cfg: TrainConfig, teachers: list[SourceConfig], split: str) -> LoaderConfig:
-    specs = tuple(TeacherSpec(
-        cache="" if t.mode == "online" else str(Path(t.cache) / split), tokenizer=t.tokenizer or t.checkpoint,
-        name=t.name, align=t.align, vocab_map=t.vocab_map, fallback=t.fallback, vocab_align=t.vocab_align,
-        onehot_target=t.onehot_target, tie_order=t.tie_order, online=t.mode == "online", seq_len=t.seq_len)
-        for t in teachers)
+def loader_config(cfg: TrainConfig, teachers: list[TeacherConfig], split: str) -> LoaderConfig:
+    """The loader's config for ``split``: each cached teacher reads ``<its cache>/<split>``."""
+    specs = tuple(dataclasses.replace(t, cache="" if t.online else str(Path(t.cache) / split)) for t in teachers)
     return dataclasses.replace(cfg.loader, teachers=specs)
 
 
-def load_online(cfg: TrainConfig, teachers: list[SourceConfig], loader: FusionLoader, mesh, rules):
+def load_online(cfg: TrainConfig, teachers: list[TeacherConfig], loader: FusionLoader, mesh, rules):
     """The online teachers, loaded once (frozen, in their shards, ``capture.param_dtype``/``compute_dtype``) →
     (tuple of OnlineTeacher, frozen params and vocab maps) in config order; ((), None) when there are none."""
     from fusion_jax.convert import checkpoint
-    from fusion_jax.online import OnlineTeacher, load_frozen
+    from fusion_jax.fusion.online import OnlineTeacher, load_frozen
     from fusion_jax.tokenizers import check_vocab_size, load_tokenizer
 
     online = [t for t in teachers if t.mode == "online"]
@@ -622,8 +475,8 @@ def dry_run(cfg: TrainConfig) -> dict:
     teachers), each param's shape and sharding, the largest per-device leaf and what stays replicated; nothing
     allocated. Activations and the step's temporaries are not included (docs/scaling.md)."""
     from fusion_jax.convert import checkpoint
-    from fusion_jax.optim import make_optimizer
-    from fusion_jax.train_step import abstract_state
+    from fusion_jax.train.optim import make_optimizer
+    from fusion_jax.train.step import abstract_state
 
     mesh = mesh_lib.make_mesh(cfg.mesh)
     model_cfg = checkpoint.model_config(cfg.target, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
@@ -674,43 +527,11 @@ def _json_lines(obj, depth: int = 0) -> str:
 
 
 def main(cfg: TrainConfig) -> dict:
-    """The run (after the demo's assets when ``demo.enabled``; then the CLM baseline and the report when
-    ``baseline``) → its report. The run directory is held (and checked against the run's recorded settings) from
-    start to end: :func:`open_run`."""
+    """One run (stages 1–5) → its report; with ``dry_run``, the sharded state's bytes per device instead."""
     mesh_lib.initialize_distributed(cfg.mesh)
-    if cfg.dry_run and not cfg.demo.enabled:  # reads the target's config only: writes and holds nothing
+    if cfg.dry_run:  # reads the target's config only: writes and holds nothing
         return dry_run(cfg)
-    with open_run(cfg):
-        return _main(cfg)
-
-
-def _main(cfg: TrainConfig) -> dict:
-    timings = {}
-    if cfg.demo.enabled:
-        from fusion_jax.demo import build
-
-        t = time.perf_counter()
-        cfg = build.apply(cfg)
-        dataclasses.replace(cfg, demo=dataclasses.replace(cfg.demo, enabled=False)).validate()  # as a user's run
-        timings["demo assets"] = time.perf_counter() - t
-    if cfg.dry_run:
-        return dry_run(cfg)
-    if cfg.baseline:
-        from fusion_jax.data.documents import DocumentStore
-
-        documents = documents_stage(cfg)
-        if not len(DocumentStore(documents, "validation")):
-            raise InputError(f"{documents} has no held-out documents to compare the runs on: raise "
-                             "data.validation_fraction or the corpus size (and use another run_dir)")
-    t = time.perf_counter()
-    report = fusion_run(cfg)
-    timings["fusion run"] = time.perf_counter() - t
-    report["timings"] = timings
-    if cfg.baseline:
-        from fusion_jax import compare
-
-        report = compare.main(cfg, report)
-    return report
+    return fusion_run(cfg)
 
 
 def fusion_run(cfg: TrainConfig) -> dict:
@@ -723,10 +544,17 @@ def fusion_run(cfg: TrainConfig) -> dict:
 def _fusion_run(cfg: TrainConfig, record: dict) -> dict:
     from tqdm import tqdm
 
-    from fusion_jax.checkpointing import Checkpoints
     from fusion_jax.convert import checkpoint
-    from fusion_jax.train_step import (abstract_state, eval_losses, flops_per_token, host_metrics, init_state,
-                                       jit_train_step, make_train_step)
+    from fusion_jax.train.checkpoint import Checkpoints
+    from fusion_jax.train.step import (
+        abstract_state,
+        eval_losses,
+        flops_per_token,
+        host_metrics,
+        init_state,
+        jit_train_step,
+        make_train_step,
+    )
 
     run = Path(cfg.run_dir)  # made, and its settings recorded (run_config.json), by open_run
     documents = documents_stage(cfg)
@@ -872,7 +700,7 @@ class _Evaluator:
             self.losses = jax.jit(eval_losses(model_cfg, cfg.fusion, cfg.loss, rules, online))
 
     def __call__(self, params) -> dict:
-        from fusion_jax.evaluate import evaluate_bpb
+        from fusion_jax.evaluate.bpb import evaluate_bpb
 
         out: dict[str, Any] = {}
         if len(self.store):
@@ -929,13 +757,3 @@ def export_stage(cfg: TrainConfig, model_cfg: ModelConfig, params, step: int) ->
         marker = json.loads((out / checkpoint.EXPORT_MARKER).read_text())
         atomic_write_json(out / checkpoint.EXPORT_MARKER, {**marker, EXPORT_STEP: step})
     return str(out)
-
-
-def parse(argv: list[str] | None = None) -> TrainConfig:
-    parser = cli.config_parser("python -m fusion_jax.train", __doc__, TrainConfig)
-    parser.add_argument("--dry-run", action="store_true", help="print bytes per device of the sharded state and stop")
-    return cli.parse_config(parser, TrainConfig, argv, {"dry_run": "dry_run=true"})
-
-
-if __name__ == "__main__":
-    cli.run(main, parse)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from fusion_jax.config_loader import option as _opt
+from fusion_jax.config.loader import option as _opt
 from fusion_jax.errors import ConfigError
 
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]

@@ -19,7 +19,6 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
 from fusion_jax.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
 
@@ -455,6 +454,19 @@ def describe(cls: type) -> str:
         else:
             lines.append(f"  {k:<{wk}}  {t:<{wt}}  {h}".rstrip())
     return "\n".join(lines)
+
+
+def check_choices(obj: Any, prefix: str = "") -> None:
+    """Every ``Literal`` field of the config dataclass ``obj`` holds one of its choices (the loader checks this on
+    load; ``validate`` calls it for a config built in Python)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp, value = hints[f.name], getattr(obj, f.name)
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+            Union, types.UnionType) else [tp]
+        choices = [c for a in args if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+        if choices and value not in choices and not (value is None and type(None) in typing.get_args(tp)):
+            raise ConfigError(f"{prefix}{f.name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def option(text: str, default: Any = dataclasses.MISSING, *, minimum: float | None = None,

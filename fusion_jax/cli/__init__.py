@@ -13,7 +13,7 @@ C = TypeVar("C")
 
 def config_parser(prog: str, doc: str | None, config_cls: type) -> argparse.ArgumentParser:
     """An argument parser with `--config FILE` / `--set KEY=VALUE` whose `--help` lists every key of `config_cls`."""
-    from fusion_jax import config_loader
+    from fusion_jax.config import loader as config_loader
 
     parser = argparse.ArgumentParser(
         prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -27,7 +27,7 @@ def parse_config(parser: argparse.ArgumentParser, config_cls: type, argv: list[s
                  flags: dict[str, str] | None = None):
     """Parse `argv` into a `config_cls`; each `flags` entry {argparse dest: "key=value"} turns a set flag
     (e.g. `--dry-run`) into that config override."""
-    from fusion_jax import config_loader
+    from fusion_jax.config import loader as config_loader
 
     args = parser.parse_args(argv)
     for dest, override in (flags or {}).items():

@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fusion_jax import online as online_lib
+from fusion_jax.config.model import ModelConfig
+from fusion_jax.fusion import online as online_lib
 from fusion_jax.fusion.fuse import FusedTarget, FusionConfig, fuse
 from fusion_jax.fusion.losses import LossConfig, block_means, lm_weight, sparse_losses
 from fusion_jax.models import decoder
-from fusion_jax.models.config import ModelConfig
-from fusion_jax.optim import OptimizerConfig, make_optimizer, schedule
+from fusion_jax.train.optim import OptimizerConfig, make_optimizer, schedule
 
 State = dict[str, Any]
 

@@ -1,6 +1,6 @@
 """Online teachers: the sources run inside the jitted train step on the same mesh (frozen, bf16, sharded), no cache.
 
-The loader (``data/loader.py``, ``TeacherSpec(online=True)``) ships, per block and online teacher, the source
+The loader (``data/loader.py``, ``TeacherConfig(mode="online")``) ships, per block and online teacher, the source
 tokens of the block's document pieces (``src_tokens``, ``src_segment_ids``, ``src_positions``, ``src_token_bytes``
 int32[B, Ts]), the host-computed alignment table ``gather int32[B, T]`` (for each target position the source-block
 position whose row predicts from the same text, −1 if none), the target's next token ``next_ids int32[B, T]`` (−1:
@@ -9,7 +9,7 @@ teacher's params (frozen: an argument that is neither donated nor differentiated
 inputs into the same rows a cached teacher's loader dict holds (:func:`online_rows`):
 
 1. the teacher's forward over ``src_tokens`` (one segment per piece) → per source position its top-``topk``
-   log-probs and the CE of its next token (:func:`fusion_jax.capture.topk_step`, in chunks of positions);
+   log-probs and the CE of its next token (:func:`fusion_jax.models.head.topk_step`, in chunks of positions);
 2. the rows at ``gather`` → [B, T, topk]; ids through the vocab map (−1 = unmapped, dropped), probability summed
    per target id, renormalised, the best ``k`` kept (:func:`merge_rows`, the jnp twin of
    :func:`fusion_jax.align.transfer.merge_rows`); ``ROW_TEACHER`` where a row has mass;
@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusion_jax.align.transfer import FALLBACKS, ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER
+from fusion_jax.config.model import ModelConfig
 from fusion_jax.errors import CheckpointError, ConfigError
 from fusion_jax.fusion.fuse import Teachers
-from fusion_jax.models.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ def online_rows(teacher: OnlineTeacher, params, vocab_map: jax.Array, inputs: Ma
     ``ids int32[b, T, k]``, ``logprobs float32[b, T, k]``, ``kind int8[b, T]``, ``seq_ce``/``seq_bpb float32[b]``.
 
     ``vocab_map`` int32[V ≥ the model's top-k ids] (−1 = unmapped). Nothing here is differentiated."""
-    from fusion_jax.capture import topk_step
+    from fusion_jax.models.head import topk_step
 
     params = jax.lax.stop_gradient(params)
     tokens, seg = inputs["src_tokens"], inputs["src_segment_ids"]
@@ -165,7 +165,7 @@ def teacher_dicts(batch_teachers: Sequence[Mapping[str, Any]], online: Sequence[
     if n_online != len(online) or len(frozen or ()) != len(online):
         raise ValueError(f"the batch has {n_online} online teachers but the step was built for {len(online)} with "
                          f"{len(frozen or ())} frozen parameter sets: pass make_train_step(online=...) and the frozen "
-                         "params (fusion_jax.online.load_frozen) for every online teacher, in config order")
+                         "params (fusion_jax.fusion.online.load_frozen) for every online teacher, in config order")
     out, i = [], 0
     for t in batch_teachers:
         if not is_online(t):

@@ -39,73 +39,28 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusion_jax import cli, config_loader, mesh as mesh_lib
-from fusion_jax.config_loader import option as _help
+from fusion_jax import mesh as mesh_lib
+from fusion_jax.config import loader as config_loader
+from fusion_jax.config.model import ModelConfig
+from fusion_jax.config.schema import EvaluateConfig
 from fusion_jax.convert import checkpoint
-from fusion_jax.data.corpus import CorpusConfig, Document, read_documents
+from fusion_jax.data.corpus import Document, read_documents
 from fusion_jax.data.documents import DocumentStore
 from fusion_jax.errors import CheckpointError, ConfigError, InputError
 from fusion_jax.files import atomic_write_text
-from fusion_jax.mesh import MeshConfig
 from fusion_jax.models import decoder
-from fusion_jax.models.config import DType, ModelConfig
 from fusion_jax.tokenizers import Tokenizer, check_vocab_size, load_tokenizer, token_from_config
 
 __all__ = ["EvaluateConfig", "bos_token_id", "ce_step", "evaluate_bpb", "main", "parse", "windows"]
 
-log = logging.getLogger("fusion_jax.evaluate")
+log = logging.getLogger("fusion_jax.evaluate.bpb")
 LN2 = math.log(2.0)
 BOS_PIECES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
-    checkpoint: str = _help("model to evaluate: a fusion_jax checkpoint or a Hugging Face directory", "")
-    tokenizer: str = _help("the model's tokenizer (file or directory); default: the checkpoint directory", "")
-    documents: str = _help("prepared document store (python -m fusion_jax.prepare); or give corpus instead", "")
-    split: Literal["train", "validation"] = _help("which split of the store", "validation")
-    max_documents: int = _help("score only the first N documents of the store (0 = all; a corpus uses "
-                               "corpus.max_documents)", 0, minimum=0)
-    corpus: CorpusConfig | None = _help(
-        "any corpus read directly instead of a store (corpus.format, corpus.paths, corpus.domain_field, "
-        "corpus.max_documents, ...: see fusion_jax.data.corpus); its documents are held in memory", None)
-    batch_size: int = _help("global rows per forward (a multiple of the process count)", 8, minimum=1)
-    seq_len: int = _help("tokens per packed row; longer documents are scored in windows of seq_len tokens", 2048,
-                         minimum=2)
-    context: int = _help("tokens of preceding text each window after the first of a long document conditions on "
-                         "(1 .. seq_len-1; -1 = seq_len // 2)", -1, minimum=-1)
-    logits_chunk: int = _help("positions per log-sum-exp chunk (bounds the float32 [B, chunk, V] buffer)", 512,
-                              minimum=1)
-    append_eos: bool = _help("append the tokenizer's EOS to every document and score its prediction", True)
-    bos: bool = _help("prepend the tokenizer's BOS so the first token is scored too (only for tokenizers with one)",
-                      False)
-    param_dtype: DType = _help("dtype the params are loaded in", "bfloat16")
-    compute_dtype: DType = _help("dtype of the forward's activations (logits are float32 either way)", "bfloat16")
-    output: str = _help("write the report as JSON to this file (optional)", "")
-    allow_tokenizer_mismatch: bool = _help("score with a tokenizer other than the one the checkpoint was saved with "
-                                           "(warn instead of refusing)", False)
-    mesh: MeshConfig = _help("device mesh and sharding rules", default_factory=MeshConfig)
-
-    def validate(self) -> None:
-        if not self.checkpoint:
-            raise ConfigError("checkpoint is required (--set checkpoint=DIR)")
-        if bool(self.documents) == (self.corpus is not None):
-            raise ConfigError("give exactly one of documents (a prepared store: --set documents=DIR) and corpus "
-                             "(--set corpus.paths=[FILE] ...)")
-        if self.split not in ("train", "validation"):
-            raise ConfigError(f"split must be train or validation, got {self.split!r}")
-        if min(self.seq_len, self.batch_size, self.logits_chunk) <= 0 or self.max_documents < 0:
-            raise ConfigError("seq_len, batch_size and logits_chunk must be positive, max_documents >= 0")
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len must be at least 2, got {self.seq_len}")
-        if self.context != -1 and not 1 <= self.context < self.seq_len:
-            raise ConfigError(f"context must be in [1, seq_len) or -1, got {self.context} (seq_len {self.seq_len})")
 
 
 # ------------------------------------------------------------------------------------------------ the device step
@@ -468,12 +423,3 @@ def main(cfg: EvaluateConfig) -> dict:
         if cfg.output:
             _write_json(Path(cfg.output), report)
     return report
-
-
-def parse(argv: list[str] | None = None) -> EvaluateConfig:
-    parser = cli.config_parser("python -m fusion_jax.evaluate", __doc__, EvaluateConfig)
-    return cli.parse_config(parser, EvaluateConfig, argv)
-
-
-if __name__ == "__main__":
-    cli.run(main, parse)

@@ -1,0 +1,363 @@
+"""python -m fusion_jax.capture --config FILE — run a source model over prepared documents, store its top-k.
+
+Each process of a (multi-host) run handles the shards ``s ≡ process_index (mod process_count)`` of the cache
+(``data/teacher_cache.py``): it tokenizes their documents with the source's tokenizer (EOS appended), packs them into
+rows of ``seq_len`` tokens (one segment per document: nothing attends across documents), and feeds its rows as its
+share of each global batch to one jitted, sharded forward that returns, per position, the top-k log-probabilities
+(log_softmax over the full vocabulary, in chunks of ``logits_chunk`` positions so no [B, T, V] float32 buffer
+exists) and the CE of the actual next token. A batch never mixes shards, so a shard's bytes do not depend on what
+else ran — a re-run after ``kill -9`` skips finished shards and redoes the unfinished one with identical bytes.
+Process 0 writes ``manifest.json`` when every shard is done (the output directory must be shared by all hosts).
+
+``--estimate`` tokenizes a sample of the documents, times one batch, and prints the disk and time the run needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from fusion_jax import mesh as mesh_lib
+from fusion_jax.config.model import ModelConfig
+from fusion_jax.config.schema import CaptureConfig
+from fusion_jax.convert import checkpoint
+from fusion_jax.data import teacher_cache as tc
+from fusion_jax.data.documents import DocumentStore
+from fusion_jax.errors import ConfigError, InputError
+from fusion_jax.files import DirectoryLock, read_json
+from fusion_jax.models.head import topk_step
+from fusion_jax.tokenizers import Tokenizer, check_vocab_size, load_tokenizer
+
+log = logging.getLogger("fusion_jax.data.capture")
+CAPTURE_SPEC = "capture.json"
+
+
+# ------------------------------------------------------------------------------------------------ the device step
+
+
+# ------------------------------------------------------------------------------------------------ host side
+
+
+@dataclasses.dataclass
+class _Doc:
+    index: int
+    doc_id: str
+    ids: np.ndarray
+    byte_end: np.ndarray
+    num_bytes: int
+
+
+@dataclasses.dataclass
+class _Row:
+    shard: int
+    docs: list[_Doc]  # packed in order from offset 0
+
+
+def _encode(tok: Tokenizer, store: DocumentStore, index: int, append_eos: bool) -> _Doc:
+    doc = store[index]
+    enc = tok.encode(doc.text, eos=append_eos)
+    n_bytes = len(doc.text.encode("utf-8"))
+    return _Doc(index, doc.id, enc.ids.astype(np.int32), enc.byte_end.astype(np.int32), n_bytes)
+
+
+def _pack(docs: list[_Doc], shard: int, seq_len: int) -> list[_Row]:
+    rows, cur, used = [], [], 0
+    for d in docs:
+        n = len(d.ids)
+        if n > seq_len:
+            raise InputError(
+                f"document {d.doc_id!r} has {n} tokens under this tokenizer (EOS included) but seq_len is {seq_len}: "
+                f"prepare the documents with max_tokens ≤ {seq_len - 1} for every tokenizer of the run, or raise "
+                "seq_len"
+            )
+        if n == 0:
+            raise InputError(f"document {d.doc_id!r} is empty: nothing to capture (prepare drops empty documents)")
+        if used + n > seq_len:
+            rows.append(_Row(shard, cur))
+            cur, used = [], 0
+        cur.append(d)
+        used += n
+    if cur:
+        rows.append(_Row(shard, cur))
+    return rows
+
+
+def _row_arrays(row: _Row | None, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.zeros(seq_len, np.int32)
+    segs = np.zeros(seq_len, np.int32)
+    if row is not None:
+        off = 0
+        for s, d in enumerate(row.docs, start=1):
+            tokens[off:off + len(d.ids)] = d.ids
+            segs[off:off + len(d.ids)] = s
+            off += len(d.ids)
+    return tokens, segs
+
+
+def _record(d: _Doc, top_lp: np.ndarray, top_ids: np.ndarray, ce: np.ndarray) -> tc.TeacherRecord:
+    if not np.isfinite(top_lp[:, 0]).all() or np.isnan(top_lp).any():
+        raise FloatingPointError(
+            f"document {d.doc_id!r}: the model produced NaN/inf log-probabilities (check the checkpoint and dtype)"
+        )
+    valid = ce[:-1]
+    return tc.TeacherRecord(
+        doc_index=d.index, doc_id=d.doc_id, ids=d.ids, byte_end=d.byte_end, topk_ids=top_ids,
+        topk_logprobs=top_lp, token_ce=ce, doc_ce=float(valid.mean()) if valid.size else 0.0, num_bytes=d.num_bytes,
+    )
+
+
+def model_identity(path: str) -> dict:
+    """What identifies a model for the cache manifest: its directory name, config digest and a content fingerprint
+    of its weight files, so a checkpoint changed in place (same shapes, same bytes count) is noticed. The weights are
+    hashed once; later starts reuse the hashes, remembered by path, size and mtime (`files.cached_file_sha256`)."""
+    p = Path(path)
+    config = p / (checkpoint.META if checkpoint.kind(p) == "fusion_jax" else "config.json")
+    return {"name": p.name, "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
+            "weights_sha256": checkpoint.weights_fingerprint(p)}
+
+
+def _source_changed(out: Path, recorded: dict, spec: dict, source: str) -> tc.CacheError | None:
+    """The error for a cache captured from this very source before its weights changed (None otherwise)."""
+    old, new = recorded.get("model") if isinstance(recorded, dict) else None, spec["model"]
+    if not isinstance(old, dict) or old == new or old.get("name") != new["name"]:
+        return None
+    if "weights_sha256" not in old:
+        what = "captured by a fusion_jax that did not fingerprint the weights"
+    else:
+        what = ", ".join(f"{k.removesuffix('_sha256')} fingerprint then {str(old.get(k))[:12]}, now {new[k][:12]}"
+                         for k in ("config_sha256", "weights_sha256") if old.get(k) != new[k])
+    return tc.CacheError(
+        f"{out} was captured from a model named {new['name']} whose weights or config differ from {source} now "
+        f"({what}): the source changed since the capture, so the cache does not hold its predictions. Delete {out} "
+        "to capture again, or write the capture to another directory (output; cache_dir in a training run)")
+
+
+def capture_spec(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, model_cfg: ModelConfig, n_docs: int) -> dict:
+    """The manifest fields that identify this capture; a cache is reused only if all of them match."""
+    return {
+        "model": model_identity(cfg.source), "tokenizer": tok.fingerprint, "tokenizer_name": tok.name,
+        "vocab_size": model_cfg.vocab_size, "k": cfg.k, "append_eos": cfg.append_eos,
+        "logprob_format": cfg.logprob_format, "compute_dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype,
+        "documents": {"fingerprint": store.fingerprint, "split": cfg.split, "num_docs": n_docs},
+        "docs_per_shard": cfg.docs_per_shard,
+    }
+
+
+def _check_resume(out: Path, spec: dict, source: str) -> None:
+    """A directory with an earlier capture's files continues only if it was the same capture."""
+    path = out / CAPTURE_SPEC
+    if not path.exists():
+        if any(out.glob("shard-*")):
+            raise tc.CacheError(f"{out} holds shard files but no {CAPTURE_SPEC}: not a capture of ours; use a new output")
+        return
+    old = read_json(path, tc.CacheError, f"delete {out} and capture again")
+    if not isinstance(old, dict):
+        raise tc.CacheError(f"{path}: expected a JSON object; delete {out} and capture again")
+    changed = _source_changed(out, old, spec, source)
+    if changed is not None:
+        raise changed
+    diff = [k for k in spec if old.get(k) != spec[k]]
+    if diff:
+        k = diff[0]
+        raise tc.CacheError(
+            f"{out} holds a capture with {k}={old.get(k)!r}, this run has {k}={spec[k]!r}; use another output "
+            "directory (or delete this one)"
+        )
+
+
+def _shard_rows(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, n_docs: int, shard: int) -> list[_Row]:
+    docs = [_encode(tok, store, i, cfg.append_eos) for i in tc.shard_docs(shard, n_docs, cfg.docs_per_shard)]
+    return _pack(docs, shard, cfg.seq_len)
+
+
+def main(cfg: CaptureConfig) -> dict:
+    """The capture into ``cfg.output``, which it holds alone: a second capture into the same output fails at once,
+    naming the holder (process 0 holds the lock in a multi-host run)."""
+    mesh_lib.initialize_distributed(cfg.mesh)
+    if cfg.estimate or jax.process_index() != 0:
+        return _capture(cfg)
+    with DirectoryLock(cfg.output, "capture output"):
+        return _capture(cfg)
+
+
+def _capture(cfg: CaptureConfig) -> dict:
+    from tqdm import tqdm
+
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    rules = cfg.mesh.rules
+    pid, nproc = jax.process_index(), jax.process_count()
+    if cfg.batch_size % nproc:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the process count {nproc}")
+    store = DocumentStore(cfg.documents, cfg.split)
+    n_docs = len(store) if not cfg.max_documents else min(cfg.max_documents, len(store))
+    tok = load_tokenizer(cfg.tokenizer or cfg.source)
+    checkpoint.check_tokenizer(cfg.source, tok, cfg.tokenizer or cfg.source,
+                               allow_mismatch=cfg.allow_tokenizer_mismatch)
+    if cfg.append_eos and tok.eos_id is None:
+        raise ConfigError(f"tokenizer {tok.name!r} has no EOS token; set append_eos=false or give a tokenizer with one")
+    model_cfg, params = checkpoint.load(cfg.source, mesh, rules, param_dtype=cfg.param_dtype,
+                                        compute_dtype=cfg.compute_dtype)
+    check_vocab_size(tok, model_cfg.vocab_size, cfg.source)
+    out = Path(cfg.output)
+
+    batch_spec = mesh_lib.logical_to_spec(("batch", "seq"), rules, mesh, (cfg.batch_size, cfg.seq_len))
+    batch_devices = int(np.prod([mesh.shape[a] for a in rules.get("batch", ()) if mesh.shape[a] > 1]))
+    if cfg.batch_size % batch_devices:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the batch mesh axes' size {batch_devices} "
+                         f"(mesh {dict(mesh.shape)})")
+    batch_sharding = jax.NamedSharding(mesh, batch_spec)
+    out_sharding = jax.NamedSharding(mesh, mesh_lib.logical_to_spec(("batch", "seq", None), rules, mesh,
+                                                                      (cfg.batch_size, cfg.seq_len, cfg.k)))
+    ce_sharding = jax.NamedSharding(mesh, batch_sharding.spec)
+    with jax.set_mesh(mesh):
+        step = jax.jit(
+            lambda p, t, s: topk_step(model_cfg, cfg.k, cfg.logits_chunk, rules, p, t, s),
+            out_shardings=(out_sharding, out_sharding, ce_sharding),
+        )
+    local = cfg.batch_size // nproc
+
+    def dispatch(batch: list[_Row | None]):
+        """Start the forward on a local batch; returns device arrays (JAX dispatches asynchronously)."""
+        arrays = [_row_arrays(r, cfg.seq_len) for r in batch]
+        tokens = np.stack([a for a, _ in arrays])
+        segs = np.stack([s for _, s in arrays])
+        g_tokens = jax.make_array_from_process_local_data(batch_sharding, tokens)
+        g_segs = jax.make_array_from_process_local_data(batch_sharding, segs)
+        with jax.set_mesh(mesh):
+            return step(params, g_tokens, g_segs)
+
+    def fetch(outputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This process's rows of the outputs, on the host."""
+        if nproc == 1:
+            return tuple(np.asarray(x) for x in outputs)
+        from jax.experimental import multihost_utils
+
+        return tuple(np.asarray(x) for x in multihost_utils.global_array_to_host_local_array(
+            outputs, mesh, (out_sharding.spec, out_sharding.spec, ce_sharding.spec)))
+
+    def run(batch: list[_Row | None]):
+        return fetch(dispatch(batch))
+
+    if cfg.estimate:
+        return _estimate(cfg, store, tok, model_cfg, n_docs, run, local)
+    spec = capture_spec(cfg, store, tok, model_cfg, n_docs)  # (hashes the weights the first time)
+
+    all_shards = list(range(tc.num_shards(n_docs, cfg.docs_per_shard)))
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / tc.MANIFEST).exists():
+        changed = _source_changed(out, read_json(out / tc.MANIFEST, tc.CacheError, tc.MANIFEST_FIX), spec, cfg.source)
+        if changed is not None:
+            raise changed
+        try:
+            tc.TeacherCache(out, expect=spec, verify="size")
+        except tc.CacheError as e:
+            raise tc.CacheError(f"{e} (the output already holds a finished capture)") from None
+        log.info("%s: capture already complete (%d documents); nothing to do", out, n_docs)
+        return {"output": str(out), "skipped": True}
+    if pid == 0:
+        _check_resume(out, spec, cfg.source)
+        if not (out / CAPTURE_SPEC).exists():
+            tc.write_atomic(out / CAPTURE_SPEC, json.dumps(spec, indent=1).encode())
+    mesh_lib.sync("capture_spec")
+    _check_resume(out, spec, cfg.source)
+    mine = [s for s in all_shards if s % nproc == pid]
+    done = tc.done_shards(out, mine)
+    pending = [s for s in mine if s not in done]
+    rounds = mesh_lib.max_over_processes(len(pending))  # round r: every process captures its r-th pending shard
+    n_pending_docs = sum(len(tc.shard_docs(sh, n_docs, cfg.docs_per_shard)) for sh in pending)
+    log.info("process %d/%d: %d of %d shards to capture (%d done), %s documents", pid, nproc, len(pending), len(mine),
+             len(done), f"{n_pending_docs:,}")
+
+    bar = tqdm(total=n_pending_docs, unit="doc", dynamic_ncols=True, disable=pid != 0, desc=f"capture {tok.name}")
+    t0, written, n_tokens = time.perf_counter(), 0, 0
+    compile_s, first_tokens = math.nan, 0
+    for r in range(rounds):
+        shard = pending[r] if r < len(pending) else None
+        rows = _shard_rows(cfg, store, tok, n_docs, shard) if shard is not None else []
+        n_steps = mesh_lib.max_over_processes(-(-len(rows) // local))
+        batches = [rows[i * local:(i + 1) * local] for i in range(n_steps)]
+        batches = [b + [None] * (local - len(b)) for b in batches]
+        records: list[tc.TeacherRecord] = []
+        in_flight = None  # one batch computes on the devices while the host turns the previous one into records
+        for i in range(n_steps + 1):
+            launched = dispatch(batches[i]) if i < n_steps else None
+            if in_flight is not None:
+                batch, outputs = in_flight
+                lp, ids, ce = fetch(outputs)
+                if math.isnan(compile_s):  # the first call compiles: keep it out of the throughput
+                    compile_s = time.perf_counter() - t0
+                    first_tokens = sum(len(d.ids) for row in batch if row is not None for d in row.docs)
+                for j, row in enumerate(batch):
+                    off = 0
+                    for d in row.docs if row is not None else ():
+                        n = len(d.ids)
+                        records.append(_record(d, lp[j, off:off + n], ids[j, off:off + n], ce[j, off:off + n]))
+                        off += n
+                        n_tokens += n
+                        bar.update(1)
+                bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):,.0f} tok/s", refresh=False)
+            in_flight = (batches[i], launched) if launched is not None else None
+        if shard is not None:
+            tc.write_shard(out, shard, (tc.encode_record(x, model_cfg.vocab_size, cfg.logprob_format)
+                                        for x in records), [len(x.ids) for x in records])
+            written += 1
+    bar.close()
+    unfinished = [sh for sh in pending if not (out / tc.sidecar_name(sh)).exists()]
+    if unfinished:  # pragma: no cover - a bug, not an input error
+        raise RuntimeError(f"shards {unfinished} were not completed")
+    seconds = time.perf_counter() - t0
+    mesh_lib.sync("capture_shards")
+    steady_s = seconds - compile_s
+    report = {"output": str(out), "shards_written": written, "tokens": n_tokens, "seconds": seconds,
+              "compile_s": compile_s,
+              "tokens_per_s": (n_tokens - first_tokens) / steady_s if n_tokens > first_tokens and steady_s > 0
+              else math.nan}
+    if pid == 0:
+        sidecars = tc.done_shards(out, all_shards)
+        missing = sorted(set(all_shards) - set(sidecars))
+        if missing:
+            raise tc.CacheError(
+                f"{out}: shards {missing[:8]} are not visible to process 0 after every process finished; the output "
+                "must be a directory all hosts share"
+            )
+        manifest = tc.write_manifest(out, spec, list(sidecars.values()))
+        tokens = max(manifest["tokens"], 1)
+        report.update(bytes=manifest["bytes"], bytes_per_token=manifest["bytes"] / tokens,
+                      record_bytes_per_token=manifest["record_bytes"] / tokens)
+        log.info("%s: %d documents, %s tokens, %.1f MB on disk (%.1f bytes/token; records %.1f bytes/token); "
+                 "%.0f tokens/s", out, manifest["num_docs"], f"{manifest['tokens']:,}", manifest["bytes"] / 1e6,
+                 report["bytes_per_token"], report["record_bytes_per_token"], report["tokens_per_s"])
+    mesh_lib.sync("capture_manifest")
+    return report
+
+
+def _estimate(cfg, store, tok, model_cfg, n_docs, run, local) -> dict:
+    """Tokenize an even sample of documents, time one warm batch, and extrapolate to all documents."""
+    sample = np.unique(np.linspace(0, n_docs - 1, min(cfg.estimate_sample, n_docs)).astype(int)) if n_docs else []
+    docs = [_encode(tok, store, int(i), cfg.append_eos) for i in sample]
+    tokens = sum(len(d.ids) for d in docs) / max(len(docs), 1) * n_docs
+    rows = _pack(docs, 0, cfg.seq_len)[:local] or [None]
+    batch = rows + [None] * (local - len(rows))
+    run(batch)  # compile
+    t0 = time.perf_counter()
+    run(batch)
+    step_s = time.perf_counter() - t0
+    fill = sum(len(d.ids) for r in rows if r for d in r.docs) / (local * cfg.seq_len)
+    tok_s = cfg.batch_size * cfg.seq_len * max(fill, 1e-9) / step_s
+    per_token = tc.bytes_per_token(cfg.k, model_cfg.vocab_size, cfg.logprob_format)
+    disk = tokens * per_token + sum(tc.record_overhead(d.doc_id) for d in docs) / max(len(docs), 1) * n_docs
+    report = {"documents": n_docs, "tokens": tokens, "bytes_per_token": per_token, "disk_bytes": disk,
+              "tokens_per_s": tok_s, "seconds": tokens / tok_s, "row_fill": fill}
+    print(f"estimate for {cfg.source} over {n_docs:,} documents ({cfg.split}): ~{tokens:,.0f} tokens "
+          f"(from {len(docs)} documents); disk ~{disk / 1e9:.2f} GB "
+          f"({per_token} bytes/token at k={cfg.k}, {cfg.logprob_format}); ~{tok_s:,.0f} tokens/s on "
+          f"{jax.device_count()} devices → ~{report['seconds'] / 3600:.2f} h")
+    return report

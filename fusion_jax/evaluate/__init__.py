@@ -1,0 +1,1 @@
+"""Evaluation of a model: held-out bits per byte (bpb) and the forward smoke job (forward)."""

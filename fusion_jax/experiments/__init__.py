@@ -1,0 +1,1 @@
+"""What is built on the pipeline: the built-in demo, the CLM-baseline comparison and its report."""

@@ -1,0 +1,1 @@
+"""The fusion run as stages: documents → capture → train → evaluate → export, each resumable."""

@@ -1,0 +1,1 @@
+"""Training the target: the jitted, sharded train step, the optimizer, checkpoints and the loop."""
