@@ -23,7 +23,9 @@ $(TEST_STAMP): $(STAMP)
 
 setup: $(TEST_STAMP)
 
+# The layers contract first (pyproject.toml: imports point down), then the suite.
 test: $(TEST_STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 # The main job on its built-in default (configs/demo.yaml; ARGS="--set ..." to change it). One CPU device: XLA

@@ -5,7 +5,7 @@ Everything is made at run time, nothing is downloaded: a corpus from the running
 (``fusion_jax.experiments.demo.corpus``), three tokenizers trained on it (``fusion_jax.experiments.demo.tokenizers``: a Llama-2-style
 SentencePiece BPE for the target, a byte-level BPE for the MPT-style teacher, a byte-level BPE with single digits for
 the GPT-NeoX-style teacher), three randomly initialised models in our format (quality does not matter here, only
-speed and memory), then ``fusion_jax.pipeline.run.main`` — what users run — with a ``TrainConfig`` built here:
+speed and memory), then ``fusion_jax.pipeline.main`` — what users run — with a ``TrainConfig`` built here:
 
 * **online**: both teachers ``mode: online``: their forwards run inside the jitted step;
 * **cached**: both teachers captured over the documents first (``pipeline.capture_stage``, timed on its own), then
@@ -14,8 +14,8 @@ speed and memory), then ``fusion_jax.pipeline.run.main`` — what users run — 
 Each phase runs in its own process (``--phase setup | capture | online | cached``), so that each has its own peak
 device memory (``memory_stats()['peak_bytes_in_use']``; null where the backend has none, e.g. the CPU) and the
 driver process never touches the device. Step time / tokens/s / MFU are the medians over the steps after the first
-2 of ``<run>/metrics.jsonl`` (``tokens_per_s`` and ``mfu`` as ``fusion_jax/pipeline/run.py`` logs them: MFU from
-``train.step.flops_per_token`` and ``pipeline.run.PEAK_FLOPS`` by device kind, H100/H200 989e12 dense bf16; ``--peak-flops``
+2 of ``<run>/metrics.jsonl`` (``tokens_per_s`` and ``mfu`` as ``fusion_jax/train/loop.py`` logs them: MFU from
+``train.step.flops_per_token`` and ``train.metrics.PEAK_FLOPS`` by device kind, H100/H200 989e12 dense bf16; ``--peak-flops``
 overrides); MFU counts the target's training FLOPs only, so online also reports ``mfu_with_teachers`` (plus the
 teachers' forward FLOPs, ``teacher_forward_flops_per_token`` = their forward per source position × Ts / T). The
 target's validation split is empty (no evaluation cost), checkpoints go to ``--workdir`` and are
@@ -301,7 +301,7 @@ def phase_setup(a, work: Path) -> dict:
     """Corpus, tokenizers, random inits (our format, bf16), prepared documents."""
     import jax
 
-    from fusion_jax.pipeline import run as pipeline
+    from fusion_jax import pipeline
     from fusion_jax.convert import checkpoint
     from fusion_jax.convert.architectures import architecture
     from fusion_jax.experiments.demo import tokenizers as demo_tok
@@ -422,7 +422,7 @@ def train_config(a, work: Path, models: dict, mode: str, documents: str, corpus:
 
 
 def phase_capture(a, work: Path, setup: dict) -> dict:
-    from fusion_jax.pipeline import run as pipeline
+    from fusion_jax import pipeline
 
     cfg = train_config(a, work, setup["models"], "cached", setup["documents"])
     t = time.perf_counter()
@@ -433,8 +433,8 @@ def phase_capture(a, work: Path, setup: dict) -> dict:
 
 def phase_train(a, work: Path, setup: dict, mode: str) -> dict:
     from fusion_jax.experiments import run as experiment
-    from fusion_jax.pipeline import run as pipeline
     from fusion_jax.convert import checkpoint
+    from fusion_jax.train.metrics import peak_flops as device_peak_flops
     from fusion_jax.train.step import flops_per_token as fpt
 
     cfg = train_config(a, work, setup["models"], mode, setup["documents"])
@@ -465,7 +465,7 @@ def phase_train(a, work: Path, setup: dict, mode: str) -> dict:
         Ts = a.src_seq_len or 2 * a.seq
         teacher_fpt = sum(fpt(checkpoint.model_config(setup["models"][r]), Ts) / 3 * Ts / a.seq
                           for r in ("mpt", "neox"))
-    peak_flops = pipeline.peak_flops(cfg)
+    peak_flops = device_peak_flops(cfg)
     return {
         "mode": mode, "device": _device(), "steps": len(steps), "timed_steps": len(timed),
         "batch": a.batch, "seq": a.seq, "tokens_per_step": tokens,
@@ -490,7 +490,7 @@ def phase_train(a, work: Path, setup: dict, mode: str) -> dict:
 def loader_probe(a, cfg) -> float:
     """Median seconds to build one batch of the train loader in this process (a fresh loader: documents encoded
     and transferred anew, as after its document LRU is cold)."""
-    from fusion_jax.pipeline import run as pipeline
+    from fusion_jax import pipeline
     from fusion_jax.data.loader import FusionLoader
 
     loader = FusionLoader(pipeline.loader_config(cfg, pipeline.teacher_list(cfg), "train"), cfg.data.documents,

@@ -65,7 +65,7 @@ import numpy as np  # noqa: E402
 from fusion_jax import mesh as mesh_lib  # noqa: E402
 from fusion_jax.experiments import run as experiment  # noqa: E402
 from fusion_jax.config import schema  # noqa: E402
-from fusion_jax.pipeline import run as pipeline  # noqa: E402
+from fusion_jax import pipeline  # noqa: E402
 from fusion_jax.config.loader import from_dict  # noqa: E402
 from fusion_jax.data import loader as loader_lib  # noqa: E402
 

@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
 
 
 def train_config(*overrides: str, path: str | None = None):
-    from fusion_jax.pipeline.run import TrainConfig
+    from fusion_jax.config.schema import TrainConfig
 
     return config_loader.load(TrainConfig, path, ["target=t", "data.documents=d", *overrides])
 
@@ -155,9 +155,10 @@ def test_every_command_checks_ranges(command, override, message):
 def test_import_fusellm_checks_docs_per_shard(capsys):
     from fusion_jax.cli import import_fusellm
 
-    with pytest.raises(SystemExit):
-        import_fusellm.parse(["ds", "out", "--tokenizer", "tok", "--docs-per-shard", "0"])
-    assert capsys.readouterr().err.strip().endswith("argument --docs-per-shard: must be >= 1, got 0")
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda cfg: pytest.fail("main ran"),
+                lambda: import_fusellm.parse(["ds", "out", "--tokenizer", "tok", "--docs-per-shard", "0"]))
+    assert str(e.value).startswith("error: docs_per_shard: must be >= 1, got 0")
 
 
 @pytest.mark.parametrize("override, choices", [
@@ -274,7 +275,7 @@ def test_windows_end_at_line_ends_else_spaces_else_characters(tiny):
 def test_the_same_paths_written_differently_reuse_the_documents(tiny, tmp_path, monkeypatch):
     """Once relative, once absolute (and ./corpus.jsonl vs corpus.jsonl): the same store, not "other settings"."""
     from fusion_jax.config import schema
-    from fusion_jax.pipeline import run as pipeline
+    from fusion_jax import pipeline
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5)))

@@ -385,7 +385,7 @@ def test_ids_beyond_the_tokenizer_are_dropped_like_online():
     """A model with more embedding rows than tokenizer ids: captured top-k ids past the map are dropped (mass
     renormalised over the rest), not an error — the cached path does what online.padded_vocab_map does."""
     from fusion_jax.align.transfer import transfer_topk
-    from fusion_jax.data.loader import covering
+    from fusion_jax.align.transfer import covering
     from fusion_jax.fusion.online import padded_vocab_map
 
     table = np.array([0, 1, 2, -1], np.int32)

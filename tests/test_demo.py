@@ -14,7 +14,7 @@ import pytest
 from fusion_jax.config import loader as config_loader
 from fusion_jax.experiments import run as experiment
 from fusion_jax.config import schema
-from fusion_jax.pipeline import run as pipeline
+from fusion_jax import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [

@@ -29,7 +29,7 @@ import pytest
 
 from fusion_jax.experiments import run as experiment
 from fusion_jax.config import schema
-from fusion_jax.pipeline import run as pipeline
+from fusion_jax import pipeline
 from fusion_jax.config.loader import to_dict
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.mesh import MeshConfig

@@ -16,7 +16,7 @@ from fusion_jax.data import capture
 from fusion_jax.fusion import online
 from fusion_jax.experiments import run as experiment
 from fusion_jax.config import schema
-from fusion_jax.pipeline import run as pipeline
+from fusion_jax import pipeline
 from fusion_jax.align.transfer import ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER, merge_rows
 from fusion_jax.data.capture import CaptureConfig
 from fusion_jax.convert import checkpoint

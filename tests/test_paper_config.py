@@ -21,7 +21,7 @@ from fusion_jax.config import loader as config_loader
 from fusion_jax.experiments import run as experiment
 from fusion_jax.config import schema
 from fusion_jax.cli import train as train_cli
-from fusion_jax.pipeline import run as pipeline
+from fusion_jax import pipeline
 from fusion_jax.convert import checkpoint, hf
 from fusion_jax.convert.architectures import architecture
 

@@ -25,13 +25,14 @@ from fusion_jax.data import capture
 from fusion_jax.config import loader as config_loader
 from fusion_jax.experiments import run as experiment
 from fusion_jax.config import schema
-from fusion_jax.pipeline import run as pipeline
+from fusion_jax import pipeline
 from fusion_jax.data.capture import CaptureConfig
 from fusion_jax.experiments.demo import build
 from fusion_jax.errors import CheckpointError, RunDirError
 from fusion_jax.files import LOCK_FILE, DirectoryLock
 from fusion_jax.fusion.fuse import FusionConfig
 from fusion_jax.mesh import MeshConfig
+from fusion_jax.train.loop import TrainingError
 from fusion_jax.train.optim import schedule
 # test_train's tiny assets (a SentencePiece target and a byte-level source, both fusion_jax checkpoints, a jsonl
 # corpus), its prepared documents and caches, and its config; the module fixtures are reused through this import.
@@ -196,7 +197,7 @@ def test_run_that_stops_learning_stops_without_export(assets, prepared, tmp_path
     with pytest.raises(ValueError, match=r"stopped learning: for 3 steps in a row \(steps 2–4\).*"
                                          r"lower optimizer.learning_rate") as e:
         experiment.main(cfg)
-    assert isinstance(e.value, pipeline.TrainingError)  # cli.run: one "error:" line
+    assert isinstance(e.value, TrainingError)  # cli.run: one "error:" line
     assert not (run / "export").exists() and not (run / "report.json").exists()
 
 

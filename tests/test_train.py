@@ -18,7 +18,7 @@ import pytest
 
 from fusion_jax.experiments import run as experiment
 from fusion_jax.config import schema
-from fusion_jax.pipeline import run as pipeline
+from fusion_jax import pipeline
 from fusion_jax.convert import checkpoint
 from fusion_jax.data.corpus import CorpusConfig
 from fusion_jax.mesh import MeshConfig

@@ -18,8 +18,8 @@ t+1) falls in one category:
 
 ``agrees`` is the share of positions where the transferred oracle lands on the target's actual next token.
 
-Everything here is a pure function over tokenizers and bytes returning dataclasses of plain numbers; the CLI
-(``python -m fusion_jax.align audit``) only parses arguments and prints.
+Everything here is a pure function over tokenizers and bytes returning dataclasses of plain numbers;
+:mod:`fusion_jax.align.report` prints them (``python -m fusion_jax.align audit``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from fusion_jax.align.fusellm import FuseLLMPair
 from fusion_jax.align.transfer import ROW_ONEHOT, ROW_TEACHER, matching_positions, transfer_topk
 from fusion_jax.align.vocab import vocab_map
 from fusion_jax.errors import InputError
-from fusion_jax.tokenizers import Encoding, TokenizationError, Tokenizer
+from fusion_jax.tokenizers import Encoding, TokenizationError, Tokenizer, load_tokenizer
 
 __all__ = [
     "AuditReport", "CATEGORIES", "CategoryCoverage", "Document", "MODES", "MappingCount", "ModeStats",
@@ -437,81 +437,126 @@ def audit_pair(
     src_eos, tgt_eos = (src.eos_id, tgt.eos_id) if eos else (None, None)
     if src_eos is None or tgt_eos is None:
         src_eos = tgt_eos = None
-    vocab: list[VocabStats] = []
-    pmap = pmap_same = pair = None
+    maps = _vocab_maps(src, tgt, modes, cache_dir, prefix_table, mined_table)
+    walk = _walk_documents(src, tgt, documents, modes, maps, with_eos=src_eos is not None)
+    y, cats = _next_token_categories(tgt, walk)
+    mode_stats = {}
+    for mode in modes:
+        code, x, mapped, agree = (np.concatenate(a) for a in zip(*walk.per_mode[mode]))
+        worst_mask = _worst_mask(mode, code, x, mapped, src, tgt)
+        mode_stats[mode] = _mode_stats(mode, code, x, mapped, agree, cats, src, tgt, top, worst_mask)
+
+    group_counts = walk.group_counts
+    total = int(group_counts.sum())
+    return PairReport(
+        source=src.name, target=tgt.name, source_fingerprint=src.fingerprint, target_fingerprint=tgt.fingerprint,
+        eos=(src.pieces[src_eos], tgt.pieces[tgt_eos]) if src_eos is not None else None,
+        documents=len(documents), source_tokens=walk.source_tokens, target_tokens=walk.target_tokens,
+        bytes=walk.bytes, positions=len(y),
+        group_counts={k: int(c) for k, c in zip(GROUP_KINDS, group_counts)},
+        groups={k: (float(c) / total if total else 0.0) for k, c in zip(GROUP_KINDS, group_counts)},
+        vocab=maps.vocab, modes=mode_stats, seconds=time.perf_counter() - t0,
+    )
+
+
+@dataclasses.dataclass
+class _VocabMaps:
+    """The vocab maps the modes need: ``prefix`` (default mode; ``same``: the source ids mapped to the same bytes)
+    and the FuseLLM pair with its MinED map (fusellm mode), None for a mode not audited, and their stats."""
+
+    prefix: np.ndarray | None = None
+    same: np.ndarray | None = None
+    pair: FuseLLMPair | None = None
+    vocab: list[VocabStats] = dataclasses.field(default_factory=list)
+
+
+def _vocab_maps(src: Tokenizer, tgt: Tokenizer, modes: Sequence[str], cache_dir: str | Path | None,
+                prefix_table: np.ndarray | None, mined_table: np.ndarray | None) -> _VocabMaps:
+    maps = _VocabMaps()
     if "default" in modes:
-        pmap = prefix_table if prefix_table is not None else vocab_map(src, tgt, "prefix", cache_dir=cache_dir)
-        pmap_same, _ = _same_and_prefix(src, tgt, pmap)
-        vocab.append(vocab_stats(src, tgt, pmap, "prefix"))
+        maps.prefix = prefix_table if prefix_table is not None else vocab_map(src, tgt, "prefix", cache_dir=cache_dir)
+        maps.same, _ = _same_and_prefix(src, tgt, maps.prefix)
+        maps.vocab.append(vocab_stats(src, tgt, maps.prefix, "prefix"))
     if "fusellm" in modes:
         mined = mined_table if mined_table is not None else vocab_map(src, tgt, "mined", cache_dir=cache_dir)
-        pair = FuseLLMPair(src, tgt, mined)
-        vocab.append(vocab_stats(src, tgt, mined, "mined", string_matches=int((pair.hard_map >= 0).sum())))
+        maps.pair = FuseLLMPair(src, tgt, mined)
+        maps.vocab.append(vocab_stats(src, tgt, mined, "mined", string_matches=int((maps.pair.hard_map >= 0).sum())))
+    return maps
 
-    cat_tables = token_categories(tgt)
-    group_counts = np.zeros(len(GROUP_KINDS), np.int64)
-    n_src = n_tgt = n_bytes = 0
-    nxt, empty = [], []
-    per_mode: dict[str, list[tuple]] = {m: [] for m in modes}
+
+@dataclasses.dataclass
+class _Walk:
+    """What one pass over the documents collects: token and byte counts, target tokens per byte-group kind, per
+    document the target's next tokens and which of them span no bytes, and per mode each document's
+    ``(code, x, mapped, agree)`` arrays."""
+
+    per_mode: dict[str, list[tuple]]
+    group_counts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(len(GROUP_KINDS), np.int64))
+    source_tokens: int = 0
+    target_tokens: int = 0
+    bytes: int = 0
+    next_tokens: list[np.ndarray] = dataclasses.field(default_factory=list)
+    empty: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+
+def _walk_documents(src: Tokenizer, tgt: Tokenizer, documents: Sequence[Document], modes: Sequence[str],
+                    maps: _VocabMaps, with_eos: bool) -> _Walk:
+    walk = _Walk(per_mode={m: [] for m in modes})
     for doc in documents:
         try:
             s_enc = src.encode(doc.data)
         except TokenizationError as e:
             raise InputError(f"{doc.path} (document at byte {doc.offset}): {e}") from None
         t_enc = doc.target
-        n_src += len(s_enc.ids)
-        n_tgt += len(t_enc.ids)
-        n_bytes += len(doc.data)
+        walk.source_tokens += len(s_enc.ids)
+        walk.target_tokens += len(t_enc.ids)
+        walk.bytes += len(doc.data)
         aln = align_bytes(s_enc.byte_end, t_enc.byte_end)
-        group_counts += np.bincount(aln.kind[aln.tgt_group], minlength=len(GROUP_KINDS))
-        src_ids, src_be = src.with_eos(s_enc) if src_eos is not None else s_enc
-        tgt_ids, tgt_be = tgt.with_eos(t_enc) if tgt_eos is not None else t_enc
-        nxt.append(tgt_ids[1:])
-        empty.append(tgt_be[1:] == tgt_be[:-1])
+        walk.group_counts += np.bincount(aln.kind[aln.tgt_group], minlength=len(GROUP_KINDS))
+        src_ids, src_be = src.with_eos(s_enc) if with_eos else s_enc
+        tgt_ids, tgt_be = tgt.with_eos(t_enc) if with_eos else t_enc
+        walk.next_tokens.append(tgt_ids[1:])
+        walk.empty.append(tgt_be[1:] == tgt_be[:-1])
         if "default" in modes:
-            per_mode["default"].append(_default_doc(src_ids, src_be, tgt_ids, tgt_be, pmap, pmap_same))
+            walk.per_mode["default"].append(_default_doc(src_ids, src_be, tgt_ids, tgt_be, maps.prefix, maps.same))
         if "fusellm" in modes:
-            per_mode["fusellm"].append(_fusellm_doc(pair, src_ids, tgt_ids))
+            walk.per_mode["fusellm"].append(_fusellm_doc(maps.pair, src_ids, tgt_ids))
+    return walk
 
-    y = np.concatenate(nxt) if nxt else np.zeros(0, np.int32)
-    empty_span = np.concatenate(empty) if empty else np.zeros(0, bool)
-    cats = {
+
+def _next_token_categories(tgt: Tokenizer, walk: _Walk) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The target's next token at every position ``y int[P]`` and, per category of ``CATEGORIES``, which positions'
+    next token is in it ``bool[P]`` (a token spanning no bytes counts as special)."""
+    cat_tables = token_categories(tgt)
+    y = np.concatenate(walk.next_tokens) if walk.next_tokens else np.zeros(0, np.int32)
+    empty_span = np.concatenate(walk.empty) if walk.empty else np.zeros(0, bool)
+    return y, {
         "all": np.ones(len(y), bool),
         "special": cat_tables["special"][y] | empty_span,
         "digits": cat_tables["digits"][y],
         "whitespace": cat_tables["whitespace"][y],
         "non_ascii": cat_tables["non_ascii"][y],
     }
-    mode_stats = {}
-    for mode in modes:
-        code, x, mapped, agree = (np.concatenate(a) for a in zip(*per_mode[mode]))
-        if mode == "default":
-            worst_mask = (code == APPROX) | (code == UNMAPPED)
-        else:
-            worst_mask = code <= APPROX
-            if worst_mask.any():
-                xs, ms = x[worst_mask], mapped[worst_mask]
-                differs = np.fromiter(
-                    (src.token_bytes[i] != tgt.token_bytes[j] for i, j in zip(xs.tolist(), ms.tolist())), bool, len(xs)
-                )
-                worst_mask[np.flatnonzero(worst_mask)] = differs
-        mode_stats[mode] = _mode_stats(mode, code, x, mapped, agree, cats, src, tgt, top, worst_mask)
 
-    total = int(group_counts.sum())
-    return PairReport(
-        source=src.name, target=tgt.name, source_fingerprint=src.fingerprint, target_fingerprint=tgt.fingerprint,
-        eos=(src.pieces[src_eos], tgt.pieces[tgt_eos]) if src_eos is not None else None,
-        documents=len(documents), source_tokens=n_src, target_tokens=n_tgt, bytes=n_bytes, positions=len(y),
-        group_counts={k: int(c) for k, c in zip(GROUP_KINDS, group_counts)},
-        groups={k: (float(c) / total if total else 0.0) for k, c in zip(GROUP_KINDS, group_counts)},
-        vocab=vocab, modes=mode_stats, seconds=time.perf_counter() - t0,
-    )
+
+def _worst_mask(mode: str, code: np.ndarray, x: np.ndarray, mapped: np.ndarray, src: Tokenizer,
+                tgt: Tokenizer) -> np.ndarray:
+    """The positions the worst-mappings list counts: default mode, the lossy ones (prefix or unmapped); fusellm mode,
+    those whose source token is mapped to a target token with different bytes."""
+    if mode == "default":
+        return (code == APPROX) | (code == UNMAPPED)
+    worst_mask = code <= APPROX
+    if worst_mask.any():
+        xs, ms = x[worst_mask], mapped[worst_mask]
+        differs = np.fromiter(
+            (src.token_bytes[i] != tgt.token_bytes[j] for i, j in zip(xs.tolist(), ms.tolist())), bool, len(xs)
+        )
+        worst_mask[np.flatnonzero(worst_mask)] = differs
+    return worst_mask
 
 
 def _load_tokenizer(tok: str | Path | Tokenizer, role: str) -> Tokenizer:
     """load_tokenizer, with a file that is not a tokenizer reported as one ValueError naming it."""
-    from fusion_jax.tokenizers import load_tokenizer
-
     if isinstance(tok, Tokenizer):
         return tok
     try:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import sys
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
+
+import yaml
+
+from fusion_jax.config import loader as config_loader
+from fusion_jax.errors import UserError
 
 C = TypeVar("C")
 
 
 def config_parser(prog: str, doc: str | None, config_cls: type) -> argparse.ArgumentParser:
     """An argument parser with `--config FILE` / `--set KEY=VALUE` whose `--help` lists every key of `config_cls`."""
-    from fusion_jax.config import loader as config_loader
-
     parser = argparse.ArgumentParser(
         prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (--set KEY=VALUE):\n" + config_loader.describe(config_cls),
@@ -24,16 +28,32 @@ def config_parser(prog: str, doc: str | None, config_cls: type) -> argparse.Argu
 
 
 def parse_config(parser: argparse.ArgumentParser, config_cls: type, argv: list[str] | None,
-                 flags: dict[str, str] | None = None):
-    """Parse `argv` into a `config_cls`; each `flags` entry {argparse dest: "key=value"} turns a set flag
-    (e.g. `--dry-run`) into that config override."""
-    from fusion_jax.config import loader as config_loader
-
+                 flags: dict[str, str] | None = None, shortcuts: dict[str, str] | None = None):
+    """Parse `argv` into a `config_cls`. Each `shortcuts` entry {argparse dest: config key} turns a given value (not
+    None: a string, number, bool or list; e.g. a positional OUTPUT) into the override `key=value`, applied before
+    `--set`; each `flags` entry {argparse dest: "key=value"} turns a set flag (e.g. `--dry-run`) into that override,
+    applied after `--set`."""
     args = parser.parse_args(argv)
-    for dest, override in (flags or {}).items():
-        if getattr(args, dest):
-            args.overrides = [*(args.overrides or []), override]
-    return config_loader.config_from_args(config_cls, args)
+    given = [(key, getattr(args, dest)) for dest, key in (shortcuts or {}).items()]
+    overrides = [override_text(key, value) for key, value in given if value is not None]
+    overrides += args.overrides or []
+    overrides += [override for dest, override in (flags or {}).items() if getattr(args, dest)]
+    return config_loader.load(config_cls, args.config, overrides)
+
+
+def override_text(key: str, value: Any) -> str:
+    """`--set` text that sets `key` to `value`. A string goes as it is when YAML reads it back as itself or as a
+    number, bool, list or mapping (the loader keeps a string field's text as given, so `123` or `a: b` stay
+    strings); else (`null`, ``, `a #b`, `'a'`, unreadable YAML) it is quoted. Anything else goes as JSON (YAML)."""
+    if isinstance(value, str):
+        try:
+            loaded = yaml.safe_load(value)
+            plain = loaded == value or not isinstance(loaded, (str, type(None)))
+        except yaml.YAMLError:
+            plain = False
+        if plain:
+            return f"{key}={value}"
+    return f"{key}={json.dumps(value, ensure_ascii=False)}"
 
 
 def run(main: Callable[[C], object], parse: Callable[[], C]) -> None:
@@ -41,8 +61,6 @@ def run(main: Callable[[C], object], parse: Callable[[], C]) -> None:
     raise on purpose (`fusion_jax.errors.UserError` and its subclasses) and file-system errors (naming the path).
     Ctrl-C exits 130 with a note that the command resumes. Anything else, a bare ValueError included, is our bug
     (or a library's) and propagates with its full traceback."""
-    from fusion_jax.errors import UserError
-
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     logging.getLogger("jax").setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)

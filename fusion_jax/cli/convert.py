@@ -8,7 +8,6 @@ import jax
 
 from fusion_jax import cli
 from fusion_jax import mesh as mesh_lib
-from fusion_jax.config import loader as config_loader
 from fusion_jax.config.schema import ConvertConfig
 from fusion_jax.convert import checkpoint
 
@@ -38,9 +37,7 @@ def parse(argv: list[str] | None = None) -> ConvertConfig:
     parser.add_argument("source", nargs="?", help="HF model directory or fusion_jax checkpoint")
     parser.add_argument("output", nargs="?", help="directory to write")
     parser.add_argument("--to", choices=["fusion_jax", "hf"], help="output format (default fusion_jax)")
-    args = parser.parse_args(argv)
-    shortcuts = [f"{k}={v}" for k, v in (("source", args.source), ("output", args.output), ("to", args.to)) if v]
-    return config_loader.load(ConvertConfig, args.config, [*shortcuts, *args.overrides])
+    return cli.parse_config(parser, ConvertConfig, argv, shortcuts={"source": "source", "output": "output", "to": "to"})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,51 +9,47 @@ See ``fusion_jax/data/importer.py`` for the exact conversion. Train on it with, 
     {cache: OUT/teacher_base, tokenizer: TOK, align: bytes, vocab_map: identity, fallback: mask}
 
 and the document store ``OUT/documents`` with the same target tokenizer TOK.
+
+DATASET_DIR, OUT and the flags are shortcuts for config keys (`--set dataset_dir=... output=...`,
+`--no-check-reencode` is `--set check_reencode=false`); `--config FILE` and `--set KEY=VALUE` work too
+(`fusion-jax import_fusellm` is the same command).
 """
 
 from __future__ import annotations
 
-import argparse
-
 from fusion_jax import cli
-from fusion_jax.data import teacher_cache as tc
-from fusion_jax.data.importer import import_fusellm
+from fusion_jax.config.schema import ImportConfig
+from fusion_jax.data import importer as stage
+
+# argparse dest → config key
+SHORTCUTS = {"dataset_dir": "dataset_dir", "output": "output", "tokenizer": "tokenizer", "split": "split",
+             "store_split": "store_split", "docs_per_shard": "docs_per_shard", "logprob_format": "logprob_format",
+             "check_reencode": "check_reencode", "overwrite": "overwrite"}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fusion_jax.import_fusellm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset_dir", metavar="DATASET_DIR", help="the official dataset (save_to_disk directory)")
-    p.add_argument("output", metavar="OUT", help="output directory (created)")
-    p.add_argument("--tokenizer", required=True,
+def parse(argv: list[str] | None = None) -> ImportConfig:
+    p = cli.config_parser("python -m fusion_jax.import_fusellm", __doc__, ImportConfig)
+    p.add_argument("dataset_dir", metavar="DATASET_DIR", nargs="?",
+                   help="the official dataset (save_to_disk directory)")
+    p.add_argument("output", metavar="OUT", nargs="?", help="output directory (created)")
+    p.add_argument("--tokenizer",
                    help="the base (target) model's tokenizer the dataset was built with (.model, tokenizer.json, dir)")
-    p.add_argument("--split", default="train", help="split of a DatasetDict to import (default: train)")
-    p.add_argument("--store-split", default=None, choices=["train", "validation"],
+    p.add_argument("--split", help="split of a DatasetDict to import (default: train)")
+    p.add_argument("--store-split", metavar="{train,validation}",
                    help="document-store split to write (default: --split)")
-    p.add_argument("--docs-per-shard", type=_positive_int, default=256, metavar="N",
-                   help="documents per cache shard, >= 1 (default: 256)")
-    p.add_argument("--logprob-format", default="quantized", choices=list(tc.LOGPROB_FORMATS),
+    p.add_argument("--docs-per-shard", type=int, metavar="N", help="documents per cache shard, >= 1 (default: 256)")
+    p.add_argument("--logprob-format", metavar="{quantized,float16}",
                    help="cache storage: quantized (37 B/token at k=10) or float16 (46 B/token)")
-    p.add_argument("--no-check-reencode", dest="check_reencode", action="store_false",
+    p.add_argument("--no-check-reencode", dest="check_reencode", action="store_const", const=False,
                    help="skip re-tokenizing each text to count rows the loader will tokenize differently")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier import at OUT")
-    return p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_const", const=True, help="replace an earlier import at OUT")
+    return cli.parse_config(p, ImportConfig, argv, shortcuts=SHORTCUTS)
 
 
-def run(args: argparse.Namespace) -> dict:
-    return import_fusellm(args.dataset_dir, args.tokenizer, args.output, args.split, store_split=args.store_split,
-                          docs_per_shard=args.docs_per_shard, logprob_format=args.logprob_format,
-                          check_reencode=args.check_reencode, overwrite=args.overwrite, progress=True)
+def run(cfg: ImportConfig) -> dict:
+    return stage.import_fusellm(cfg.dataset_dir, cfg.tokenizer, cfg.output, cfg.split, store_split=cfg.store_split,
+                                docs_per_shard=cfg.docs_per_shard, logprob_format=cfg.logprob_format,
+                                check_reencode=cfg.check_reencode, overwrite=cfg.overwrite, progress=cfg.progress)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -422,15 +421,20 @@ class EvaluateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AuditConfig:
-    sources: tuple[str, ...] = ()
-    target: str = ""
-    texts: tuple[str, ...] = ()
-    mode: Literal["default", "fusellm", "both"] = "both"
-    top: int = 10
-    max_tokens: int = 2048
-    eos: bool = True
-    json: str | None = None
-    cache_dir: str | None = None
+    """`python -m fusion_jax.align audit`: how well source tokenizers' rows carry over to a target's (no model)."""
+
+    sources: tuple[str, ...] = _help("source (teacher) tokenizers: tokenizer.json, SentencePiece .model or a "
+                                     "directory; one report per source → target pair (--source, repeatable)", ())
+    target: str = _help("the target tokenizer (--target)", "")
+    texts: tuple[str, ...] = _help("UTF-8 text files (--text FILE ...)", ())
+    mode: Literal["default", "fusellm", "both"] = _help(
+        "default: byte alignment + prefix vocab map; fusellm: official DTW + MinED (soft); both", "both")
+    top: int = _help("worst mappings listed per mode", 10)
+    max_tokens: int = _help("cut each file into documents of whole lines with at most this many target tokens (DTW is "
+                            "quadratic in it)", 2048)
+    eos: bool = _help("append each tokenizer's EOS to every document, as the official pipeline does (--no-eos)", True)
+    json: str | None = _help("also write the numbers as JSON to this path", None)
+    cache_dir: str | None = _help("vocab map cache (default $FUSION_JAX_CACHE or ~/.cache/fusion_jax)", None)
 
     def validate(self) -> None:
         if not self.sources or not self.target or not self.texts:
@@ -561,7 +565,7 @@ class LoopConfig:
     progress: bool = _help("progress bar", True)
     extend: bool = _help("continue this run_dir's run to a new train.steps (more steps than it was started with); "
                          "the learning-rate and λ schedules then span the new total, the warmup keeps its length "
-                         "(see fusion_jax.pipeline.run.schedule_optimizer). Without it a changed train.steps is refused",
+                         "(see fusion_jax.pipeline.run_dir.schedule_optimizer). Without it a changed train.steps is refused",
                          False)
     stall_steps: int = _help("stop when, for this many steps in a row, the gradient norm is exactly 0 or the CLM loss "
                              "sits at ln V (a uniform prediction: the model stopped learning; 0: never check)", 20,
@@ -648,3 +652,29 @@ class Config:
     mesh: MeshConfig = _help("device mesh and sharding rules", default_factory=MeshConfig)
     seed: int = _help("random seed", 0)
     forward: ForwardConfig = _help("the forward job", default_factory=ForwardConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportConfig:
+    """`python -m fusion_jax.import_fusellm`: an official FuseLLM feature dataset → a document store + teacher caches."""
+
+    dataset_dir: str = _help("the official dataset (save_to_disk directory)", "")
+    output: str = _help("output directory (created)", "")
+    tokenizer: str = _help("the base (target) model's tokenizer the dataset was built with (.model, tokenizer.json, "
+                           "dir)", "")
+    split: str = _help("split of a DatasetDict to import", "train")
+    store_split: Literal["train", "validation"] | None = _help("document-store split to write (default: split)", None)
+    docs_per_shard: int = _help("documents per cache shard, >= 1", 256, minimum=1)
+    logprob_format: Literal["quantized", "float16"] = _help(
+        "cache storage: quantized (37 B/token at k=10) or float16 (46 B/token)", "quantized")
+    check_reencode: bool = _help("re-tokenize each text to count rows the loader will tokenize differently", True)
+    overwrite: bool = _help("replace an earlier import at output", False)
+    progress: bool = _help("show a progress bar", True)
+
+    def validate(self) -> None:
+        for name in ("dataset_dir", "output", "tokenizer"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is required")
+        check_choices(self)
+        if self.docs_per_shard < 1:
+            raise ConfigError(f"docs_per_shard must be >= 1, got {self.docs_per_shard}")

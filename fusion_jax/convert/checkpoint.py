@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 
 from fusion_jax import mesh as mesh_lib
 from fusion_jax.config import loader as config_loader
+from fusion_jax.config.schema import DEFAULT_RULES
 from fusion_jax.config.model import ModelConfig
 from fusion_jax.convert import hf, integrity
 from fusion_jax.convert.architectures import architecture
@@ -104,7 +105,7 @@ def load(
     """
     p = Path(path)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(mesh_lib.MeshConfig())
-    rules = rules if rules is not None else mesh_lib.DEFAULT_RULES
+    rules = rules if rules is not None else DEFAULT_RULES
     if kind(p) == "hf":
         ckpt = hf.HFCheckpoint(p)
         overrides = {"param_dtype": ckpt.dtype(), **overrides}

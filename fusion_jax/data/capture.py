@@ -15,6 +15,7 @@ Process 0 writes ``manifest.json`` when every shard is done (the output director
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from fusion_jax import mesh as mesh_lib
 from fusion_jax.config.model import ModelConfig
@@ -31,6 +33,7 @@ from fusion_jax.config.schema import CaptureConfig
 from fusion_jax.convert import checkpoint
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.data.documents import DocumentStore
+from fusion_jax.data.scoring import RowStep, score_rows
 from fusion_jax.errors import ConfigError, InputError
 from fusion_jax.files import DirectoryLock, read_json
 from fusion_jax.models.head import topk_step
@@ -38,12 +41,6 @@ from fusion_jax.tokenizers import Tokenizer, check_vocab_size, load_tokenizer
 
 log = logging.getLogger("fusion_jax.data.capture")
 CAPTURE_SPEC = "capture.json"
-
-
-# ------------------------------------------------------------------------------------------------ the device step
-
-
-# ------------------------------------------------------------------------------------------------ host side
 
 
 @dataclasses.dataclass
@@ -189,11 +186,8 @@ def main(cfg: CaptureConfig) -> dict:
 
 
 def _capture(cfg: CaptureConfig) -> dict:
-    from tqdm import tqdm
-
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    rules = cfg.mesh.rules
-    pid, nproc = jax.process_index(), jax.process_count()
+    nproc = jax.process_count()
     if cfg.batch_size % nproc:
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the process count {nproc}")
     store = DocumentStore(cfg.documents, cfg.split)
@@ -203,11 +197,41 @@ def _capture(cfg: CaptureConfig) -> dict:
                                allow_mismatch=cfg.allow_tokenizer_mismatch)
     if cfg.append_eos and tok.eos_id is None:
         raise ConfigError(f"tokenizer {tok.name!r} has no EOS token; set append_eos=false or give a tokenizer with one")
-    model_cfg, params = checkpoint.load(cfg.source, mesh, rules, param_dtype=cfg.param_dtype,
+    model_cfg, params = checkpoint.load(cfg.source, mesh, cfg.mesh.rules, param_dtype=cfg.param_dtype,
                                         compute_dtype=cfg.compute_dtype)
     check_vocab_size(tok, model_cfg.vocab_size, cfg.source)
+    run = _row_step(cfg, mesh, model_cfg, params)
+    if cfg.estimate:
+        return _estimate(cfg, store, tok, model_cfg, n_docs, run)
+    spec = capture_spec(cfg, store, tok, model_cfg, n_docs)  # (hashes the weights the first time)
     out = Path(cfg.output)
+    all_shards = list(range(tc.num_shards(n_docs, cfg.docs_per_shard)))
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / tc.MANIFEST).exists():
+        return _already_complete(out, spec, cfg.source, n_docs)
+    pending = _pending_shards(cfg, out, spec, all_shards, n_docs)
+    rounds = mesh_lib.max_over_processes(len(pending))  # round r: every process captures its r-th pending shard
+    progress = _Progress(sum(len(tc.shard_docs(sh, n_docs, cfg.docs_per_shard)) for sh in pending), tok.name)
+    written = 0
+    for r in range(rounds):
+        shard = pending[r] if r < len(pending) else None
+        rows = _shard_rows(cfg, store, tok, n_docs, shard) if shard is not None else []
+        records: list[tc.TeacherRecord] = []
+        score_rows(run, rows, lambda batch, outputs: records.extend(progress.records(batch, outputs)))
+        if shard is not None:
+            tc.write_shard(out, shard, (tc.encode_record(x, model_cfg.vocab_size, cfg.logprob_format)
+                                        for x in records), [len(x.ids) for x in records])
+            written += 1
+    progress.bar.close()
+    unfinished = [sh for sh in pending if not (out / tc.sidecar_name(sh)).exists()]
+    if unfinished:  # pragma: no cover - a bug, not an input error
+        raise RuntimeError(f"shards {unfinished} were not completed")
+    return _finish(out, spec, all_shards, written, progress)
 
+
+def _row_step(cfg: CaptureConfig, mesh, model_cfg: ModelConfig, params) -> RowStep:
+    """The jitted, sharded top-k step over global batches of ``batch_size`` rows, fed with this process's rows."""
+    rules = cfg.mesh.rules
     batch_spec = mesh_lib.logical_to_spec(("batch", "seq"), rules, mesh, (cfg.batch_size, cfg.seq_len))
     batch_devices = int(np.prod([mesh.shape[a] for a in rules.get("batch", ()) if mesh.shape[a] > 1]))
     if cfg.batch_size % batch_devices:
@@ -222,46 +246,26 @@ def _capture(cfg: CaptureConfig) -> dict:
             lambda p, t, s: topk_step(model_cfg, cfg.k, cfg.logits_chunk, rules, p, t, s),
             out_shardings=(out_sharding, out_sharding, ce_sharding),
         )
-    local = cfg.batch_size // nproc
+    return RowStep(step, params, mesh, batch_sharding, (out_sharding.spec, out_sharding.spec, ce_sharding.spec),
+                   cfg.batch_size // jax.process_count(), functools.partial(_row_arrays, seq_len=cfg.seq_len))
 
-    def dispatch(batch: list[_Row | None]):
-        """Start the forward on a local batch; returns device arrays (JAX dispatches asynchronously)."""
-        arrays = [_row_arrays(r, cfg.seq_len) for r in batch]
-        tokens = np.stack([a for a, _ in arrays])
-        segs = np.stack([s for _, s in arrays])
-        g_tokens = jax.make_array_from_process_local_data(batch_sharding, tokens)
-        g_segs = jax.make_array_from_process_local_data(batch_sharding, segs)
-        with jax.set_mesh(mesh):
-            return step(params, g_tokens, g_segs)
 
-    def fetch(outputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This process's rows of the outputs, on the host."""
-        if nproc == 1:
-            return tuple(np.asarray(x) for x in outputs)
-        from jax.experimental import multihost_utils
+def _already_complete(out: Path, spec: dict, source: str, n_docs: int) -> dict:
+    """The report of a run whose output holds a finished capture of the same spec (an error for another one)."""
+    changed = _source_changed(out, read_json(out / tc.MANIFEST, tc.CacheError, tc.MANIFEST_FIX), spec, source)
+    if changed is not None:
+        raise changed
+    try:
+        tc.TeacherCache(out, expect=spec, verify="size")
+    except tc.CacheError as e:
+        raise tc.CacheError(f"{e} (the output already holds a finished capture)") from None
+    log.info("%s: capture already complete (%d documents); nothing to do", out, n_docs)
+    return {"output": str(out), "skipped": True}
 
-        return tuple(np.asarray(x) for x in multihost_utils.global_array_to_host_local_array(
-            outputs, mesh, (out_sharding.spec, out_sharding.spec, ce_sharding.spec)))
 
-    def run(batch: list[_Row | None]):
-        return fetch(dispatch(batch))
-
-    if cfg.estimate:
-        return _estimate(cfg, store, tok, model_cfg, n_docs, run, local)
-    spec = capture_spec(cfg, store, tok, model_cfg, n_docs)  # (hashes the weights the first time)
-
-    all_shards = list(range(tc.num_shards(n_docs, cfg.docs_per_shard)))
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / tc.MANIFEST).exists():
-        changed = _source_changed(out, read_json(out / tc.MANIFEST, tc.CacheError, tc.MANIFEST_FIX), spec, cfg.source)
-        if changed is not None:
-            raise changed
-        try:
-            tc.TeacherCache(out, expect=spec, verify="size")
-        except tc.CacheError as e:
-            raise tc.CacheError(f"{e} (the output already holds a finished capture)") from None
-        log.info("%s: capture already complete (%d documents); nothing to do", out, n_docs)
-        return {"output": str(out), "skipped": True}
+def _pending_shards(cfg: CaptureConfig, out: Path, spec: dict, all_shards: list[int], n_docs: int) -> list[int]:
+    """This process's shards still to capture, after checking (process 0: writing) the capture's spec."""
+    pid, nproc = jax.process_index(), jax.process_count()
     if pid == 0:
         _check_resume(out, spec, cfg.source)
         if not (out / CAPTURE_SPEC).exists():
@@ -271,56 +275,52 @@ def _capture(cfg: CaptureConfig) -> dict:
     mine = [s for s in all_shards if s % nproc == pid]
     done = tc.done_shards(out, mine)
     pending = [s for s in mine if s not in done]
-    rounds = mesh_lib.max_over_processes(len(pending))  # round r: every process captures its r-th pending shard
     n_pending_docs = sum(len(tc.shard_docs(sh, n_docs, cfg.docs_per_shard)) for sh in pending)
     log.info("process %d/%d: %d of %d shards to capture (%d done), %s documents", pid, nproc, len(pending), len(mine),
              len(done), f"{n_pending_docs:,}")
+    return pending
 
-    bar = tqdm(total=n_pending_docs, unit="doc", dynamic_ncols=True, disable=pid != 0, desc=f"capture {tok.name}")
-    t0, written, n_tokens = time.perf_counter(), 0, 0
-    compile_s, first_tokens = math.nan, 0
-    for r in range(rounds):
-        shard = pending[r] if r < len(pending) else None
-        rows = _shard_rows(cfg, store, tok, n_docs, shard) if shard is not None else []
-        n_steps = mesh_lib.max_over_processes(-(-len(rows) // local))
-        batches = [rows[i * local:(i + 1) * local] for i in range(n_steps)]
-        batches = [b + [None] * (local - len(b)) for b in batches]
-        records: list[tc.TeacherRecord] = []
-        in_flight = None  # one batch computes on the devices while the host turns the previous one into records
-        for i in range(n_steps + 1):
-            launched = dispatch(batches[i]) if i < n_steps else None
-            if in_flight is not None:
-                batch, outputs = in_flight
-                lp, ids, ce = fetch(outputs)
-                if math.isnan(compile_s):  # the first call compiles: keep it out of the throughput
-                    compile_s = time.perf_counter() - t0
-                    first_tokens = sum(len(d.ids) for row in batch if row is not None for d in row.docs)
-                for j, row in enumerate(batch):
-                    off = 0
-                    for d in row.docs if row is not None else ():
-                        n = len(d.ids)
-                        records.append(_record(d, lp[j, off:off + n], ids[j, off:off + n], ce[j, off:off + n]))
-                        off += n
-                        n_tokens += n
-                        bar.update(1)
-                bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):,.0f} tok/s", refresh=False)
-            in_flight = (batches[i], launched) if launched is not None else None
-        if shard is not None:
-            tc.write_shard(out, shard, (tc.encode_record(x, model_cfg.vocab_size, cfg.logprob_format)
-                                        for x in records), [len(x.ids) for x in records])
-            written += 1
-    bar.close()
-    unfinished = [sh for sh in pending if not (out / tc.sidecar_name(sh)).exists()]
-    if unfinished:  # pragma: no cover - a bug, not an input error
-        raise RuntimeError(f"shards {unfinished} were not completed")
-    seconds = time.perf_counter() - t0
+
+class _Progress:
+    """The capture's progress bar and throughput: tokens captured, and the first batch's time (the compile, left out
+    of the tokens/s)."""
+
+    def __init__(self, n_docs: int, name: str):
+        self.bar = tqdm(total=n_docs, unit="doc", dynamic_ncols=True, disable=jax.process_index() != 0,
+                        desc=f"capture {name}")
+        self.t0 = time.perf_counter()
+        self.tokens, self.compile_s, self.first_tokens = 0, math.nan, 0
+
+    def records(self, batch: list[_Row], outputs) -> list[tc.TeacherRecord]:
+        """One fetched batch's documents as records (top-k log-probs, ids and token CE per row)."""
+        lp, ids, ce = outputs
+        if math.isnan(self.compile_s):  # the first call compiles: keep it out of the throughput
+            self.compile_s = time.perf_counter() - self.t0
+            self.first_tokens = sum(len(d.ids) for row in batch for d in row.docs)
+        records = []
+        for j, row in enumerate(batch):
+            off = 0
+            for d in row.docs:
+                n = len(d.ids)
+                records.append(_record(d, lp[j, off:off + n], ids[j, off:off + n], ce[j, off:off + n]))
+                off += n
+                self.tokens += n
+                self.bar.update(1)
+        self.bar.set_postfix_str(f"{self.tokens / (time.perf_counter() - self.t0):,.0f} tok/s", refresh=False)
+        return records
+
+
+def _finish(out: Path, spec: dict, all_shards: list[int], written: int, progress: _Progress) -> dict:
+    """The run's report; process 0 writes the manifest once every process has written its shards."""
+    seconds = time.perf_counter() - progress.t0
     mesh_lib.sync("capture_shards")
+    n_tokens, compile_s, first_tokens = progress.tokens, progress.compile_s, progress.first_tokens
     steady_s = seconds - compile_s
     report = {"output": str(out), "shards_written": written, "tokens": n_tokens, "seconds": seconds,
               "compile_s": compile_s,
               "tokens_per_s": (n_tokens - first_tokens) / steady_s if n_tokens > first_tokens and steady_s > 0
               else math.nan}
-    if pid == 0:
+    if jax.process_index() == 0:
         sidecars = tc.done_shards(out, all_shards)
         missing = sorted(set(all_shards) - set(sidecars))
         if missing:
@@ -339,18 +339,18 @@ def _capture(cfg: CaptureConfig) -> dict:
     return report
 
 
-def _estimate(cfg, store, tok, model_cfg, n_docs, run, local) -> dict:
+def _estimate(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, model_cfg: ModelConfig, n_docs: int,
+              run: RowStep) -> dict:
     """Tokenize an even sample of documents, time one warm batch, and extrapolate to all documents."""
     sample = np.unique(np.linspace(0, n_docs - 1, min(cfg.estimate_sample, n_docs)).astype(int)) if n_docs else []
     docs = [_encode(tok, store, int(i), cfg.append_eos) for i in sample]
     tokens = sum(len(d.ids) for d in docs) / max(len(docs), 1) * n_docs
-    rows = _pack(docs, 0, cfg.seq_len)[:local] or [None]
-    batch = rows + [None] * (local - len(rows))
-    run(batch)  # compile
+    rows = _pack(docs, 0, cfg.seq_len)[:run.local]
+    run(rows)  # compile
     t0 = time.perf_counter()
-    run(batch)
+    run(rows)
     step_s = time.perf_counter() - t0
-    fill = sum(len(d.ids) for r in rows if r for d in r.docs) / (local * cfg.seq_len)
+    fill = sum(len(d.ids) for r in rows for d in r.docs) / (run.local * cfg.seq_len)
     tok_s = cfg.batch_size * cfg.seq_len * max(fill, 1e-9) / step_s
     per_token = tc.bytes_per_token(cfg.k, model_cfg.vocab_size, cfg.logprob_format)
     disk = tokens * per_token + sum(tc.record_overhead(d.doc_id) for d in docs) / max(len(docs), 1) * n_docs

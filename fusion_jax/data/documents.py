@@ -29,6 +29,7 @@ from typing import Any
 
 from fusion_jax.data.corpus import Document
 from fusion_jax.errors import InputError
+from fusion_jax.files import check_replaceable, commit_directory
 
 __all__ = ["DocumentStore", "DocumentWriter", "StoreError", "SPLITS", "read_meta", "write_documents"]
 
@@ -88,8 +89,6 @@ def _partial(out_dir: Path) -> Path:
 
 def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
     # Only ever delete what this module wrote (or nothing at all).
-    from fusion_jax.files import check_replaceable
-
     check_replaceable(out_dir, overwrite, markers=(META_FILE,), what="a documents store", error=StoreError)
 
 
@@ -145,8 +144,6 @@ class DocumentWriter:
         _check_replaceable(self.out_dir, self.overwrite)  # again: it may have appeared meanwhile
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
-        from fusion_jax.files import commit_directory
-
         commit_directory(partial, self.out_dir)
         self.meta = meta
 

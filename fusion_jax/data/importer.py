@@ -16,7 +16,8 @@ column                                                content
 
 (after ``token_alignment.py``, step 3b: one row per document; after ``packing.py``, step 4: one row per block.)
 
-:func:`import_fusellm` writes, under ``output_dir``:
+:func:`run_import` (an :class:`~fusion_jax.config.schema.ImportConfig`; :func:`import_fusellm` takes the same
+settings as arguments) writes, under ``output_dir``:
 
 * ``documents/``: a document store (``data/documents.py``) with one document per dataset row, all in one split. The
   text is the row's tokens' bytes (``Tokenizer.token_bytes`` of the *target* tokenizer), with the dummy-prefix space
@@ -65,14 +66,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
+from fusion_jax.align.transfer import matching_positions
+from fusion_jax.align.vocab import exact_map
+from fusion_jax.config.schema import ImportConfig
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.data.corpus import Document
 from fusion_jax.data.documents import SPLITS, DocumentWriter
 from fusion_jax.errors import InputError
+from fusion_jax.files import check_replaceable, commit_directory
 from fusion_jax.tokenizers import Tokenizer, load_tokenizer
 
-__all__ = ["FuseLLMImportError", "import_fusellm", "teacher_columns", "IMPORT_FILE"]
+__all__ = ["FuseLLMImportError", "import_fusellm", "run_import", "teacher_columns", "IMPORT_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -161,92 +167,129 @@ def _first_row_of(position: int, row_len: np.ndarray) -> tuple[int, int]:
     return r, int(position - (ends[r] - row_len[r]))
 
 
-def _read_batch(table, teachers: list[TeacherColumns], row0: int, vocab_size: int) -> _Batch:
-    """One Arrow record batch → validated flat numpy arrays (every bad-input check names the row)."""
+def _column(table, name: str):
+    """Column ``name`` of an Arrow table as one (unchunked) array."""
     import pyarrow as pa
+
+    c = table.column(name)
+    return c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
+
+
+def _check_ids(values: np.ndarray, row_len: np.ndarray, cand_len: np.ndarray | None, name: str, row0: int,
+               vocab_size: int) -> None:
+    """Every id of ``values`` (flat per position, or per candidate with ``cand_len``) is in the target vocabulary."""
+    bad = np.flatnonzero((values < 0) | (values >= vocab_size))
+    if not bad.size:
+        return
+    i = int(bad[0])
+    pos = i if cand_len is None else int(np.searchsorted(np.cumsum(cand_len), i, side="right"))
+    r, p = _first_row_of(pos, row_len)
+    where = f"row {row0 + r} position {p}"
+    raise FuseLLMImportError(
+        f"{where}: {name} holds id {int(values[i])}, outside the target vocabulary of {vocab_size} ids (the "
+        "dataset was made with another tokenizer, or the teacher's logits are wider than its tokenizer — "
+        "e.g. Qwen's padded embedding — and a top-k candidate is a padding id): give the tokenizer the dataset "
+        "was built with"
+    )
+
+
+def _read_ids(table, row0: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``input_ids`` → (tokens per row int64[B], flat ids int64[P]), none empty, every id in the vocabulary."""
     import pyarrow.compute as pc
 
-    def column(name):
-        c = table.column(name)
-        return c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
-
-    def check_ids(values: np.ndarray, row_len: np.ndarray, cand_len: np.ndarray | None, name: str) -> None:
-        bad = np.flatnonzero((values < 0) | (values >= vocab_size))
-        if not bad.size:
-            return
-        i = int(bad[0])
-        pos = i if cand_len is None else int(np.searchsorted(np.cumsum(cand_len), i, side="right"))
-        r, p = _first_row_of(pos, row_len)
-        where = f"row {row0 + r} position {p}"
-        raise FuseLLMImportError(
-            f"{where}: {name} holds id {int(values[i])}, outside the target vocabulary of {vocab_size} ids (the "
-            "dataset was made with another tokenizer, or the teacher's logits are wider than its tokenizer — "
-            "e.g. Qwen's padded embedding — and a top-k candidate is a padding id): give the tokenizer the dataset "
-            "was built with"
-        )
-
-    ids_col = column("input_ids")
+    ids_col = _column(table, "input_ids")
     row_len = _list_lengths(ids_col, "input_ids", row0)
     empty = np.flatnonzero(row_len == 0)
     if empty.size:
         raise FuseLLMImportError(f"row {row0 + int(empty[0])}: input_ids is empty (nothing to import)")
     ids = _np(pc.list_flatten(ids_col)).astype(np.int64)
-    check_ids(ids, row_len, None, "input_ids")
-    out = []
-    for t in teachers:
-        lg, ix = column(t.logits), column(t.indices)
-        for name, c in ((t.logits, lg), (t.indices, ix)):
-            n_pos = _list_lengths(c, name, row0)
-            bad = np.flatnonzero(n_pos != row_len)
-            if bad.size:
-                r = int(bad[0])
-                hint = ""
-                if n_pos[r] > row_len[r]:
-                    hint = (" (per_step_* padded to model_max_length, as forward_for_logits.py stores them? "
-                            "token_alignment.py cuts them to len(input_ids))")
-                raise FuseLLMImportError(
-                    f"row {row0 + r}: {name} has {int(n_pos[r])} positions but input_ids has {int(row_len[r])} "
-                    f"tokens{hint}"
-                )
-        lg_inner, ix_inner = pc.list_flatten(lg), pc.list_flatten(ix)
-        cand_len = _list_lengths(lg_inner, t.logits, row0)
-        ix_len = _list_lengths(ix_inner, t.indices, row0)
-        bad = np.flatnonzero(cand_len != ix_len)
-        if bad.size:
-            r, p = _first_row_of(int(bad[0]), row_len)
-            raise FuseLLMImportError(
-                f"row {row0 + r} position {p}: {t.logits} has {int(cand_len[bad[0]])} entries but {t.indices} has "
-                f"{int(ix_len[bad[0]])}"
-            )
-        if cand_len.size and cand_len.max() > 255:
-            r, p = _first_row_of(int(np.argmax(cand_len)), row_len)
-            raise FuseLLMImportError(f"row {row0 + r} position {p}: {int(cand_len.max())} candidates; at most 255 "
-                                     "per position can be stored")
-        logits = _np(pc.list_flatten(lg_inner)).astype(np.float64)
-        indices = _np(pc.list_flatten(ix_inner))
-        if indices.dtype.kind == "f":
-            if not np.array_equal(indices, np.round(indices)):
-                raise FuseLLMImportError(f"{t.indices} holds non-integer values")
-        indices = indices.astype(np.int64)
-        check_ids(indices, row_len, cand_len, t.indices)
-        bad = np.flatnonzero(~np.isfinite(logits))
-        if bad.size:
-            i = int(bad[0])
-            pos = int(np.searchsorted(np.cumsum(cand_len), i, side="right"))
-            r, p = _first_row_of(pos, row_len)
-            raise FuseLLMImportError(
-                f"row {row0 + r} position {p}: {t.logits} holds {logits[i]} (the official forward_for_logits.py "
-                "asserts on NaN unless --no_assert; filter such rows out, e.g. with packing.py --fiter_nan)"
-            )
-        mc = column(t.metric)
-        if pa.types.is_list(mc.type) or pa.types.is_large_list(mc.type):
-            raise FuseLLMImportError(f"{t.metric} holds a list per row; one float per row is expected "
-                                     "(metric_level=sequence, as the official README runs it)")
-        if mc.null_count:
-            bad = int(np.flatnonzero(_np(mc.is_null()))[0])
-            raise FuseLLMImportError(f"row {row0 + bad}: {t.metric} is null")
-        metric = _np(mc).astype(np.float64)
-        out.append(_TeacherBatch(row_len, cand_len, logits, indices, metric))
+    _check_ids(ids, row_len, None, "input_ids", row0, vocab_size)
+    return row_len, ids
+
+
+def _check_positions(c, name: str, row_len: np.ndarray, row0: int) -> None:
+    """A per-position column has one entry per token of its row."""
+    n_pos = _list_lengths(c, name, row0)
+    bad = np.flatnonzero(n_pos != row_len)
+    if bad.size:
+        r = int(bad[0])
+        hint = ""
+        if n_pos[r] > row_len[r]:
+            hint = (" (per_step_* padded to model_max_length, as forward_for_logits.py stores them? "
+                    "token_alignment.py cuts them to len(input_ids))")
+        raise FuseLLMImportError(
+            f"row {row0 + r}: {name} has {int(n_pos[r])} positions but input_ids has {int(row_len[r])} "
+            f"tokens{hint}"
+        )
+
+
+def _read_candidates(t: TeacherColumns, lg, ix, row_len: np.ndarray, row0: int, vocab_size: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A teacher's logits and indices columns → (candidates per position int64[P], logits float64[C],
+    indices int64[C]), checked: as many logits as indices, ≤ 255 per position, integer in-vocabulary ids, finite."""
+    import pyarrow.compute as pc
+
+    lg_inner, ix_inner = pc.list_flatten(lg), pc.list_flatten(ix)
+    cand_len = _list_lengths(lg_inner, t.logits, row0)
+    ix_len = _list_lengths(ix_inner, t.indices, row0)
+    bad = np.flatnonzero(cand_len != ix_len)
+    if bad.size:
+        r, p = _first_row_of(int(bad[0]), row_len)
+        raise FuseLLMImportError(
+            f"row {row0 + r} position {p}: {t.logits} has {int(cand_len[bad[0]])} entries but {t.indices} has "
+            f"{int(ix_len[bad[0]])}"
+        )
+    if cand_len.size and cand_len.max() > 255:
+        r, p = _first_row_of(int(np.argmax(cand_len)), row_len)
+        raise FuseLLMImportError(f"row {row0 + r} position {p}: {int(cand_len.max())} candidates; at most 255 "
+                                 "per position can be stored")
+    logits = _np(pc.list_flatten(lg_inner)).astype(np.float64)
+    indices = _np(pc.list_flatten(ix_inner))
+    if indices.dtype.kind == "f":
+        if not np.array_equal(indices, np.round(indices)):
+            raise FuseLLMImportError(f"{t.indices} holds non-integer values")
+    indices = indices.astype(np.int64)
+    _check_ids(indices, row_len, cand_len, t.indices, row0, vocab_size)
+    bad = np.flatnonzero(~np.isfinite(logits))
+    if bad.size:
+        i = int(bad[0])
+        pos = int(np.searchsorted(np.cumsum(cand_len), i, side="right"))
+        r, p = _first_row_of(pos, row_len)
+        raise FuseLLMImportError(
+            f"row {row0 + r} position {p}: {t.logits} holds {logits[i]} (the official forward_for_logits.py "
+            "asserts on NaN unless --no_assert; filter such rows out, e.g. with packing.py --fiter_nan)"
+        )
+    return cand_len, logits, indices
+
+
+def _read_metric(table, name: str, row0: int) -> np.ndarray:
+    """A sequence-CE column → float64[B] (one float per row)."""
+    import pyarrow as pa
+
+    mc = _column(table, name)
+    if pa.types.is_list(mc.type) or pa.types.is_large_list(mc.type):
+        raise FuseLLMImportError(f"{name} holds a list per row; one float per row is expected "
+                                 "(metric_level=sequence, as the official README runs it)")
+    if mc.null_count:
+        bad = int(np.flatnonzero(_np(mc.is_null()))[0])
+        raise FuseLLMImportError(f"row {row0 + bad}: {name} is null")
+    return _np(mc).astype(np.float64)
+
+
+def _read_teacher(table, t: TeacherColumns, row_len: np.ndarray, row0: int, vocab_size: int) -> _TeacherBatch:
+    """One teacher's columns of a record batch → its validated flat arrays."""
+    lg, ix = _column(table, t.logits), _column(table, t.indices)
+    for name, c in ((t.logits, lg), (t.indices, ix)):
+        _check_positions(c, name, row_len, row0)
+    cand_len, logits, indices = _read_candidates(t, lg, ix, row_len, row0, vocab_size)
+    metric = _read_metric(table, t.metric, row0)
+    return _TeacherBatch(row_len, cand_len, logits, indices, metric)
+
+
+def _read_batch(table, teachers: list[TeacherColumns], row0: int, vocab_size: int) -> _Batch:
+    """One Arrow record batch → validated flat numpy arrays (every bad-input check names the row)."""
+    row_len, ids = _read_ids(table, row0, vocab_size)
+    out = [_read_teacher(table, t, row_len, row0, vocab_size) for t in teachers]
     return _Batch(row0, row_len, ids, out)
 
 
@@ -352,8 +395,6 @@ def _loader_mismatch(tok: Tokenizer, text: str, ids: np.ndarray, byte_end: np.nd
     target row's teacher row by (byte end, rank) → (target positions without a teacher row, teacher rows no target
     position uses). The EOS the loader appends to a row that did not end with one (a packed block cut inside a
     document) has no teacher row by construction and is not counted."""
-    from fusion_jax.align.transfer import matching_positions
-
     enc = tok.encode(text)
     l_end = np.append(enc.byte_end, np.int32(len(text.encode("utf-8"))))
     pos = matching_positions(byte_end, l_end)
@@ -387,10 +428,213 @@ def _open_dataset(dataset_dir: Path, split: str):
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
-    from fusion_jax.files import check_replaceable
-
     check_replaceable(out, overwrite, markers=(IMPORT_FILE,), what="an import output", error=FuseLLMImportError,
                       overwrite_flag="--overwrite, or overwrite=True")
+
+
+def _teacher_ks(ds, teachers: list[TeacherColumns], vocab_size: int, batch_rows: int) -> tuple[dict[str, int], int]:
+    """Pass 1: validate every row and size each teacher's k → ({teacher: k ≥ 1}, tokens), before anything is written."""
+    k = {t.name: 1 for t in teachers}
+    tokens = 0
+    for b in _batches(ds, teachers, vocab_size, max(batch_rows, 256)):
+        tokens += int(b.row_len.sum())
+        for t, tb in zip(teachers, b.teachers):
+            if tb.cand_len.size:
+                k[t.name] = max(k[t.name], int(tb.cand_len.max()))
+    return k, tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """One dataset row on its way into the caches: where it lies in its batch and the document it became."""
+
+    index: int             # in the dataset (= the document's index in the store split)
+    r: int                 # in its batch
+    lo: int                # its positions [lo, hi) in the batch's flat arrays
+    hi: int
+    doc: Document
+    ids: np.ndarray        # int64[n] input_ids
+    byte_end: np.ndarray   # int32[n]
+    num_bytes: int
+
+
+class _CacheWriter:
+    """Pass 2's output: the documents' teacher records, collected into cache shards of ``docs_per_shard`` documents,
+    and the counts of unusual rows that ``import.json`` reports."""
+
+    def __init__(self, cfg: ImportConfig, tok: Tokenizer, teachers: list[TeacherColumns], k: dict[str, int],
+                 root: Path):
+        self.cfg, self.tok, self.teachers, self.k = cfg, tok, teachers, k
+        V = tok.vocab_size
+        canon = exact_map(tok, tok)
+        self.special_ids = canon < 0
+        self.relabel_ids = (canon >= 0) & (canon != np.arange(V))
+        self.stats = {t.name: {"k": k[t.name], "empty_rows": 0, "onehot_rows": 0, "resorted_rows": 0,
+                               "nan_doc_ce_rows": 0, "special_candidates": 0, "relabelled_candidates": 0}
+                      for t in teachers}
+        self.differ = {"rows": 0, "target_positions_without_row": 0, "record_rows_unused": 0, "first_rows": []}
+        self.trimmed = 0
+        self.text_of = _TextBuilder(tok)
+        self.dirs = {t.name: root / t.directory for t in teachers}
+        for d in self.dirs.values():
+            d.mkdir()
+        self.pending: dict[str, list[bytes]] = {t.name: [] for t in teachers}
+        self.pending_tokens: list[int] = []
+        self.sidecars: dict[str, list[dict]] = {t.name: [] for t in teachers}
+        self.shard = 0
+
+    def add_batch(self, b: _Batch, writer: DocumentWriter, store_split: str, last_row: int) -> None:
+        """Every row of ``b`` → a document of ``writer`` and one record per teacher (a shard written when full)."""
+        rows = [_padded_rows(tb, self.k[t.name]) for t, tb in zip(self.teachers, b.teachers)]
+        ends = np.cumsum(b.row_len)
+        for r in range(len(b.row_len)):
+            i = b.row0 + r
+            lo, hi = int(ends[r] - b.row_len[r]), int(ends[r])
+            ids = b.ids[lo:hi]
+            data, byte_end, cut = self.text_of(ids, f"row {i}")
+            self.trimmed += cut
+            text = data.decode("utf-8")
+            doc = Document(f"{store_split}:{i}", text, DOMAIN)
+            writer.add(doc, store_split)
+            if self.cfg.check_reencode:
+                self._count_reencode(i, text, ids, byte_end)
+            row = _Row(i, r, lo, hi, doc, ids, byte_end, len(data))
+            for t, tb, padded in zip(self.teachers, b.teachers, rows):
+                self._add_record(t, tb, padded, row)
+            self.pending_tokens.append(len(ids))
+            if len(self.pending_tokens) == self.cfg.docs_per_shard or i == last_row:
+                self._write_shard()
+
+    def _count_reencode(self, i: int, text: str, ids: np.ndarray, byte_end: np.ndarray) -> None:
+        missing, unused = _loader_mismatch(self.tok, text, ids, byte_end)
+        if missing or unused:
+            self.differ["rows"] += 1
+            self.differ["target_positions_without_row"] += missing
+            self.differ["record_rows_unused"] += unused
+            if len(self.differ["first_rows"]) < 10:
+                self.differ["first_rows"].append(i)
+
+    def _add_record(self, t: TeacherColumns, tb: _TeacherBatch, padded, row: _Row) -> None:
+        """Teacher ``t``'s part of ``row`` (``padded``: its :func:`_padded_rows` of the batch) → its encoded record
+        (pending until the shard is written) and its counts."""
+        t_ids, t_lp, resorted = padded
+        r, lo, hi, ids = row.r, row.lo, row.hi, row.ids
+        s = self.stats[t.name]
+        lp = t_lp[lo:hi]
+        top_ids = t_ids[lo:hi]
+        counts = tb.cand_len[lo:hi]
+        s["empty_rows"] += int((counts == 0).sum())
+        s["onehot_rows"] += int((counts == 1).sum())
+        s["resorted_rows"] += int(resorted[lo:hi].sum())
+        live = np.isfinite(lp)
+        s["special_candidates"] += int((live & self.special_ids[top_ids]).sum())
+        s["relabelled_candidates"] += int((live & self.relabel_ids[top_ids]).sum())
+        doc_ce = float(tb.metric[r])
+        s["nan_doc_ce_rows"] += int(np.isnan(doc_ce))
+        rec = tc.TeacherRecord(
+            doc_index=row.index, doc_id=row.doc.id, ids=ids.astype(np.int32), byte_end=row.byte_end,
+            topk_ids=top_ids, topk_logprobs=lp, token_ce=np.full(len(ids), np.nan, np.float32),
+            doc_ce=doc_ce, num_bytes=row.num_bytes)
+        self.pending[t.name].append(tc.encode_record(rec, self.tok.vocab_size, self.cfg.logprob_format))
+
+    def _write_shard(self) -> None:
+        for t in self.teachers:
+            self.sidecars[t.name].append(tc.write_shard(self.dirs[t.name], self.shard, self.pending[t.name],
+                                                        self.pending_tokens))
+            self.pending[t.name] = []
+        self.pending_tokens, self.shard = [], self.shard + 1
+
+    def write_manifests(self, dataset_dir: Path, store_split: str, fingerprint: str, n_rows: int) -> None:
+        """Each teacher cache's manifest (written last: it makes the cache complete)."""
+        cfg, tok = self.cfg, self.tok
+        for t in self.teachers:
+            spec = {
+                "model": {"imported_from": str(dataset_dir), "split": cfg.split, "column": t.logits,
+                          "indices_column": t.indices, "metric_column": t.metric},
+                "tokenizer": tok.fingerprint, "tokenizer_name": tok.name, "vocab_size": tok.vocab_size,
+                "k": self.k[t.name], "append_eos": True, "logprob_format": cfg.logprob_format,
+                "compute_dtype": "imported", "param_dtype": "imported",
+                "documents": {"fingerprint": fingerprint, "split": store_split, "num_docs": n_rows},
+                "docs_per_shard": cfg.docs_per_shard,
+                "imported": {"logprobs": "log_softmax over the stored top-k logits", "token_ce": "absent (NaN)",
+                             "doc_ce": t.metric},
+            }
+            tc.write_manifest(self.dirs[t.name], spec, self.sidecars[t.name])
+
+
+def _report(cfg: ImportConfig, dataset_dir: Path, out: Path, tok: Tokenizer, n_rows: int, tokens: int,
+            store_split: str, fingerprint: str, cw: _CacheWriter) -> dict[str, Any]:
+    """What ``import.json`` holds (module docstring)."""
+    return {
+        "format": FORMAT, "version": VERSION, "dataset": str(dataset_dir), "split": cfg.split, "output": str(out),
+        "rows": n_rows, "tokens": tokens, "documents": {"path": str(out / "documents"), "split": store_split,
+                                                      "fingerprint": fingerprint},
+        "target_tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
+        "teachers": {t.name: {"cache": str(out / t.directory), **cw.stats[t.name]} for t in cw.teachers},
+        "utf8_trimmed_rows": cw.trimmed,
+        "loader_alignment": cw.differ if cfg.check_reencode else None,
+        "logprob_format": cfg.logprob_format,
+    }
+
+
+def _check_inputs(cfg: ImportConfig, tokenizer: Tokenizer | None, batch_rows: int) -> tuple[str, Tokenizer]:
+    """The settings an import needs beyond ``cfg.validate`` → (the store split to fill, the target tokenizer)."""
+    cfg.validate()
+    store_split = cfg.store_split or cfg.split
+    if store_split not in SPLITS:
+        raise FuseLLMImportError(f"the document store holds splits {SPLITS}; give store_split= one of them "
+                                 f"(split {cfg.split!r} is not)")
+    if batch_rows <= 0:
+        raise ValueError("batch_rows must be positive")
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+    if tok.eos_id is None:
+        raise FuseLLMImportError(f"target tokenizer {tok.name!r} has no EOS token; the official data ends documents "
+                                 "with one and the loader appends it")
+    return store_split, tok
+
+
+def run_import(cfg: ImportConfig, *, tokenizer: Tokenizer | None = None, batch_rows: int = 64) -> dict[str, Any]:
+    """Import the official FuseLLM feature dataset ``cfg.dataset_dir`` into ``cfg.output`` (module docstring) → the
+    report also written to ``import.json``. ``tokenizer``: the loaded target tokenizer (default: load
+    ``cfg.tokenizer``); ``batch_rows``: dataset rows converted at a time. The output is written as
+    ``<output>.partial`` and renamed when complete."""
+    store_split, tok = _check_inputs(cfg, tokenizer, batch_rows)
+    dataset_dir, out = Path(cfg.dataset_dir).absolute(), Path(cfg.output).absolute()
+    ds = _open_dataset(dataset_dir, cfg.split)
+    teachers = teacher_columns(list(ds.column_names))
+    n_rows = len(ds)
+    if n_rows == 0:
+        raise FuseLLMImportError(f"{dataset_dir}: the dataset ({cfg.split}) has no rows")
+    k, tokens = _teacher_ks(ds, teachers, tok.vocab_size, batch_rows)
+    _check_output(out, cfg.overwrite)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    meta = {"imported_from": {"format": "fusellm", "dataset": str(dataset_dir), "split": cfg.split},
+            "tokenizers": {"target": {"name": tok.name, "fingerprint": tok.fingerprint}}}
+    bar = tqdm(total=n_rows, unit="row", disable=not cfg.progress, desc="import")
+    try:
+        cw = _CacheWriter(cfg, tok, teachers, k, tmp)
+        with DocumentWriter(tmp / "documents", meta) as writer:
+            for b in _batches(ds, teachers, tok.vocab_size, batch_rows):
+                cw.add_batch(b, writer, store_split, n_rows - 1)
+                bar.update(len(b.row_len))
+        bar.close()
+        fingerprint = writer.meta["splits"][store_split]["fingerprint"]
+        cw.write_manifests(dataset_dir, store_split, fingerprint, n_rows)
+        report = _report(cfg, dataset_dir, out, tok, n_rows, tokens, store_split, fingerprint, cw)
+        (tmp / IMPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        _check_output(out, cfg.overwrite)
+        if out.exists():
+            shutil.rmtree(out)
+        commit_directory(tmp, out)
+    except BaseException:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log_summary(report)
+    return report
 
 
 def import_fusellm(
@@ -407,7 +651,7 @@ def import_fusellm(
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Import an official FuseLLM feature dataset (module docstring) → the report also written to ``import.json``.
+    """:func:`run_import` with the settings as arguments (see :class:`~fusion_jax.config.schema.ImportConfig`).
 
     dataset_dir: a ``save_to_disk`` directory (a Dataset, or a DatasetDict of which ``split`` is taken);
     target_tokenizer: the base model's tokenizer the dataset was built with (path or loaded ``Tokenizer``);
@@ -417,149 +661,12 @@ def import_fusellm(
     ``float16``: 46 B/token); check_reencode: re-tokenize each text as the loader will and count the positions it
     will not align 1:1 (``import.json`` ``loader_alignment``).
     """
-    from tqdm import tqdm
-
-    from fusion_jax.align.vocab import exact_map
-
-    dataset_dir, out = Path(dataset_dir).absolute(), Path(output_dir).absolute()
-    store_split = store_split or split
-    if store_split not in SPLITS:
-        raise FuseLLMImportError(f"the document store holds splits {SPLITS}; give store_split= one of them "
-                                 f"(split {split!r} is not)")
-    if logprob_format not in tc.LOGPROB_FORMATS:
-        raise ValueError(f"logprob_format must be one of {tc.LOGPROB_FORMATS}, got {logprob_format!r}")
-    if docs_per_shard <= 0 or batch_rows <= 0:
-        raise ValueError("docs_per_shard and batch_rows must be positive")
-    tok = target_tokenizer if isinstance(target_tokenizer, Tokenizer) else load_tokenizer(target_tokenizer)
-    if tok.eos_id is None:
-        raise FuseLLMImportError(f"target tokenizer {tok.name!r} has no EOS token; the official data ends documents "
-                                 "with one and the loader appends it")
-    ds = _open_dataset(dataset_dir, split)
-    teachers = teacher_columns(list(ds.column_names))
-    n_rows = len(ds)
-    if n_rows == 0:
-        raise FuseLLMImportError(f"{dataset_dir}: the dataset ({split}) has no rows")
-    V = tok.vocab_size
-
-    # Pass 1: validate everything and size each teacher's k before anything is written.
-    k = {t.name: 1 for t in teachers}
-    tokens = 0
-    for b in _batches(ds, teachers, V, max(batch_rows, 256)):
-        tokens += int(b.row_len.sum())
-        for t, tb in zip(teachers, b.teachers):
-            if tb.cand_len.size:
-                k[t.name] = max(k[t.name], int(tb.cand_len.max()))
-    _check_output(out, overwrite)
-
-    canon = exact_map(tok, tok)
-    special_ids = canon < 0
-    relabel_ids = (canon >= 0) & (canon != np.arange(V))
-    stats = {t.name: {"k": k[t.name], "empty_rows": 0, "onehot_rows": 0, "resorted_rows": 0,
-                      "nan_doc_ce_rows": 0, "special_candidates": 0, "relabelled_candidates": 0} for t in teachers}
-    differ = {"rows": 0, "target_positions_without_row": 0, "record_rows_unused": 0, "first_rows": []}
-    trimmed = 0
-    text_of = _TextBuilder(tok)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    cache_dirs = {t.name: tmp / t.directory for t in teachers}
-    for d in cache_dirs.values():
-        d.mkdir()
-    pending: dict[str, list[bytes]] = {t.name: [] for t in teachers}
-    pending_tokens: list[int] = []
-    sidecars: dict[str, list[dict]] = {t.name: [] for t in teachers}
-    shard = 0
-    meta = {"imported_from": {"format": "fusellm", "dataset": str(dataset_dir), "split": split},
-            "tokenizers": {"target": {"name": tok.name, "fingerprint": tok.fingerprint}}}
-    bar = tqdm(total=n_rows, unit="row", disable=not progress, desc="import")
-    try:
-        with DocumentWriter(tmp / "documents", meta) as writer:
-            for b in _batches(ds, teachers, V, batch_rows):
-                rows = [_padded_rows(tb, k[t.name]) for t, tb in zip(teachers, b.teachers)]
-                ends = np.cumsum(b.row_len)
-                for r in range(len(b.row_len)):
-                    i = b.row0 + r
-                    lo, hi = int(ends[r] - b.row_len[r]), int(ends[r])
-                    ids = b.ids[lo:hi]
-                    data, byte_end, cut = text_of(ids, f"row {i}")
-                    trimmed += cut
-                    text = data.decode("utf-8")
-                    doc = Document(f"{store_split}:{i}", text, DOMAIN)
-                    writer.add(doc, store_split)
-                    if check_reencode:
-                        missing, unused = _loader_mismatch(tok, text, ids, byte_end)
-                        if missing or unused:
-                            differ["rows"] += 1
-                            differ["target_positions_without_row"] += missing
-                            differ["record_rows_unused"] += unused
-                            if len(differ["first_rows"]) < 10:
-                                differ["first_rows"].append(i)
-                    for t, tb, (t_ids, t_lp, resorted) in zip(teachers, b.teachers, rows):
-                        s = stats[t.name]
-                        lp = t_lp[lo:hi]
-                        top_ids = t_ids[lo:hi]
-                        counts = tb.cand_len[lo:hi]
-                        s["empty_rows"] += int((counts == 0).sum())
-                        s["onehot_rows"] += int((counts == 1).sum())
-                        s["resorted_rows"] += int(resorted[lo:hi].sum())
-                        live = np.isfinite(lp)
-                        s["special_candidates"] += int((live & special_ids[top_ids]).sum())
-                        s["relabelled_candidates"] += int((live & relabel_ids[top_ids]).sum())
-                        doc_ce = float(tb.metric[r])
-                        s["nan_doc_ce_rows"] += int(np.isnan(doc_ce))
-                        rec = tc.TeacherRecord(
-                            doc_index=i, doc_id=doc.id, ids=ids.astype(np.int32), byte_end=byte_end,
-                            topk_ids=top_ids, topk_logprobs=lp, token_ce=np.full(len(ids), np.nan, np.float32),
-                            doc_ce=doc_ce, num_bytes=len(data))
-                        pending[t.name].append(tc.encode_record(rec, V, logprob_format))
-                    pending_tokens.append(len(ids))
-                    if len(pending_tokens) == docs_per_shard or i == n_rows - 1:
-                        for t in teachers:
-                            sidecars[t.name].append(tc.write_shard(cache_dirs[t.name], shard, pending[t.name],
-                                                                   pending_tokens))
-                            pending[t.name] = []
-                        pending_tokens, shard = [], shard + 1
-                bar.update(len(b.row_len))
-        bar.close()
-        store_meta = writer.meta
-        split_info = store_meta["splits"][store_split]
-        for t in teachers:
-            spec = {
-                "model": {"imported_from": str(dataset_dir), "split": split, "column": t.logits,
-                          "indices_column": t.indices, "metric_column": t.metric},
-                "tokenizer": tok.fingerprint, "tokenizer_name": tok.name, "vocab_size": V, "k": k[t.name],
-                "append_eos": True, "logprob_format": logprob_format, "compute_dtype": "imported",
-                "param_dtype": "imported",
-                "documents": {"fingerprint": split_info["fingerprint"], "split": store_split, "num_docs": n_rows},
-                "docs_per_shard": docs_per_shard,
-                "imported": {"logprobs": "log_softmax over the stored top-k logits", "token_ce": "absent (NaN)",
-                             "doc_ce": t.metric},
-            }
-            tc.write_manifest(cache_dirs[t.name], spec, sidecars[t.name])
-        report = {
-            "format": FORMAT, "version": VERSION, "dataset": str(dataset_dir), "split": split, "output": str(out),
-            "rows": n_rows, "tokens": tokens, "documents": {"path": str(out / "documents"), "split": store_split,
-                                                          "fingerprint": split_info["fingerprint"]},
-            "target_tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint, "vocab_size": V},
-            "teachers": {t.name: {"cache": str(out / t.directory), **stats[t.name]} for t in teachers},
-            "utf8_trimmed_rows": trimmed,
-            "loader_alignment": differ if check_reencode else None,
-            "logprob_format": logprob_format,
-        }
-        (tmp / IMPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
-        _check_output(out, overwrite)
-        if out.exists():
-            shutil.rmtree(out)
-        from fusion_jax.files import commit_directory
-
-        commit_directory(tmp, out)
-    except BaseException:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _log_summary(report)
-    return report
+    tok = target_tokenizer if isinstance(target_tokenizer, Tokenizer) else None
+    cfg = ImportConfig(dataset_dir=str(dataset_dir), output=str(output_dir),
+                       tokenizer=str(target_tokenizer) if tok is None else tok.name or "(loaded tokenizer)", split=split,
+                       store_split=store_split, docs_per_shard=docs_per_shard, logprob_format=logprob_format,
+                       check_reencode=check_reencode, overwrite=overwrite, progress=progress)
+    return run_import(cfg, tokenizer=tok, batch_rows=batch_rows)
 
 
 def _log_summary(report: dict) -> None:

@@ -41,8 +41,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from fusion_jax import mesh as mesh_lib
 from fusion_jax.config import loader as config_loader
@@ -51,12 +52,13 @@ from fusion_jax.config.schema import EvaluateConfig
 from fusion_jax.convert import checkpoint
 from fusion_jax.data.corpus import Document, read_documents
 from fusion_jax.data.documents import DocumentStore
+from fusion_jax.data.scoring import RowStep, score_rows
 from fusion_jax.errors import CheckpointError, ConfigError, InputError
 from fusion_jax.files import atomic_write_text
-from fusion_jax.models import decoder
+from fusion_jax.models.head import ce_step
 from fusion_jax.tokenizers import Tokenizer, check_vocab_size, load_tokenizer, token_from_config
 
-__all__ = ["EvaluateConfig", "bos_token_id", "ce_step", "evaluate_bpb", "main", "parse", "windows"]
+__all__ = ["EvaluateConfig", "bos_token_id", "ce_step", "evaluate_bpb", "main", "windows"]
 
 log = logging.getLogger("fusion_jax.evaluate.bpb")
 LN2 = math.log(2.0)
@@ -64,31 +66,6 @@ BOS_PIECES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 
 
 # ------------------------------------------------------------------------------------------------ the device step
-
-
-def ce_step(cfg: ModelConfig, chunk: int, rules, params, tokens, segment_ids, score):
-    """tokens int32[B, T], segment_ids int32[B, T] (0 = padding), score bool[B, T] → float32[B, T]:
-    −log p(tokens[t+1] | its segment up to t) where score[t], 0 elsewhere (score[t] must imply that t+1 is in t's
-    segment). The log-sum-exp over the vocabulary runs over `chunk` positions at a time."""
-    hidden = decoder.hidden_states(cfg, params, tokens, segment_ids, rules=rules)
-    b, t, _ = hidden.shape
-    chunk = min(chunk, t)
-    nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    pad = -t % chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        nxt = jnp.pad(nxt, ((0, 0), (0, pad)))
-    n = (t + pad) // chunk
-
-    def one_chunk(args):
-        h, y = args  # [B, C, D], [B, C]
-        logits = decoder.unembed(cfg, params, h)  # float32 [B, C, V]
-        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-
-    to_chunks = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
-    ce = jax.lax.map(one_chunk, (to_chunks(hidden), to_chunks(nxt)))
-    ce = jnp.moveaxis(ce, 0, 1).reshape(b, n * chunk)[:, :t]
-    return jnp.where(score, ce, 0.0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -144,12 +121,13 @@ def _pack(pieces: list[_Piece], seq_len: int) -> list[list[_Piece]]:
     return rows
 
 
-def _row_arrays(row: list[_Piece], seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _row_arrays(row: list[_Piece] | None, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A row of pieces (None: padding) → (tokens, segment ids, score) [seq_len]."""
     tokens = np.zeros(seq_len, np.int32)
     segs = np.zeros(seq_len, np.int32)
     score = np.zeros(seq_len, bool)
     off = 0
-    for s, p in enumerate(row, start=1):
+    for s, p in enumerate(row or (), start=1):
         m = len(p.tokens)
         tokens[off:off + m] = p.tokens
         segs[off:off + m] = s
@@ -168,8 +146,6 @@ def _allgather_json(obj) -> list:
     """Every process's `obj` (JSON-serialisable), in process order."""
     if jax.process_count() == 1:
         return [obj]
-    from jax.experimental import multihost_utils
-
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     n = mesh_lib.max_over_processes(len(data))
     lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int64))).reshape(-1)
@@ -188,6 +164,81 @@ def _summary(s: dict) -> dict:
            "tokens": int(s["tokens"]), "bytes": int(s["bytes"]), "documents": int(s["documents"]),
            "unscored_bytes": int(s["unscored_bytes"]), "ce_nats": s["ce"]}
     return out
+
+
+def _check_args(model_cfg: ModelConfig, tokenizer: Tokenizer, batch_size: int, seq_len: int, chunk: int,
+                context: int | None, append_eos: bool, bos_id: int | None) -> int:
+    """The errors of evaluate_bpb's arguments; returns the context (None or < 0: seq_len // 2)."""
+    if batch_size <= 0 or seq_len < 2 or chunk <= 0:
+        raise ValueError(f"batch_size and chunk must be positive and seq_len >= 2, got {batch_size}, {chunk}, "
+                         f"{seq_len}")
+    context = seq_len // 2 if context is None or context < 0 else context
+    if not 1 <= context < seq_len:
+        raise ValueError(f"context must be in [1, seq_len), got {context} (seq_len {seq_len})")
+    if append_eos and tokenizer.eos_id is None:
+        raise ConfigError(f"tokenizer {tokenizer.name!r} has no EOS token; set append_eos=false or give a tokenizer "
+                         "with one")
+    check_vocab_size(tokenizer, model_cfg.vocab_size, "the model")
+    if bos_id is not None and not 0 <= bos_id < model_cfg.vocab_size:
+        raise CheckpointError(f"bos_id {bos_id} is outside the model's vocabulary [0, {model_cfg.vocab_size})")
+    if batch_size % jax.process_count():
+        raise ConfigError(f"batch_size {batch_size} must be a multiple of the process count {jax.process_count()}")
+    return context
+
+
+@dataclasses.dataclass(frozen=True)
+class _Windowing:
+    """How a document becomes scored pieces (see the module docstring)."""
+
+    tokenizer: Tokenizer
+    append_eos: bool
+    bos_id: int | None
+    seq_len: int
+    context: int
+
+    def pieces(self, doc: Document, stats: dict[str, dict[str, float]]) -> list[_Piece]:
+        """The document's windows (none for an empty text); counts it (documents, bytes, tokens, unscored bytes)
+        into stats[its domain]."""
+        data = doc.text.encode("utf-8")
+        if not data:
+            return []
+        enc = self.tokenizer.encode(doc.text, eos=self.append_eos)
+        ids = enc.ids.astype(np.int32)
+        if self.bos_id is not None:
+            ids = np.concatenate([np.asarray([self.bos_id], np.int32), ids])
+        s = stats.setdefault(doc.domain, dict.fromkeys(_FIELDS, 0))
+        s["documents"] += 1
+        s["bytes"] += len(data)
+        s["tokens"] += max(len(ids) - 1, 0)
+        if self.bos_id is None and len(enc.byte_end):
+            s["unscored_bytes"] += int(enc.byte_end[0])
+        return [_Piece(ids[start:end], first, doc.domain)
+                for start, end, first in windows(len(ids), self.seq_len, self.context)]
+
+
+def _add_ce(stats: dict[str, dict[str, float]], batch: list[list[_Piece]], ce: np.ndarray) -> None:
+    """Add a scored batch's CE (float32[rows, seq_len], 0 where not scored) to its pieces' domains."""
+    for j, row in enumerate(batch):
+        off = 0
+        for p in row:
+            m = len(p.tokens)
+            stats[p.domain]["ce"] += float(ce[j, off:off + m].sum(dtype=np.float64))
+            off += m
+
+
+def _merged_report(stats: dict[str, dict[str, float]], n_docs: int) -> dict:
+    """Every process's stats summed (the same report on every process), overall and per domain."""
+    merged: dict[str, dict[str, float]] = {}
+    for part in _allgather_json(stats):
+        for domain, s in part.items():
+            m = merged.setdefault(domain, dict.fromkeys(_FIELDS, 0))
+            for k in _FIELDS:
+                m[k] += s[k]
+    total = {k: sum(m[k] for m in merged.values()) for k in _FIELDS}
+    if not total["bytes"]:
+        raise InputError(f"nothing to evaluate: {n_docs} documents with no text"
+                         + (" (max_documents=0 means all)" if not n_docs else ""))
+    return {**_summary(total), "domains": {d: _summary(merged[d]) for d in sorted(merged)}}
 
 
 def evaluate_bpb(
@@ -214,103 +265,30 @@ def evaluate_bpb(
     "domains": {domain: the same fields}}, identical on every process. `context`: see the module docstring (None =
     seq_len // 2); `bos_id`: prepend this token to every document (None: no BOS). Empty texts are skipped.
     """
-    if batch_size <= 0 or seq_len < 2 or chunk <= 0:
-        raise ValueError(f"batch_size and chunk must be positive and seq_len >= 2, got {batch_size}, {chunk}, "
-                         f"{seq_len}")
-    context = seq_len // 2 if context is None or context < 0 else context
-    if not 1 <= context < seq_len:
-        raise ValueError(f"context must be in [1, seq_len), got {context} (seq_len {seq_len})")
-    if append_eos and tokenizer.eos_id is None:
-        raise ConfigError(f"tokenizer {tokenizer.name!r} has no EOS token; set append_eos=false or give a tokenizer "
-                         "with one")
-    check_vocab_size(tokenizer, model_cfg.vocab_size, "the model")
-    if bos_id is not None and not 0 <= bos_id < model_cfg.vocab_size:
-        raise CheckpointError(f"bos_id {bos_id} is outside the model's vocabulary [0, {model_cfg.vocab_size})")
+    context = _check_args(model_cfg, tokenizer, batch_size, seq_len, chunk, context, append_eos, bos_id)
     if not isinstance(documents, (DocumentStore, Sequence)):
         documents = list(documents)
     n_docs = len(documents) if not max_documents else min(max_documents, len(documents))
     pid, nproc = jax.process_index(), jax.process_count()
-    if batch_size % nproc:
-        raise ConfigError(f"batch_size {batch_size} must be a multiple of the process count {nproc}")
     local = batch_size // nproc
     rules_key = tuple(sorted((k, tuple(v)) for k, v in rules.items()))
     step, sharding = _compiled_step(model_cfg, chunk, rules_key, mesh, batch_size, seq_len)
-
+    run = RowStep(step, params, mesh, sharding, sharding.spec, local, functools.partial(_row_arrays, seq_len=seq_len))
+    windowing = _Windowing(tokenizer, append_eos, bos_id, seq_len, context)
     stats: dict[str, dict[str, float]] = {}
-
-    def dispatch(batch: list[list[_Piece]]):
-        arrays = [_row_arrays(r, seq_len) for r in batch]
-        arrays += [_row_arrays([], seq_len)] * (local - len(arrays))
-        glob = [jax.make_array_from_process_local_data(sharding, np.stack([a[i] for a in arrays])) for i in range(3)]
-        with jax.set_mesh(mesh):
-            return step(params, *glob)
-
-    def fetch(out) -> np.ndarray:
-        if nproc == 1:
-            return np.asarray(out)
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.global_array_to_host_local_array(out, mesh, sharding.spec))
-
-    def collect(batch: list[list[_Piece]], ce: np.ndarray) -> None:
-        for j, row in enumerate(batch):
-            off = 0
-            for p in row:
-                m = len(p.tokens)
-                stats[p.domain]["ce"] += float(ce[j, off:off + m].sum(dtype=np.float64))
-                off += m
-
     mine = list(range(pid, n_docs, nproc))
     group = max(64 * local, 256)  # documents tokenized per round (bounds host memory)
-    rounds = mesh_lib.max_over_processes(-(-len(mine) // group))
     bar = None
     if progress and pid == 0:
-        from tqdm import tqdm
-
         bar = tqdm(total=n_docs, unit="doc", dynamic_ncols=True, desc=f"evaluate {tokenizer.name}")
-    for r in range(rounds):
-        pieces: list[_Piece] = []
-        for doc in _read(documents, mine[r * group:(r + 1) * group]):
-            data = doc.text.encode("utf-8")
-            if not data:
-                continue
-            enc = tokenizer.encode(doc.text, eos=append_eos)
-            ids = enc.ids.astype(np.int32)
-            if bos_id is not None:
-                ids = np.concatenate([np.asarray([bos_id], np.int32), ids])
-            s = stats.setdefault(doc.domain, dict.fromkeys(_FIELDS, 0))
-            s["documents"] += 1
-            s["bytes"] += len(data)
-            s["tokens"] += max(len(ids) - 1, 0)
-            if bos_id is None and len(enc.byte_end):
-                s["unscored_bytes"] += int(enc.byte_end[0])
-            for start, end, first in windows(len(ids), seq_len, context):
-                pieces.append(_Piece(ids[start:end], first, doc.domain))
-        rows = _pack(pieces, seq_len)
-        n_steps = mesh_lib.max_over_processes(-(-len(rows) // local))
-        batches = [rows[i * local:(i + 1) * local] for i in range(n_steps)]
-        in_flight = None  # one batch computes on the devices while the host sums the previous one
-        for i in range(n_steps + 1):
-            launched = dispatch(batches[i]) if i < n_steps else None
-            if in_flight is not None:
-                collect(in_flight[0], fetch(in_flight[1]))
-            in_flight = (batches[i], launched) if launched is not None else None
+    for r in range(mesh_lib.max_over_processes(-(-len(mine) // group))):
+        pieces = [p for doc in _read(documents, mine[r * group:(r + 1) * group]) for p in windowing.pieces(doc, stats)]
+        score_rows(run, _pack(pieces, seq_len), functools.partial(_add_ce, stats))
         if bar is not None:
             bar.update(min(group * nproc, n_docs - r * group * nproc))
     if bar is not None:
         bar.close()
-
-    merged: dict[str, dict[str, float]] = {}
-    for part in _allgather_json(stats):
-        for domain, s in part.items():
-            m = merged.setdefault(domain, dict.fromkeys(_FIELDS, 0))
-            for k in _FIELDS:
-                m[k] += s[k]
-    total = {k: sum(m[k] for m in merged.values()) for k in _FIELDS}
-    if not total["bytes"]:
-        raise InputError(f"nothing to evaluate: {n_docs} documents with no text"
-                         + (" (max_documents=0 means all)" if not n_docs else ""))
-    return {**_summary(total), "domains": {d: _summary(merged[d]) for d in sorted(merged)}}
+    return _merged_report(stats, n_docs)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -20,19 +20,27 @@ import logging
 import time
 from pathlib import Path
 
+import jax
+
+from fusion_jax import mesh as mesh_lib
+from fusion_jax import pipeline
+from fusion_jax.align import audit as alignment_audit
 from fusion_jax.config import loader as config_loader
+from fusion_jax.config.schema import DemoConfig, TrainConfig
+from fusion_jax.convert import checkpoint
+from fusion_jax.data.documents import DocumentStore
 from fusion_jax.errors import RunDirError
+from fusion_jax.evaluate.bpb import evaluate_bpb
 from fusion_jax.files import atomic_write_json, read_json
+from fusion_jax.tokenizers import load_tokenizer
 
 log = logging.getLogger("fusion_jax.experiments.compare")
 
 _RECOMPUTED = "a cache of this comparison: delete it and it is recomputed"
 
 
-def baseline_config(cfg, documents: str):
+def baseline_config(cfg: TrainConfig, documents: str) -> TrainConfig:
     """The CLM baseline of ``cfg``: no teachers, λ = 1, same start, documents, loader, optimizer and steps."""
-    from fusion_jax.experiments.demo.build import DemoConfig
-
     return dataclasses.replace(
         cfg, run_dir=str(Path(cfg.run_dir) / "clm"), sources=(), target_as_teacher=False,
         loss=dataclasses.replace(cfg.loss, lm_weight=1.0, lm_weight_schedule="constant"),
@@ -47,17 +55,9 @@ def _bpb(report: dict) -> dict[str, float]:
     return {**domains, "all": report["bits_per_byte"]}
 
 
-def evaluate_models(cfg, documents: str, cache: Path) -> dict[str, dict[str, float]]:
+def evaluate_models(cfg: TrainConfig, documents: str, cache: Path) -> dict[str, dict[str, float]]:
     """Held-out bits per byte of the starting target and of each source → {"target_init"|"source:<name>": {domain:
     bpb, "all": bpb}}; cached in ``cache`` by checkpoint and evaluation settings."""
-    import jax
-
-    from fusion_jax import mesh as mesh_lib
-    from fusion_jax.convert import checkpoint
-    from fusion_jax.data.documents import DocumentStore
-    from fusion_jax.evaluate.bpb import evaluate_bpb
-    from fusion_jax.tokenizers import load_tokenizer
-
     store = DocumentStore(documents, "validation")
     models = {"target_init": (cfg.target, cfg.target_tokenizer or cfg.target)}
     models.update({f"source:{s.name}": (s.checkpoint, s.tokenizer or s.checkpoint) for s in cfg.sources})
@@ -85,8 +85,6 @@ def evaluate_models(cfg, documents: str, cache: Path) -> dict[str, dict[str, flo
 
 def heldout_texts(documents: str, out_dir: Path, max_documents: int = 0) -> list[Path]:
     """The held-out documents as one text file per domain (the audit's input)."""
-    from fusion_jax.data.documents import DocumentStore
-
     store = DocumentStore(documents, "validation")
     n = len(store) if not max_documents else min(max_documents, len(store))
     by_domain: dict[str, list[str]] = {}
@@ -102,10 +100,8 @@ def heldout_texts(documents: str, out_dir: Path, max_documents: int = 0) -> list
     return paths
 
 
-def audit_stage(cfg, documents: str, run: Path) -> dict:
+def audit_stage(cfg: TrainConfig, documents: str, run: Path) -> dict:
     """The alignment audit of every source → target pair on the held-out text, both modes (cached in audit.json)."""
-    from fusion_jax.align.audit import audit
-
     path = run / "audit.json"
     sources = [s.tokenizer or s.checkpoint for s in cfg.sources]
     key = {"sources": sources, "target": cfg.target_tokenizer or cfg.target, "documents": documents}
@@ -116,26 +112,23 @@ def audit_stage(cfg, documents: str, run: Path) -> dict:
     if not sources:
         return {}
     texts = heldout_texts(documents, run / "heldout", cfg.train.eval_documents)
-    report = audit(sources, cfg.target_tokenizer or cfg.target, texts, max_tokens=cfg.data.max_tokens,
-                   cache_dir=cfg.loader.cache_dir or None).to_json()
+    report = alignment_audit.audit(sources, cfg.target_tokenizer or cfg.target, texts,
+                                   max_tokens=cfg.data.max_tokens, cache_dir=cfg.loader.cache_dir or None).to_json()
     for pair, s in zip(report["pairs"], cfg.sources):
         pair["source"] = s.name  # the report names pairs by source
     atomic_write_json(path, {"key": key, "audit": report})
     return report
 
 
-def main(cfg, fused_report: dict) -> dict:
+def main(cfg: TrainConfig, fused_report: dict) -> dict:
     """Baseline, evaluations, audit and report after the fusion run ``cfg`` (see the module docstring)."""
-    import jax
-
-    from fusion_jax.experiments.report import write_report
-    from fusion_jax.pipeline import run as train
+    from fusion_jax.experiments.report import write_report  # matplotlib: imported only when a report is written
 
     run = Path(cfg.run_dir)
     times = {}
     t = time.perf_counter()
-    documents = train.documents_stage(cfg)
-    clm_report = train.fusion_run(baseline_config(cfg, documents))
+    documents = pipeline.documents_stage(cfg)
+    clm_report = pipeline.fusion_run(baseline_config(cfg, documents))
     times["clm baseline"] = time.perf_counter() - t
     t = time.perf_counter()
     bpb = {"fused": _bpb(fused_report["eval"]), "clm": _bpb(clm_report["eval"])}

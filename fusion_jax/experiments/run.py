@@ -8,24 +8,24 @@ import dataclasses
 import time
 
 from fusion_jax import mesh as mesh_lib
+from fusion_jax import pipeline
 from fusion_jax.config.schema import TrainConfig
 from fusion_jax.data.documents import DocumentStore
 from fusion_jax.errors import InputError
 from fusion_jax.experiments import compare
 from fusion_jax.experiments.demo import build
-from fusion_jax.pipeline import run
 
 
 def main(cfg: TrainConfig) -> dict:
     """The run (after the demo's assets when ``demo.enabled``; then the CLM baseline and the report when
     ``baseline``) → its report. The run directory is held (and checked against the run's recorded settings) from
-    start to end: :func:`fusion_jax.pipeline.run.open_run`."""
+    start to end: :func:`fusion_jax.pipeline.open_run`."""
     if not cfg.demo.enabled and not cfg.baseline:
-        return run.main(cfg)
+        return pipeline.main(cfg)
     mesh_lib.initialize_distributed(cfg.mesh)
     if cfg.dry_run and not cfg.demo.enabled:  # reads the target's config only: writes and holds nothing
-        return run.dry_run(cfg)
-    with run.open_run(cfg):
+        return pipeline.dry_run(cfg)
+    with pipeline.open_run(cfg):
         return _main(cfg)
 
 
@@ -37,14 +37,14 @@ def _main(cfg: TrainConfig) -> dict:
         dataclasses.replace(cfg, demo=dataclasses.replace(cfg.demo, enabled=False)).validate()  # as a user's run
         timings["demo assets"] = time.perf_counter() - t
     if cfg.dry_run:
-        return run.dry_run(cfg)
+        return pipeline.dry_run(cfg)
     if cfg.baseline:
-        documents = run.documents_stage(cfg)
+        documents = pipeline.documents_stage(cfg)
         if not len(DocumentStore(documents, "validation")):
             raise InputError(f"{documents} has no held-out documents to compare the runs on: raise "
                              "data.validation_fraction or the corpus size (and use another run_dir)")
     t = time.perf_counter()
-    report = run.fusion_run(cfg)
+    report = pipeline.fusion_run(cfg)
     timings["fusion run"] = time.perf_counter() - t
     report["timings"] = timings
     if cfg.baseline:

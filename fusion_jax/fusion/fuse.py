@@ -148,15 +148,39 @@ def fuse(cfg: FusionConfig, teachers: Teachers, labels: jax.Array | None = None)
     """
     ids = jnp.asarray(teachers.ids, jnp.int32)
     K, B, T, k = ids.shape
-    E = K * k
     tw = cfg.weights_for(K)
     rnd = _bf16 if cfg.compat_bf16 else _ident
     first_teacher = cfg.empty_rows == "first_teacher"
 
     # 1. rows and their distributions
     x = jnp.asarray(teachers.logprobs, jnp.float32)
+    has_row, valid, takes_part, fallback_only = _rows(cfg, x, jnp.asarray(teachers.kind), tw)
+    xs, mx, zs, p = _distributions(cfg, x, valid, has_row, rnd)
+
+    # 2. scores [K,B,T] (lower is better)
+    s, reward = _scores(cfg, teachers, ids, labels, valid, xs, mx, zs, rnd)
+
+    # 3. who takes part; which slots end up with a row
+    elig = takes_part & has_row if not first_teacher else jnp.broadcast_to(takes_part, (K, B, T))
+    sub = ~has_row & first_teacher  # slot j lends teacher 0's row
+    slot_row = has_row | (sub & has_row[0:1])
+
+    # 4. shares [K,B,T]
+    w = _shares(cfg, tw, s, reward, elig, rnd)
+    w = _drop_missing_rows(w, slot_row, rnd)
+    has_target = jnp.sum(w, 0) > 0
+
+    # 5. the target: slot rows (teacher 0's where lent), weighted, duplicates merged
+    ids_out, probs = _target(cfg, ids, p, w, sub, rnd)
+    own = _own_shares(w, sub, fallback_only)
+    return FusedTarget(ids_out, probs, jnp.moveaxis(own, 0, -1), has_target)
+
+
+def _rows(cfg: FusionConfig, x: jax.Array, kind: jax.Array, tw: np.ndarray):
+    """Step 1, which teachers have a row: ``has_row bool[K,B,T]``, ``valid bool[K,B,T,k]`` (the entries that count),
+    ``takes_part bool[K,1,1]`` (teacher weight > 0) and, for ``granularity="token"``, ``fallback_only bool[B,T]``
+    (None otherwise)."""
     finite = jnp.isfinite(x)
-    kind = jnp.asarray(teachers.kind)
     has_row = (kind != ROW_EMPTY) & finite.any(-1)  # [K,B,T]
     takes_part = jnp.asarray(tw > 0)[:, None, None]
     fallback_only = None
@@ -167,6 +191,12 @@ def fuse(cfg: FusionConfig, teachers: Teachers, labels: jax.Array | None = None)
         fallback_only = ~jnp.any(real & takes_part, 0)  # [B,T]
         has_row = jnp.where(fallback_only[None], has_row, real)
     valid = finite & has_row[..., None]
+    return has_row, valid, takes_part, fallback_only
+
+
+def _distributions(cfg: FusionConfig, x: jax.Array, valid: jax.Array, has_row: jax.Array, rnd):
+    """Step 1, each row's distribution ``p float32[K,B,T,k]`` (0 on pads and empty rows), with the tempered logits
+    ``xs [K,B,T,k]``, their row max ``mx [K,B,T,1]`` and shifted normaliser ``zs [K,B,T,1]`` the token scores reuse."""
     tt = float(cfg.teacher_temperature)
     xs = rnd(rnd(x) / tt) if cfg.compat_bf16 else x / tt
     xs = jnp.where(valid, xs, -jnp.inf)
@@ -174,9 +204,15 @@ def fuse(cfg: FusionConfig, teachers: Teachers, labels: jax.Array | None = None)
     ex = jnp.where(valid, jnp.exp(xs - mx), 0.0)
     zs = jnp.sum(ex, -1, keepdims=True)
     zs = jnp.where(zs > 0, zs, 1.0)
-    p = rnd(ex / zs)  # [K,B,T,k], 0 on pads and empty rows
+    p = rnd(ex / zs)
+    return xs, mx, zs, p
 
-    # 2. scores [K,B,T] (lower is better)
+
+def _scores(cfg: FusionConfig, teachers: Teachers, ids: jax.Array, labels: jax.Array | None, valid: jax.Array,
+            xs: jax.Array, mx: jax.Array, zs: jax.Array, rnd):
+    """Step 2: each teacher's score ``s float32[K,B,T]`` (lower is better, NaN → +inf) and its reward (exp(−s), or
+    the official bf16 ``1/exp(CE)``)."""
+    K, B, T, _ = ids.shape
     if cfg.granularity == "sequence":
         seq = teachers.seq_bpb if cfg.score == "bpb" else teachers.seq_ce
         s = jnp.broadcast_to(jnp.asarray(seq, jnp.float32)[:, :, None], (K, B, T))
@@ -192,37 +228,44 @@ def fuse(cfg: FusionConfig, teachers: Teachers, labels: jax.Array | None = None)
         reward = rnd(1.0 / rnd(jnp.exp(s)))  # official 1/exp(bf16(CE)) in bf16
     else:
         reward = jnp.exp(-s)
+    return s, reward
 
-    # 3. who takes part; which slots end up with a row
-    elig = takes_part & has_row if not first_teacher else jnp.broadcast_to(takes_part, (K, B, T))
-    sub = ~has_row & first_teacher  # slot j lends teacher 0's row
-    slot_row = has_row | (sub & has_row[0:1])
 
-    # 4. shares [K,B,T]
+def _shares(cfg: FusionConfig, tw: np.ndarray, s: jax.Array, reward: jax.Array, elig: jax.Array, rnd) -> jax.Array:
+    """Step 4: the shares ``w float32[K,B,T]`` of the teachers taking part (``elig``), min_ce or avg_ce."""
+    K = s.shape[0]
     log_tw = jnp.asarray(np.log(np.where(tw > 0, tw, 1.0)), jnp.float32)[:, None, None]
     if cfg.method == "min_ce":
         key = (jnp.log(reward) if cfg.compat_bf16 else -s) + log_tw
         key = jnp.where(elig, jnp.where(jnp.isnan(key) | (key == -jnp.inf), _LOWEST, key), -jnp.inf)
         win = jnp.argmax(key, axis=0)  # first index on ties
         w = (jnp.arange(K)[:, None, None] == win[None]) & elig.any(0, keepdims=True)
-        w = w.astype(jnp.float32)
-    else:
-        ell = reward if cfg.avg_weights == "official" else -s / float(cfg.temperature)
-        ell = jnp.where(elig, ell, -jnp.inf)
-        top = jnp.max(ell, 0, keepdims=True)
-        ell = jnp.where(jnp.isfinite(top), ell - top, jnp.where(elig, 0.0, -jnp.inf))  # all +inf scores → uniform
-        w = jnp.exp(ell)
-        if not np.all(tw == 1.0):
-            w = w * jnp.asarray(tw, jnp.float32)[:, None, None]
-        tot = jnp.sum(w, 0, keepdims=True)
-        w = rnd(w / jnp.where(tot > 0, tot, 1.0))
+        return w.astype(jnp.float32)
+    ell = reward if cfg.avg_weights == "official" else -s / float(cfg.temperature)
+    ell = jnp.where(elig, ell, -jnp.inf)
+    top = jnp.max(ell, 0, keepdims=True)
+    ell = jnp.where(jnp.isfinite(top), ell - top, jnp.where(elig, 0.0, -jnp.inf))  # all +inf scores → uniform
+    w = jnp.exp(ell)
+    if not np.all(tw == 1.0):
+        w = w * jnp.asarray(tw, jnp.float32)[:, None, None]
+    tot = jnp.sum(w, 0, keepdims=True)
+    return rnd(w / jnp.where(tot > 0, tot, 1.0))
+
+
+def _drop_missing_rows(w: jax.Array, slot_row: jax.Array, rnd) -> jax.Array:
+    """Step 4: shares of slots without a row (``first_teacher`` where teacher 0 has none either) are dropped and the
+    rest renormalised: ``w float32[K,B,T]``."""
     dropped = jnp.any((w > 0) & ~slot_row, 0, keepdims=True)
     w = jnp.where(slot_row, w, 0.0)
     tot = jnp.sum(w, 0, keepdims=True)
-    w = jnp.where(dropped & (tot > 0), rnd(w / jnp.where(tot > 0, tot, 1.0)), w)
-    has_target = jnp.sum(w, 0) > 0
+    return jnp.where(dropped & (tot > 0), rnd(w / jnp.where(tot > 0, tot, 1.0)), w)
 
-    # 5. the target: slot rows (teacher 0's where lent), weighted, duplicates merged
+
+def _target(cfg: FusionConfig, ids: jax.Array, p: jax.Array, w: jax.Array, sub: jax.Array, rnd):
+    """Step 5: ``Σ_j w_j · p_j`` in per-teacher slots with duplicate ids merged into their first occurrence:
+    ``ids int32[B,T,K·k]`` (0 where merged away) and ``probs float32[B,T,K·k]``."""
+    K, B, T, k = ids.shape
+    E = K * k
     ids_s = jnp.where(sub[..., None], ids[0:1], ids)
     p_s = jnp.where(sub[..., None], p[0:1], p)
     q = rnd(w[..., None] * p_s)  # [K,B,T,k]; bf16·bf16 is exact in f32, so one rounding as in torch
@@ -240,12 +283,15 @@ def fuse(cfg: FusionConfig, teachers: Teachers, labels: jax.Array | None = None)
     else:
         acc = jnp.sum(jnp.where(same, q_f[..., None, :], 0.0), -1)
     probs = jnp.where(first, acc, 0.0)
-    ids_out = jnp.where(first, ids_f, 0)
+    return jnp.where(first, ids_f, 0), probs
 
-    # own shares: a lent row counts for teacher 0
+
+def _own_shares(w: jax.Array, sub: jax.Array, fallback_only: jax.Array | None) -> jax.Array:
+    """Each teacher's own share ``float32[K,B,T]``: a lent row counts for teacher 0; a fallback target is nobody's
+    win."""
     lent = jnp.where(sub, w, 0.0)
     own = jnp.where(sub, 0.0, w)
     own = own.at[0].add(jnp.sum(lent, 0))
-    if fallback_only is not None:  # a fallback target is nobody's win
+    if fallback_only is not None:
         own = jnp.where(fallback_only[None], 0.0, own)
-    return FusedTarget(ids_out, probs, jnp.moveaxis(own, 0, -1), has_target)
+    return own

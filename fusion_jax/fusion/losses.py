@@ -18,8 +18,9 @@ gradient accumulation and data parallelism). Blocks with no counted position are
 step split into micro-batches divides each micro-batch's sum of :func:`block_means` by the whole batch's count of
 non-empty blocks, so accumulation does not change the loss.
 
-``chunk_size > 0`` computes the logits ``chunk_size`` positions at a time in a ``lax.scan`` whose body is under
-``jax.checkpoint``: neither the forward nor the backward pass holds a float32 [B, T, V] buffer, only [B, C, V].
+``chunk_size > 0`` computes the logits ``chunk_size`` positions at a time (:func:`fusion_jax.models.head.map_chunks`,
+a ``lax.map``) in a body under ``jax.checkpoint``: neither the forward nor the backward pass holds a float32
+[B, T, V] buffer, only [B, C, V].
 A chunk size that does not divide T is fine (the last chunk is padded and the padding sliced off).
 """
 
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 
 from fusion_jax.config.schema import LossConfig
 from fusion_jax.fusion.fuse import FusedTarget
+from fusion_jax.models.head import map_chunks
 
 
 def lm_weight(cfg: LossConfig, step: Any = 0, max_steps: Any = 1) -> jax.Array:
@@ -57,20 +59,6 @@ def make_fusion_mask(cfg: LossConfig, loss_mask: jax.Array, segment_ids: jax.Arr
     if cfg.fusion_mask == "next_label":
         return jnp.asarray(loss_mask, bool)
     return jnp.asarray(segment_ids) != 0
-
-
-def _split_chunks(a: jax.Array, n: int, c: int) -> jax.Array:
-    """[B, T, ...] → [n, B, c, ...], zero-padding T up to n·c."""
-    pad = n * c - a.shape[1]
-    if pad:
-        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-    return jnp.moveaxis(a.reshape(a.shape[0], n, c, *a.shape[2:]), 1, 0)
-
-
-def _join_chunks(a: jax.Array, t: int) -> jax.Array:
-    """[n, B, c] → [B, t]."""
-    n, b, c = a.shape
-    return jnp.moveaxis(a, 0, 1).reshape(b, n * c)[:, :t]
 
 
 def block_means(block_sum: jax.Array, block_tokens: jax.Array) -> jax.Array:
@@ -130,15 +118,7 @@ def sparse_losses(
     if c <= 0 or c >= T:
         clm, ce = body(hidden, labels, ids, probs)
     else:
-        n = -(-T // c)
-        chunk = jax.checkpoint(body, prevent_cse=False)
-
-        def step(carry, xs):
-            return carry, chunk(*xs)
-
-        xs = tuple(_split_chunks(a, n, c) for a in (hidden, labels, ids, probs))
-        _, (clm, ce) = jax.lax.scan(step, None, xs)
-        clm, ce = _join_chunks(clm, T), _join_chunks(ce, T)
+        clm, ce = map_chunks(jax.checkpoint(body, prevent_cse=False), (hidden, labels, ids, probs), c)
 
     if cfg.fusion_loss == "kl":
         neg_entropy = jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0), axis=-1)

@@ -38,6 +38,7 @@ from fusion_jax.align.transfer import FALLBACKS, ROW_EMPTY, ROW_ONEHOT, ROW_TEAC
 from fusion_jax.config.model import ModelConfig
 from fusion_jax.errors import CheckpointError, ConfigError
 from fusion_jax.fusion.fuse import Teachers
+from fusion_jax.models.head import topk_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +107,6 @@ def online_rows(teacher: OnlineTeacher, params, vocab_map: jax.Array, inputs: Ma
     ``ids int32[b, T, k]``, ``logprobs float32[b, T, k]``, ``kind int8[b, T]``, ``seq_ce``/``seq_bpb float32[b]``.
 
     ``vocab_map`` int32[V ≥ the model's top-k ids] (−1 = unmapped). Nothing here is differentiated."""
-    from fusion_jax.models.head import topk_step
-
     params = jax.lax.stop_gradient(params)
     tokens, seg = inputs["src_tokens"], inputs["src_segment_ids"]
     Ts = tokens.shape[1]

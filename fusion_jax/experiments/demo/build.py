@@ -6,7 +6,7 @@
    in every stage, so no model ever trains on a held-out document.
 2. ``tokenizers/<model>/``: each model's tokenizer, trained on the train split of the text it is pretrained on.
 3. ``init/<model>/``: a random initialisation in our format, with its Hugging Face model type (Llama, MPT, GPT-NeoX).
-4. ``pretrain/<model>/``: a CLM-only run of ``fusion_jax.pipeline.run`` (no teachers, λ = 1) on the model's domain;
+4. ``pretrain/<model>/``: a CLM-only run of ``fusion_jax.pipeline`` (no teachers, λ = 1) on the model's domain;
    its export moves to ``hf/<model>/``, a Hugging Face checkpoint directory (safetensors, config.json, tokenizer):
    the sources enter the fusion run from there through ``convert``, exactly as a user's checkpoints do, and the
    target starts from its own.
@@ -24,10 +24,30 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import jax
+
+from fusion_jax import pipeline
 from fusion_jax.config import loader as config_loader
-from fusion_jax.config.schema import DemoConfig, DemoModel, TeacherConfig
+from fusion_jax.config.model import ModelConfig
+from fusion_jax.config.schema import (
+    CorpusConfig,
+    DataConfig,
+    DemoConfig,
+    DemoModel,
+    LossConfig,
+    OptimizerConfig,
+    TeacherConfig,
+    TrainConfig,
+)
+from fusion_jax.convert import checkpoint
+from fusion_jax.convert.architectures import architecture
+from fusion_jax.data.corpus import split_of
 from fusion_jax.errors import ConfigError, RunDirError
+from fusion_jax.experiments.demo import tokenizers
+from fusion_jax.experiments.demo.corpus import write_stdlib_corpus
 from fusion_jax.files import atomic_write_text, commit_directory, json_dumps, read_json
+from fusion_jax.models import decoder
+from fusion_jax.tokenizers import load_tokenizer
 
 log = logging.getLogger("fusion_jax.experiments.demo")
 
@@ -49,16 +69,15 @@ class Assets:
 def _stage(directory: Path, settings: dict, comparable: Callable[[dict], dict] = lambda s: s) -> bool:
     """True when ``directory`` holds a finished stage with these settings (as ``comparable`` sees them: it drops what
     may change and normalises paths); raise, naming the keys, when they differ."""
-    from fusion_jax.pipeline.run import differing_keys
-
     marker = directory / "stage.json"
     if not marker.exists():
         return False
     have = comparable(read_json(marker, RunDirError, fix="delete that directory to build it again"))
     want = comparable(settings)
     if have != want:
-        raise RunDirError(f"{directory} was built with other settings ({', '.join(differing_keys(have, want))} "
-                          "differ); use another run_dir or delete that directory")
+        keys = ", ".join(pipeline.differing_keys(have, want))
+        raise RunDirError(f"{directory} was built with other settings ({keys} differ); use another run_dir or delete "
+                          "that directory")
     return True
 
 
@@ -68,8 +87,6 @@ def _done(directory: Path, settings: dict) -> None:
 
 def corpus_stage(demo: DemoConfig, out: Path, validation_fraction: float) -> tuple[Path, Path, Path]:
     """→ (code.jsonl, prose.jsonl, mix.jsonl) under ``out``."""
-    from fusion_jax.experiments.demo.corpus import write_stdlib_corpus
-
     settings = {"seed": demo.seed, "code_bytes": demo.code_bytes, "prose_bytes": demo.prose_bytes,
                 "mix_bytes": demo.mix_bytes, "max_document_bytes": demo.max_document_bytes,
                 "validation_fraction": validation_fraction}
@@ -107,8 +124,6 @@ def _interleave(lists: list[list[str]]):
 
 
 def _train_texts(files: list[Path], validation_fraction: float):
-    from fusion_jax.data.corpus import split_of
-
     for path in files:
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -122,8 +137,6 @@ def _domain_files(model: DemoModel, code: Path, prose: Path) -> list[Path]:
 
 
 def tokenizer_stage(model: DemoModel, files: list[Path], out: Path, validation_fraction: float) -> Path:
-    from fusion_jax.experiments.demo import tokenizers
-
     settings = {"tokenizer": model.tokenizer, "vocab_size": model.vocab_size, "domain": model.domain,
                 "validation_fraction": validation_fraction}
     if _stage(out, settings):
@@ -140,10 +153,8 @@ def tokenizer_stage(model: DemoModel, files: list[Path], out: Path, validation_f
     return out
 
 
-def model_config(model: DemoModel, vocab_size: int):
+def model_config(model: DemoModel, vocab_size: int) -> ModelConfig:
     """The demo model's ModelConfig in its family's conventions (as its HF config would say)."""
-    from fusion_jax.config.model import ModelConfig
-
     h = model.hidden_size
     common = dict(vocab_size=vocab_size, hidden_size=h, num_layers=model.num_layers, num_heads=model.num_heads,
                   num_kv_heads=model.num_heads)
@@ -166,13 +177,6 @@ def _multiple(x: int, m: int) -> int:
 
 def init_stage(model: DemoModel, tokenizer_dir: Path, out: Path, seed: int, max_len: int) -> Path:
     """A random initialisation in our format, with the HF model type and config it exports to."""
-    import jax
-
-    from fusion_jax.convert import checkpoint
-    from fusion_jax.convert.architectures import architecture
-    from fusion_jax.models import decoder
-    from fusion_jax.tokenizers import load_tokenizer
-
     settings = {**config_loader.to_dict(model), "seed": seed, "max_len": max_len}
     if _stage(out, settings):
         return out
@@ -189,19 +193,14 @@ def init_stage(model: DemoModel, tokenizer_dir: Path, out: Path, seed: int, max_
     return out
 
 
-def pretrain_config(base, model: DemoModel, init: Path, files: list[Path], run_dir: Path):
+def pretrain_config(base: TrainConfig, model: DemoModel, init: Path, files: list[Path], run_dir: Path) -> TrainConfig:
     """A CLM-only ``TrainConfig`` (no teachers, λ = 1) that pretrains ``model`` from ``init`` on ``files``."""
-    from fusion_jax.data.corpus import CorpusConfig
-    from fusion_jax.fusion.losses import LossConfig
-    from fusion_jax.pipeline import run as train
-    from fusion_jax.train.optim import OptimizerConfig
-
     demo = base.demo
     corpus = CorpusConfig(format="jsonl", paths=tuple(str(f) for f in files), id_field="id", domain_field="domain")
-    return train.TrainConfig(
+    return TrainConfig(
         run_dir=str(run_dir), target=str(init / "model"), target_as_teacher=False, sources=(),
         param_dtype="float32", compute_dtype=base.compute_dtype,
-        data=train.DataConfig(corpus=corpus, max_tokens=base.data.max_tokens,
+        data=DataConfig(corpus=corpus, max_tokens=base.data.max_tokens,
                               validation_fraction=base.data.validation_fraction),
         loader=dataclasses.replace(base.loader, teachers=(), seq_len=demo.pretrain_seq_len,
                                    global_batch_size=demo.pretrain_batch_size, seed=demo.seed),
@@ -214,21 +213,19 @@ def pretrain_config(base, model: DemoModel, init: Path, files: list[Path], run_d
     )
 
 
-def pretrain_stage(base, model: DemoModel, init: Path, files: list[Path], run_dir: Path) -> Path:
+def pretrain_stage(base: TrainConfig, model: DemoModel, init: Path, files: list[Path], run_dir: Path) -> Path:
     """Pretrain (resumable: the run's own checkpoints) → its Hugging Face export directory."""
-    from fusion_jax.pipeline import run as train
-
     cfg = pretrain_config(base, model, init, files, run_dir)
     settings = config_loader.to_dict(cfg)
     settings.pop("train")  # progress, logging and eval settings don't change the weights
     settings["steps"] = model.steps
     hf_dir = run_dir.parent.parent / "hf" / model.name
     # Compared as the run's identity: another mesh, or the same run_dir given relative and absolute, is the same run.
-    if _stage(run_dir, settings, train.run_identity):
+    if _stage(run_dir, settings, pipeline.run_identity):
         return hf_dir
     log.info("demo: pretraining %s (%s, %s) on %s for %d steps", model.name, model.architecture, model.tokenizer,
              model.domain, model.steps)
-    train.main(cfg)
+    pipeline.main(cfg)
     if hf_dir.exists():  # left by a crash between the move and the marker
         shutil.rmtree(hf_dir)
     hf_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +234,7 @@ def pretrain_stage(base, model: DemoModel, init: Path, files: list[Path], run_di
     return hf_dir
 
 
-def build(cfg) -> Assets:
+def build(cfg: TrainConfig) -> Assets:
     """Every asset of the demo under ``<run_dir>/assets`` (each step cached; see the module docstring)."""
     demo: DemoConfig = cfg.demo
     root = Path(cfg.run_dir) / "assets"
@@ -254,10 +251,8 @@ def build(cfg) -> Assets:
                   sources={m.name: exports[m.name] for m in demo.sources})
 
 
-def apply(cfg):
+def apply(cfg: TrainConfig) -> TrainConfig:
     """The TrainConfig with the built demo's target, sources and corpus filled in (the fusion run's inputs)."""
-    from fusion_jax.data.corpus import CorpusConfig
-
     assets = build(cfg)
     sources = tuple(TeacherConfig(name=name, checkpoint=path) for name, path in assets.sources.items())
     corpus = CorpusConfig(format="jsonl", paths=(assets.mix,), id_field="id", domain_field="domain")

@@ -1,0 +1,58 @@
+"""The run's evaluation: held-out bits per byte (per domain) on the validation documents, and the CLM and fusion
+losses and per-teacher win rates on the first ``train.eval_batches`` batches of the validation caches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from fusion_jax.config.model import ModelConfig
+from fusion_jax.config.schema import TeacherConfig, TrainConfig
+from fusion_jax.data.documents import DocumentStore
+from fusion_jax.data.loader import FusionLoader
+from fusion_jax.evaluate.bpb import evaluate_bpb
+from fusion_jax.pipeline.stages import loader_config
+from fusion_jax.tokenizers import load_tokenizer
+from fusion_jax.train.step import eval_losses
+
+
+class Evaluator:
+    """Held-out bits per byte (per domain) and the fusion metrics on the validation caches: ``evaluator(params)`` →
+    {"bits_per_byte", "domains", "clm", "fusion", "win_rate"} (the first two without validation documents, the
+    others without validation batches)."""
+
+    def __init__(self, cfg: TrainConfig, teachers: list[TeacherConfig], documents: str, tgt_tok: str,
+                 model_cfg: ModelConfig, mesh, rules, online=(), extra=()):
+        self.cfg, self.model_cfg, self.mesh, self.rules = cfg, model_cfg, mesh, rules
+        self.extra = extra  # the online teachers' frozen params, if any
+        self.names = [t.name for t in teachers]
+        self.store = DocumentStore(documents, "validation")
+        self.tokenizer = load_tokenizer(tgt_tok)
+        self.loader = FusionLoader(loader_config(cfg, teachers, "validation"), documents, tgt_tok, split="validation",
+                                   mesh=mesh, rules=rules, progress=False) if len(self.store) else None
+        self.batches = [self.loader.global_batch(i) for i in range(cfg.train.eval_batches)] if self.loader else []
+        with jax.set_mesh(mesh):
+            self.losses = jax.jit(eval_losses(model_cfg, cfg.fusion, cfg.loss, rules, online))
+
+    def __call__(self, params) -> dict:
+        out: dict[str, Any] = {}
+        if len(self.store):
+            bpb = evaluate_bpb(self.model_cfg, params, self.tokenizer, self.store, mesh=self.mesh, rules=self.rules,
+                               batch_size=self.cfg.loader.global_batch_size, seq_len=self.cfg.loader.seq_len,
+                               append_eos=self.cfg.loader.append_eos, max_documents=self.cfg.train.eval_documents)
+            out["bits_per_byte"] = bpb["bits_per_byte"]
+            out["domains"] = {d: v["bits_per_byte"] for d, v in bpb["domains"].items()}
+        sums: dict[str, Any] = {}
+        for batch in self.batches:
+            with jax.set_mesh(self.mesh):
+                r = jax.device_get(self.losses(params, batch, *self.extra))
+            for k, v in r.items():
+                sums[k] = sums.get(k, 0) + np.asarray(v, np.float64)
+        if sums:
+            out["clm"] = float(sums["clm_sum"] / max(sums["clm_tokens"], 1))
+            out["fusion"] = float(sums["fusion_sum"] / max(sums["fusion_tokens"], 1))
+            wins = sums["teacher_wins"]
+            out["win_rate"] = dict(zip(self.names, (wins / max(wins.sum(), 1e-9)).tolist()))
+        return out
