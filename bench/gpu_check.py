@@ -30,7 +30,7 @@ Output: ``#``-prefixed progress lines, then one JSON object per mode (``{"mode":
 
 Full size (the defaults): target Llama-style hidden 2048, 18 layers, 16 heads (MHA, head dim 128), intermediate 5504,
 vocab 32000, untied: **1,041,836,032 params**, float32 master weights + AdamW, bf16 compute, remat full, loss in chunks
-of 512 positions. Teachers (bf16, frozen): MPT-style hidden 1536, 16 layers, 16 heads, intermediate 6144, vocab 40960,
+of 512 positions. TeacherRows (bf16, frozen): MPT-style hidden 1536, 16 layers, 16 heads, intermediate 6144, vocab 40960,
 tied, ALiBi: **515,950,080 params**; GPT-NeoX-style (Pythia-410M's layout) hidden 1024, 24 layers, 16 heads,
 intermediate 4096, vocab 36864, untied, parallel residual, rotary 0.25: **377,808,896 params**. (Each model's vocab is
 capped at what its tokenizer reached: the byte-level BPEs reach ≈ 46–49k ids on Python 3.11's library, so these sizes

@@ -314,7 +314,7 @@ class Ours:
 
         from fusion_jax import mesh as mesh_lib
         from fusion_jax.convert import checkpoint
-        from fusion_jax.fusion.fuse import FusionConfig, Teachers, fuse
+        from fusion_jax.fusion.fuse import FusionConfig, TeacherRows, fuse
         from fusion_jax.fusion.losses import LossConfig, sparse_losses
         from fusion_jax.models import decoder
         from fusion_jax.train.optim import OptimizerConfig
@@ -351,7 +351,7 @@ class Ours:
 
         def loss_side(hidden, head, b):
             labels = next_labels(b["tokens"])
-            target = fuse(fusion_cfg, Teachers.stack(b["teachers"]), labels)
+            target = fuse(fusion_cfg, TeacherRows.stack(b["teachers"]), labels)
             fmask = (b["segment_ids"] > 0) & target.has_target
             out = sparse_losses(lambda h: decoder.unembed(model_cfg, head, h), hidden, labels, b["loss_mask"], target,
                                 fmask, loss_cfg)

@@ -90,12 +90,12 @@ def one_step(loss_cfg: LossConfig, accumulation: int):
 def naive_blocks_loss(loss_cfg: LossConfig) -> tuple[float, float]:
     """(clm, fusion) of the ``blocks`` reduction by hand, float64: the mean over the batch's non-empty blocks of
     each block's mean."""
-    from fusion_jax.fusion import Teachers, fuse
+    from fusion_jax.fusion import TeacherRows, fuse
     from fusion_jax.train.step import next_labels
 
     batch = batch_with_empty_blocks()
     labels = np.asarray(next_labels(jnp.asarray(batch["tokens"])))
-    target = fuse(FusionConfig(), Teachers.stack(batch["teachers"]), labels)
+    target = fuse(FusionConfig(), TeacherRows.stack(batch["teachers"]), labels)
     logits = np.asarray(jax.jit(decoder.apply, static_argnums=0)(
         MODEL, host_params(), batch["tokens"], batch["segment_ids"], batch["positions"]), np.float64)
     top = logits.max(-1, keepdims=True)

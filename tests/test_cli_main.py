@@ -79,7 +79,7 @@ def test_align_flags_are_set_overrides():
                              "--text", "z", "--mode", "fusellm", "--top", "3", "--max-tokens", "64", "--no-eos",
                              "--json", "out.json", "--cache-dir", "cache"])
     assert flags == config_loader.load(AuditConfig, None, [
-        "sources=[a, b]", "target=t", "texts=[x, y, z]", "mode=fusellm", "top=3", "max_tokens=64", "eos=false",
+        "sources=[a, b]", "target=t", "texts=[x, y, z]", "alignments=fusellm", "top=3", "max_tokens=64", "eos=false",
         "json=out.json", "cache_dir=cache"])
     assert align_cli.parse(["audit", "--set", "sources=[a]", "--set", "target=t", "--set", "texts=[x]"]).eos
     # --set given after a flag's key wins, as for convert's shortcuts
@@ -88,7 +88,7 @@ def test_align_flags_are_set_overrides():
 
 def test_align_range_and_choice_errors_come_from_the_config(capsys):
     for args, message in ((["--top", "-1"], "error: --top must be ≥ 0"),
-                          (["--mode", "dtw"], "error: mode: invalid choice 'dtw'")):
+                          (["--mode", "dtw"], "error: alignments: invalid choice 'dtw'")):
         with pytest.raises(SystemExit) as e:
             cli.run(lambda cfg: pytest.fail("main ran"),
                     lambda: align_cli.parse(["audit", "--source", "a", "--target", "t", "--text", "x", *args]))

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fusion_jax.config import loader as config_loader
 from fusion_jax.align.transfer import ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER
-from fusion_jax.fusion import FusedTarget, FusionConfig, Teachers, fuse
+from fusion_jax.fusion import FusedTarget, FusionConfig, TeacherRows, fuse
 from fusion_jax.mesh import MeshConfig, make_mesh
 
 V = 14  # small vocabulary: ids collide across teachers
@@ -70,7 +70,7 @@ def random_batch(seed: int, *, ks=KS, b=B, t=T, p_empty=0.2, p_onehot=0.15, base
 # ----------------------------------------------------------------------------------------------- naive reference
 
 
-def naive_fuse(cfg: FusionConfig, tea: Teachers, labels):
+def naive_fuse(cfg: FusionConfig, tea: TeacherRows, labels):
     """Loops over b, t, j in float64; returns per position {id: prob}, weights [B,T,K], has_target [B,T]."""
     ids, lp, kind = (np.asarray(a) for a in (tea.ids, tea.logprobs, tea.kind))
     seq = np.asarray(tea.seq_bpb if cfg.score == "bpb" else tea.seq_ce, np.float64)
@@ -149,7 +149,7 @@ def naive_fuse(cfg: FusionConfig, tea: Teachers, labels):
     return targets, weights, has_target
 
 
-def real_row_somewhere(cfg: FusionConfig, tea: Teachers) -> np.ndarray:
+def real_row_somewhere(cfg: FusionConfig, tea: TeacherRows) -> np.ndarray:
     """bool[B, T]: some teacher taking part has a real (ROW_TEACHER, non-empty) row."""
     tw = cfg.weights_for(tea.num_teachers)
     real = (np.asarray(tea.kind) == ROW_TEACHER) & np.isfinite(np.asarray(tea.logprobs)).any(-1)
@@ -211,7 +211,7 @@ def test_fuse_matches_naive(cfg):
     cfg.validate()
     for seed in (0, 1):
         teachers, labels = random_batch(seed)
-        tea = Teachers.stack(teachers)
+        tea = TeacherRows.stack(teachers)
         out = _fuse_jit(cfg, tea, jnp.asarray(labels))
         check_against_naive(cfg, tea, labels, out)
         if cfg.method == "min_ce":
@@ -229,7 +229,7 @@ def test_fuse_matches_naive(cfg):
 def test_fuse_matches_naive_hypothesis(seed, which, p_empty):
     cfg = CONFIGS[which]
     teachers, labels = random_batch(seed, p_empty=p_empty)
-    tea = Teachers.stack(teachers)
+    tea = TeacherRows.stack(teachers)
     check_against_naive(cfg, tea, labels, _fuse_jit(cfg, tea, jnp.asarray(labels)))
 
 
@@ -246,7 +246,7 @@ def test_specific_semantics():
                    [[[0.0, np.log(3.0)]], [[ninf, ninf]]]], np.float32)
     kind = np.array([[[ROW_TEACHER], [ROW_ONEHOT]], [[ROW_TEACHER], [ROW_EMPTY]]], np.int8)
     ce = np.array([[2.0, 1.0], [2.0, 0.5]], np.float32)  # b0: tie → teacher 0; b1: teacher 1 better but empty
-    tea = Teachers(ids, lp, kind, ce, ce)
+    tea = TeacherRows(ids, lp, kind, ce, ce)
     labels = np.array([[7], [5]], np.int32)
     out = _fuse_jit(FusionConfig(score="ce"), tea, labels)
     assert as_dicts(out) == _approx([[{3: 0.5, 5: 0.5}], [{5: 1.0}]])
@@ -267,23 +267,23 @@ def test_specific_semantics():
     np.testing.assert_array_equal(np.asarray(out.has_target), [[True], [False]])
     # NaN bpb → +inf: the other teacher wins; all +inf → first teacher (min_ce) / uniform (avg_ce)
     bpb = np.array([[np.nan, np.nan], [1.0, np.nan]], np.float32)
-    out = _fuse_jit(FusionConfig(), Teachers(ids, lp, kind, ce, bpb), labels)
+    out = _fuse_jit(FusionConfig(), TeacherRows(ids, lp, kind, ce, bpb), labels)
     np.testing.assert_array_equal(np.asarray(out.weights)[:, 0], [[0, 1], [1, 0]])
-    out = _fuse_jit(FusionConfig(method="avg_ce"), Teachers(ids, lp, kind, ce, np.full((2, 2), np.nan, np.float32)),
+    out = _fuse_jit(FusionConfig(method="avg_ce"), TeacherRows(ids, lp, kind, ce, np.full((2, 2), np.nan, np.float32)),
                     labels)
     np.testing.assert_allclose(np.asarray(out.weights)[:, 0], [[0.5, 0.5], [1.0, 0.0]])
 
 
 def test_teachers_stack_and_config():
     teachers, _ = random_batch(3)
-    tea = Teachers.stack(teachers)
+    tea = TeacherRows.stack(teachers)
     assert tea.ids.shape == (K, B, T, max(KS)) and isinstance(tea.ids, np.ndarray) and tea.num_teachers == K
     assert np.all(np.isneginf(tea.logprobs[1, ..., KS[1]:]))
-    tj = Teachers.stack([{k: jnp.asarray(v) for k, v in t.items()} for t in teachers])
+    tj = TeacherRows.stack([{k: jnp.asarray(v) for k, v in t.items()} for t in teachers])
     assert isinstance(tj.ids, jax.Array)
     for a, b in zip(tea, tj):
         np.testing.assert_array_equal(np.asarray(b), a)
-    no_kind = Teachers.stack([{k: v for k, v in t.items() if k not in ("kind", "seq_bpb")} for t in teachers])
+    no_kind = TeacherRows.stack([{k: v for k, v in t.items() if k not in ("kind", "seq_bpb")} for t in teachers])
     np.testing.assert_array_equal(no_kind.kind == ROW_EMPTY, ~np.isfinite(tea.logprobs).any(-1))
     assert np.isnan(no_kind.seq_bpb).all()
     with pytest.raises(ValueError, match="teacher_weights has 2 entries"):
@@ -308,12 +308,12 @@ def test_teachers_stack_and_config():
                          ids=["min_seq", "min_tok_first", "avg_official_first", "avg_tok", "compat_avg"])
 def test_fuse_sharded_equals_single_device(cfg):
     teachers, labels = random_batch(7)
-    tea = Teachers.stack(teachers)
+    tea = TeacherRows.stack(teachers)
     one = jax.devices()[0]
     ref = _fuse_jit(cfg, jax.device_put(tea, one), jax.device_put(labels, one))
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))
     batch = ("data", "fsdp")
-    shard = Teachers(*(NamedSharding(mesh, P(None, batch)) for _ in range(5)))
+    shard = TeacherRows(*(NamedSharding(mesh, P(None, batch)) for _ in range(5)))
     tea8 = jax.device_put(tea, shard)
     lab8 = jax.device_put(labels, NamedSharding(mesh, P(batch)))
     out = _fuse_jit(cfg, tea8, lab8)
@@ -328,7 +328,7 @@ def test_fuse_sharded_equals_single_device(cfg):
 # ----------------------------------------------------------------------------------------------- official numerics
 
 
-def torch_official(tea: Teachers, lengths, method: str, temperature: float = 1.0, vocab: int = V):
+def torch_official(tea: TeacherRows, lengths, method: str, temperature: float = 1.0, vocab: int = V):
     """The official collator + compute_loss target, re-stated with torch on dense bf16 [B, L, V] rows: softmax of
     bf16 values / T in bf16, empty aligned rows ← the base row, rewards 1/exp(bf16(CE)), first argmax or
     softmax-weighted sum in bf16. Teacher 0 is the base (its rows exist for t < length)."""
@@ -387,7 +387,7 @@ def test_compat_bf16_matches_torch_official(method, temperature):
         for b, n in enumerate(lengths):
             t["kind"][b, n:] = ROW_EMPTY
             t["logprobs"][b, n:] = -np.inf
-    tea = Teachers.stack(teachers)
+    tea = TeacherRows.stack(teachers)
     cfg = FusionConfig.official(method, teacher_temperature=temperature)
     out = _fuse_jit(cfg, tea, None)
     expected, sel, w = torch_official(tea, lengths, method, temperature)
@@ -410,7 +410,7 @@ def test_compat_bf16_matches_torch_official(method, temperature):
 # ----------------------------------------------------------------------------------------------- goldens
 
 
-def golden_teachers(case: dict, T: int = 48) -> Teachers:
+def golden_teachers(case: dict, T: int = 48) -> TeacherRows:
     feats = case["features_in"]
 
     def rows(lk, ik, ck):
@@ -425,7 +425,7 @@ def golden_teachers(case: dict, T: int = 48) -> Teachers:
                 kind[b, t] = ROW_TEACHER if idx else ROW_EMPTY
         return dict(ids=ids, logprobs=lp, kind=kind, seq_ce=np.array([f[ck] for f in feats], np.float32))
 
-    return Teachers.stack([rows("per_step_logits", "per_step_indices", "metric_ce"),
+    return TeacherRows.stack([rows("per_step_logits", "per_step_indices", "metric_ce"),
                            rows("per_step_aligned_logits_0", "per_step_aligned_indices_0", "metric_ce_aligned_0")])
 
 
@@ -578,7 +578,7 @@ def three_candidate_features(seed: int, lengths=(48, 48, 37), vocab: int = 1000,
     return feats
 
 
-def official_features_to_teachers(features: list[dict], T: int, k: int = 10) -> Teachers:
+def official_features_to_teachers(features: list[dict], T: int, k: int = 10) -> TeacherRows:
     """The loader's rows for official features (``fusellm`` alignment keeps the raw values over the kept ids)."""
     teachers = []
     for j in range(len(features[0]["rows"])):
@@ -592,7 +592,7 @@ def official_features_to_teachers(features: list[dict], T: int, k: int = 10) -> 
                 kind[b, t] = ROW_EMPTY if not idx else ROW_ONEHOT if logits == [1.0] else ROW_TEACHER
         teachers.append(dict(ids=ids, logprobs=lp, kind=kind,
                              seq_ce=np.array([f["ce"][j] for f in features], np.float32)))
-    return Teachers.stack(teachers)
+    return TeacherRows.stack(teachers)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -643,7 +643,7 @@ def test_token_level_fallback_rows_do_not_compete():
         for t, (i, v, kd) in enumerate(per_t):
             ids[j, 0, t, :len(i)], lp[j, 0, t, :len(v)], kind[j, 0, t] = i, v, kd
     seq = np.ones((3, 1), np.float32)
-    tea = Teachers(ids, lp, kind, seq, seq)
+    tea = TeacherRows(ids, lp, kind, seq, seq)
     labels = np.full((1, Tn), label, np.int32)
 
     out = _fuse_jit(FusionConfig(granularity="token"), tea, labels)
@@ -677,7 +677,7 @@ def test_token_level_win_counts_ignore_fallbacks():
     """The train step's win counts (``weights`` summed over counted positions) on random rows: a teacher is credited
     only where it has a real row, and the credited positions are exactly those with some real row."""
     teachers, labels = random_batch(21, p_onehot=0.4)
-    tea = Teachers.stack(teachers)
+    tea = TeacherRows.stack(teachers)
     for cfg in (FusionConfig(granularity="token"), FusionConfig(method="avg_ce", granularity="token")):
         w = np.asarray(_fuse_jit(cfg, tea, jnp.asarray(labels)).weights)  # [B,T,K]
         real = (np.asarray(tea.kind) == ROW_TEACHER) & np.isfinite(np.asarray(tea.logprobs)).any(-1)

@@ -102,6 +102,11 @@ def _loader(w, spec: TeacherConfig, **kw) -> FusionLoader:
     return FusionLoader(cfg, w.store, w.target_path, progress=False)
 
 
+def _teacher(**kw) -> TeacherConfig:
+    """The TeacherConfig of the online teacher a step test builds by hand."""
+    return TeacherConfig(name="src", mode="online", **kw)
+
+
 def _online_spec(w, **kw) -> TeacherConfig:
     return TeacherConfig(cache="", tokenizer=str(w.src_dir), name="src", mode="online", **kw)
 
@@ -128,7 +133,7 @@ def test_online_rows_equal_the_cached_path(world):
     cached = _loader(w, TeacherConfig(cache=str(w.root / "cache"), tokenizer=str(w.src_dir), name="src"))
     live = _loader(w, _online_spec(w, seq_len=64))
     assert live.plan.fingerprint == cached.plan.fingerprint
-    rows = _rows_fn(w, online.OnlineTeacher(name="src", model=w.model_cfg, k=K, topk=K, logits_chunk=16))
+    rows = _rows_fn(w, online.OnlineTeacher(_teacher(), model=w.model_cfg, k=K, topk=K, logits_chunk=16))
     steps = -(-cached.plan.blocks_per_epoch // B)
     compared = teacher_rows = near_ties = 0
     for step in range(steps):
@@ -168,7 +173,7 @@ def test_online_rows_equal_the_cached_path(world):
 def test_micro_batched_teachers_equal_one_pass(world):
     w = world
     live = _loader(w, _online_spec(w))
-    teacher = online.OnlineTeacher(name="src", model=w.model_cfg, k=K, topk=6, fallback="mask")
+    teacher = online.OnlineTeacher(_teacher(fallback="mask"), model=w.model_cfg, k=K, topk=6)
     vmap = online.padded_vocab_map(live.vocab_maps()["src"], w.model_cfg.vocab_size)
     frozen = ({"params": w.params, "vocab_map": vmap},)
     batch = live.local_batch(1)
@@ -224,7 +229,7 @@ def test_a_short_source_block_is_counted_not_fatal(world):
     w = world
     short = _loader(w, _online_spec(w, seq_len=8))
     full = _loader(w, _online_spec(w, seq_len=64))
-    rows = _rows_fn(w, online.OnlineTeacher(name="src", model=w.model_cfg, k=K))
+    rows = _rows_fn(w, online.OnlineTeacher(_teacher(), model=w.model_cfg, k=K))
     batch, ref = short.local_batch(0)["teachers"][0], full.local_batch(0)["teachers"][0]
     assert batch["src_tokens"].shape == (B, 8) and batch["gather"].shape == (B, T)
     assert (batch["src_overflow"] > 0).any() and (ref["src_overflow"] == 0).all()

@@ -169,7 +169,7 @@ def _check_dry_run(report: dict, shapes: dict[str, tuple[int, ...]], n_devices: 
     assert leaves["layers/mlp/down"]["spec"] == [None, None, "fsdp"]
     assert leaves["lm_head"]["spec"] == ["fsdp", None]
 
-    # Teachers: the target (teacher 0) and both sources are cached, so no teacher params live on the devices.
+    # TeacherRows: the target (teacher 0) and both sources are cached, so no teacher params live on the devices.
     assert report["teachers"] == {"target": "cached", "openllama": "cached", "mpt": "cached"}
     assert not [k for k in per if k.startswith("online/")]
 
@@ -193,7 +193,7 @@ def test_yaml_is_the_papers_setting():
     assert (cfg.param_dtype, cfg.compute_dtype, cfg.capture.param_dtype) == ("float32", "bfloat16", "bfloat16")
     assert cfg.train.steps == int(1.8e9 // (128 * 2048)) == 6866
     assert cfg.remat == "full"
-    # Teachers: Llama-2 itself first, then OpenLLaMA-7B-v2 and MPT-7B, all cached; MiniPile as a datasets directory.
+    # TeacherRows: Llama-2 itself first, then OpenLLaMA-7B-v2 and MPT-7B, all cached; MiniPile as a datasets directory.
     assert cfg.target_as_teacher and cfg.target_teacher_mode == "cached"
     assert [s.name for s in cfg.sources] == ["openllama", "mpt"] and all(s.mode == "cached" for s in cfg.sources)
     assert [t.name for t in pipeline.teacher_list(cfg)] == ["target", "openllama", "mpt"]

@@ -20,7 +20,7 @@ from fusion_jax.align import report as stage
 from fusion_jax.config.schema import AuditConfig
 
 # argparse dest → config key
-SHORTCUTS = {"source": "sources", "target": "target", "text": "texts", "mode": "mode", "top": "top",
+SHORTCUTS = {"source": "sources", "target": "target", "text": "texts", "mode": "alignments", "top": "top",
              "max_tokens": "max_tokens", "eos": "eos", "json": "json", "cache_dir": "cache_dir"}
 
 

@@ -427,8 +427,9 @@ class AuditConfig:
                                      "directory; one report per source → target pair (--source, repeatable)", ())
     target: str = _help("the target tokenizer (--target)", "")
     texts: tuple[str, ...] = _help("UTF-8 text files (--text FILE ...)", ())
-    mode: Literal["default", "fusellm", "both"] = _help(
-        "default: byte alignment + prefix vocab map; fusellm: official DTW + MinED (soft); both", "both")
+    alignments: Literal["default", "fusellm", "both"] = _help(
+        "which alignments to audit (--mode): default: byte alignment + prefix vocab map; fusellm: official DTW + MinED "
+        "(soft); both", "both")
     top: int = _help("worst mappings listed per mode", 10)
     max_tokens: int = _help("cut each file into documents of whole lines with at most this many target tokens (DTW is "
                             "quadratic in it)", 2048)
@@ -446,7 +447,7 @@ class AuditConfig:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        return ("default", "fusellm") if self.mode == "both" else (self.mode,)
+        return ("default", "fusellm") if self.alignments == "both" else (self.alignments,)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 from fusion_jax.align.transfer import ROW_EMPTY, SparseRows
 from fusion_jax.data.online_block import DocOnline, OnlineBlock, encode_online
 from fusion_jax.data.packing import PackingPlan, block_layout
-from fusion_jax.data.teachers import LoaderError, TeacherRuntime
+from fusion_jax.data.teachers import LoaderError, TeacherReader
 from fusion_jax.tokenizers import load_tokenizer
 
 
@@ -53,7 +53,7 @@ class BlockBuilder:
     reopen their files lazily.
     """
 
-    def __init__(self, plan: PackingPlan, store, target_path: str, teachers: Sequence[TeacherRuntime], k: int,
+    def __init__(self, plan: PackingPlan, store, target_path: str, teachers: Sequence[TeacherReader], k: int,
                  append_eos: bool, mask_documents: bool, doc_cache: int = 32, target=None):
         self.plan, self.store, self.target_path = plan, store, str(target_path)
         self.teachers = list(teachers)

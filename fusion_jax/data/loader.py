@@ -77,7 +77,7 @@ from fusion_jax.data.blocks import BlockBuilder
 from fusion_jax.data.documents import DocumentStore
 from fusion_jax.data.lengths import target_lengths
 from fusion_jax.data.packing import PackingPlan
-from fusion_jax.data.teachers import LoaderError, TeacherRuntime, open_teachers
+from fusion_jax.data.teachers import LoaderError, TeacherReader, open_teachers
 from fusion_jax.mesh import logical_to_spec
 from fusion_jax.tokenizers import load_tokenizer
 
@@ -161,7 +161,7 @@ class FusionLoader:
         if state is not None:
             self.restore(state)
 
-    def _plan(self, teachers: list[TeacherRuntime], progress: bool) -> PackingPlan:
+    def _plan(self, teachers: list[TeacherReader], progress: bool) -> PackingPlan:
         """The packing plan over the documents every teacher's cache covers (sets :attr:`num_docs`)."""
         cfg = self.cfg
         raw = target_lengths(self.store, self.target, self.target_path, cfg.cache_dir, workers=cfg.worker_count,

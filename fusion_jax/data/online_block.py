@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from fusion_jax.align.transfer import matching_positions
-from fusion_jax.data.teachers import TeacherRuntime
+from fusion_jax.data.teachers import TeacherReader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,7 @@ class DocOnline:
     match: np.ndarray       # int32[m]: per target token, the source token whose row predicts from the same text, −1
 
 
-def encode_online(t: TeacherRuntime, text: str, tgt_byte_end: np.ndarray, append_eos: bool) -> DocOnline:
+def encode_online(t: TeacherReader, text: str, tgt_byte_end: np.ndarray, append_eos: bool) -> DocOnline:
     """The online teacher ``t``'s encoding of ``text`` matched to the target's token ends ``tgt_byte_end`` (int32[m])."""
     tok = t.tokenizer
     # with append_eos, as capture does: the source's own EOS, an empty span at the end of the text

@@ -1,7 +1,7 @@
 """The loader's teachers at run time: each teacher's opened cache, tokenizer and the tables its transfer needs.
 
 :func:`open_teachers` opens every teacher of a :class:`~fusion_jax.config.schema.LoaderConfig` and checks each cache
-against the document store and the loader's settings (:func:`check_cache`); a :class:`TeacherRuntime` reads one
+against the document store and the loader's settings (:func:`check_cache`); a :class:`TeacherReader` reads one
 document's record (checked against the document) and transfers its rows onto the target positions (``bytes``:
 :func:`~fusion_jax.align.transfer.transfer_topk`; ``fusellm``: :meth:`FuseLLMPair.transfer`).
 """
@@ -24,7 +24,7 @@ class LoaderError(InputError):
     """A loader that cannot be built or a batch that cannot be made; the message names the teacher and field."""
 
 
-class TeacherRuntime:
+class TeacherReader:
     """A teacher at run time: its opened cache and the tables its transfer needs. Picklable (the tokenizers and the
     FuseLLM pair tables are rebuilt lazily in each worker)."""
 
@@ -122,15 +122,15 @@ def check_cache(spec: TeacherConfig, cache: TeacherCache, src, cfg: LoaderConfig
                    f"{store.split!r}")
 
 
-def _open_online(spec: TeacherConfig, src, target, target_path: str, cfg: LoaderConfig) -> TeacherRuntime:
+def _open_online(spec: TeacherConfig, src, target, target_path: str, cfg: LoaderConfig) -> TeacherReader:
     if cfg.append_eos and src.eos_id is None:
         raise LoaderError(f"teacher {spec.label}: tokenizer {spec.tokenizer_path} has no EOS token, needed "
                           "with append_eos=true")
     table = vocab_map(src, target, spec.vocab_map, cfg.cache_dir)
-    return TeacherRuntime(spec, None, spec.tokenizer_path, target_path, table, src)
+    return TeacherReader(spec, None, spec.tokenizer_path, target_path, table, src)
 
 
-def _open_cached(spec: TeacherConfig, src, target, target_path: str, cfg: LoaderConfig, store) -> TeacherRuntime:
+def _open_cached(spec: TeacherConfig, src, target, target_path: str, cfg: LoaderConfig, store) -> TeacherReader:
     cache = TeacherCache(spec.cache, verify=cfg.verify)
     check_cache(spec, cache, src, cfg, store)
     if spec.align == "bytes":
@@ -139,10 +139,10 @@ def _open_cached(spec: TeacherConfig, src, target, target_path: str, cfg: Loader
         table = vocab_map(src, target, "mined", cfg.cache_dir)
     else:
         table = None
-    return TeacherRuntime(spec, cache, spec.tokenizer_path, target_path, table)
+    return TeacherReader(spec, cache, spec.tokenizer_path, target_path, table)
 
 
-def open_teachers(cfg: LoaderConfig, store, target, target_path: str) -> list[TeacherRuntime]:
+def open_teachers(cfg: LoaderConfig, store, target, target_path: str) -> list[TeacherReader]:
     """Every teacher of ``cfg``, in config order: tokenizer loaded, cache opened and checked, tables built."""
     teachers = []
     for spec in cfg.teachers:

@@ -1,6 +1,6 @@
 """Fuse K teachers' sparse rows into one sparse target per position (FuseLLM's MinCE and AvgCE), never densified.
 
-Inputs are the loader's per-teacher rows (``fusion_jax/data/loader.py``), stacked by :meth:`Teachers.stack`:
+Inputs are the loader's per-teacher rows (``fusion_jax/data/loader.py``), stacked by :meth:`TeacherRows.stack`:
 ``ids int32[K,B,T,k]``, ``logprobs float32[K,B,T,k]`` (−inf pads; the row's distribution is the softmax over its
 non-pad entries), ``kind int8[K,B,T]`` (``ROW_TEACHER | ROW_ONEHOT | ROW_EMPTY``), ``seq_ce``/``seq_bpb float32[K,B]``.
 The output :class:`FusedTarget` holds ``ids int32[B,T,K·k]``, ``probs float32[B,T,K·k]``, the teachers' shares
@@ -60,7 +60,7 @@ from fusion_jax.align.transfer import ROW_EMPTY, ROW_TEACHER
 from fusion_jax.config.schema import FusionConfig
 
 
-class Teachers(NamedTuple):
+class TeacherRows(NamedTuple):
     """K teachers' rows, stacked on a leading axis (a pytree)."""
 
     ids: Any  # int32[K, B, T, k]
@@ -74,15 +74,15 @@ class Teachers(NamedTuple):
         return self.ids.shape[0]
 
     @classmethod
-    def stack(cls, teachers: Sequence[Mapping[str, Any]]) -> "Teachers":
-        """Loader teacher dicts (``batch["teachers"]``) → Teachers; k is padded to the largest (id 0, −inf).
+    def stack(cls, teachers: Sequence[Mapping[str, Any]]) -> "TeacherRows":
+        """Loader teacher dicts (``batch["teachers"]``) → TeacherRows; k is padded to the largest (id 0, −inf).
 
         numpy inputs give numpy arrays, anything else (``jax.Array``, also global sharded ones) jnp arrays. A dict
         without ``kind`` gets ROW_TEACHER where a row has a finite entry, else ROW_EMPTY; missing ``seq_ce`` /
         ``seq_bpb`` are NaN (that score then counts as +inf).
         """
         if not teachers:
-            raise ValueError("Teachers.stack needs at least one teacher")
+            raise ValueError("TeacherRows.stack needs at least one teacher")
         xp = np if all(isinstance(t["ids"], np.ndarray) for t in teachers) else jnp
         k = max(t["ids"].shape[-1] for t in teachers)
         B = teachers[0]["ids"].shape[0]
@@ -140,7 +140,7 @@ def _ident(x: jax.Array) -> jax.Array:
 _LOWEST = float(np.finfo(np.float32).min)
 
 
-def fuse(cfg: FusionConfig, teachers: Teachers, labels: jax.Array | None = None) -> FusedTarget:
+def fuse(cfg: FusionConfig, teachers: TeacherRows, labels: jax.Array | None = None) -> FusedTarget:
     """K teachers' rows → one sparse target per position (see the module docstring). Pure and jittable
     (``jax.jit(fuse, static_argnums=0)``); any batch sharding carries through, every op is per position.
 
@@ -208,7 +208,7 @@ def _distributions(cfg: FusionConfig, x: jax.Array, valid: jax.Array, has_row: j
     return xs, mx, zs, p
 
 
-def _scores(cfg: FusionConfig, teachers: Teachers, ids: jax.Array, labels: jax.Array | None, valid: jax.Array,
+def _scores(cfg: FusionConfig, teachers: TeacherRows, ids: jax.Array, labels: jax.Array | None, valid: jax.Array,
             xs: jax.Array, mx: jax.Array, zs: jax.Array, rnd):
     """Step 2: each teacher's score ``s float32[K,B,T]`` (lower is better, NaN → +inf) and its reward (exp(−s), or
     the official bf16 ``1/exp(CE)``)."""

@@ -18,7 +18,7 @@ inputs into the same rows a cached teacher's loader dict holds (:func:`online_ro
 4. ``seq_ce`` = the teacher's mean token CE over its scored source positions of the block (a next token in the same
    piece), ``seq_bpb`` = their CE sum / ln 2 / the predicted tokens' bytes (NaN when none).
 
-These rows join the cached teachers' rows in :meth:`Teachers.stack` in config order (:func:`stack_teachers`). With
+These rows join the cached teachers' rows in :meth:`TeacherRows.stack` in config order (:func:`stack_teachers`). With
 gradient accumulation the teachers run one micro-batch at a time (``lax.map``), so their activations are bounded
 like the student's. Only ``align="bytes"`` is supported: the official ``fusellm`` DTW is host-side string work on
 the teacher's top-k per document and needs the cached path.
@@ -34,27 +34,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusion_jax.align.transfer import FALLBACKS, ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER
+from fusion_jax.align.transfer import ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER
 from fusion_jax.config.model import ModelConfig
+from fusion_jax.config.schema import TeacherConfig
 from fusion_jax.errors import CheckpointError, ConfigError
-from fusion_jax.fusion.fuse import Teachers
+from fusion_jax.fusion.fuse import TeacherRows
 from fusion_jax.models.head import topk_step
 
 
 @dataclasses.dataclass(frozen=True)
 class OnlineTeacher:
-    """What the step needs to know statically about one online teacher (its params and vocab map are arguments)."""
+    """What the step needs to know statically about one online teacher: its config, its model's architecture and how
+    many candidates it keeps (its params and vocab map are arguments of the step)."""
 
-    name: str
+    teacher: TeacherConfig
     model: ModelConfig
     k: int                   # entries per row after the merge (the loader's k)
     topk: int = 0            # candidates taken from the model per position (0: k); more survive duplicate merges
-    fallback: str = "onehot_next"
     logits_chunk: int = 512  # positions per log_softmax/top-k chunk (bounds the float32 [b, chunk, V] buffer)
 
+    @property
+    def name(self) -> str:
+        return self.teacher.name
+
+    @property
+    def fallback(self) -> str:
+        return self.teacher.fallback
+
     def validate(self) -> None:
-        if self.fallback not in FALLBACKS:
-            raise ConfigError(f"online teacher {self.name}: fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        self.teacher.validate()
         if self.k <= 0 or self.topk < 0 or self.logits_chunk <= 0:
             raise ConfigError(f"online teacher {self.name}: k and logits_chunk must be positive, topk >= 0")
 
@@ -184,11 +192,11 @@ def teacher_dicts(batch_teachers: Sequence[Mapping[str, Any]], online: Sequence[
 
 
 def stack_teachers(batch_teachers, online: Sequence[OnlineTeacher] = (), frozen=(), rules=None,
-                   accumulation: int = 1) -> Teachers:
-    """:meth:`Teachers.stack` over cached and online teachers alike."""
+                   accumulation: int = 1) -> TeacherRows:
+    """:meth:`TeacherRows.stack` over cached and online teachers alike."""
     if not online and not any(is_online(t) for t in batch_teachers):
-        return Teachers.stack(batch_teachers)
-    return Teachers.stack(teacher_dicts(batch_teachers, online, frozen, rules, accumulation))
+        return TeacherRows.stack(batch_teachers)
+    return TeacherRows.stack(teacher_dicts(batch_teachers, online, frozen, rules, accumulation))
 
 
 def overflow(batch_teachers) -> jax.Array:

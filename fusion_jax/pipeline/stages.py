@@ -89,7 +89,7 @@ def load_online(cfg: TrainConfig, teachers: list[TeacherConfig], loader: FusionL
     maps = loader.vocab_maps()
     cfgs, frozen = load_frozen([t.checkpoint for t in online], [maps[t.name] for t in online], mesh, rules,
                                param_dtype=cfg.capture.param_dtype, compute_dtype=cfg.capture.compute_dtype)
-    specs = tuple(OnlineTeacher(name=t.name, model=m, k=cfg.loader.k, topk=max(cfg.capture.k, cfg.loader.k),
-                                fallback=t.fallback) for t, m in zip(online, cfgs))
+    specs = tuple(OnlineTeacher(t, model=m, k=cfg.loader.k, topk=max(cfg.capture.k, cfg.loader.k))
+                  for t, m in zip(online, cfgs))
     log.info("online teachers: %s (%s params, frozen)", ", ".join(t.name for t in online), cfg.capture.param_dtype)
     return specs, frozen
