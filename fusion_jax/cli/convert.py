@@ -1,4 +1,4 @@
-"""python -m fusion_jax.convert SOURCE OUTPUT [--to hf] — Hugging Face ⇄ fusion_jax model directories."""
+"""python -m fusion_jax.convert SOURCE OUTPUT [--to hf] — Hugging Face ⇄ fusion_jax model directories; GGUF in."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def run(cfg: ConvertConfig) -> str:
 
 def parse(argv: list[str] | None = None) -> ConvertConfig:
     parser = cli.config_parser("python -m fusion_jax.convert", __doc__, ConvertConfig)
-    parser.add_argument("source", nargs="?", help="HF model directory or fusion_jax checkpoint")
+    parser.add_argument("source", nargs="?", help="HF model directory, fusion_jax checkpoint or GGUF file")
     parser.add_argument("output", nargs="?", help="directory to write")
     parser.add_argument("--to", choices=["fusion_jax", "hf"], help="output format (default fusion_jax)")
     return cli.parse_config(parser, ConvertConfig, argv, shortcuts={"source": "source", "output": "output", "to": "to"})

@@ -6,6 +6,9 @@ Our format (a directory):
     params/           Orbax checkpoint of the params tree (sharded save and restore)
     tokenizer files   copied from the HF directory it came from
 
+A GGUF file (llama.cpp's format) is read wherever a Hugging Face directory is: `gguf.GGUFCheckpoint` presents it
+as one (config.json from its metadata, tensors dequantized to float32 under their HF names).
+
 A Hugging Face directory we write carries `fusion_jax_export.json` (format tag, tokenizer fingerprint) beside
 config.json: it marks the directory as ours, so that `overwrite` may replace it (and nothing else), and says which
 tokenizer the model was saved with.
@@ -35,7 +38,7 @@ from fusion_jax import mesh as mesh_lib
 from fusion_jax.config import loader as config_loader
 from fusion_jax.config.schema import DEFAULT_RULES
 from fusion_jax.config.model import ModelConfig
-from fusion_jax.convert import hf, integrity
+from fusion_jax.convert import gguf, gguf_tokenizer, hf, integrity
 from fusion_jax.convert.architectures import architecture
 from fusion_jax.convert.hf import CheckpointError
 from fusion_jax.errors import RunDirError, UserError
@@ -55,12 +58,17 @@ OUR_OUTPUT = "a model directory written by fusion_jax"
 
 
 def kind(path: str | os.PathLike) -> str:
-    """'fusion_jax' or 'hf'; a clear error for anything else, including a half-written directory."""
+    """'fusion_jax', 'hf' or 'gguf' (a file); a clear error for anything else, including a half-written directory."""
     p = Path(path)
     partial = Path(f"{p}.partial")
     if not p.exists():
         hint = f" ({partial} exists: an earlier write crashed; delete it and convert again)" if partial.exists() else ""
         raise CheckpointError(f"{p} does not exist{hint}")
+    if p.is_file():
+        if gguf.is_gguf(p):
+            return "gguf"
+        raise CheckpointError(f"{p} is a file but not a GGUF model (no GGUF magic); a model is a GGUF file or a "
+                              "directory: fusion_jax, or Hugging Face config.json + *.safetensors")
     if (p / META).exists():
         return "fusion_jax"
     if (p / "config.json").exists():
@@ -80,11 +88,16 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def _foreign(p: Path) -> hf.HFCheckpoint | gguf.GGUFCheckpoint | None:
+    """The Hugging Face directory or GGUF file at `p` (both read through `hf.load_hf_params`); None for ours."""
+    k = kind(p)
+    return hf.HFCheckpoint(p) if k == "hf" else gguf.GGUFCheckpoint(p) if k == "gguf" else None
+
+
 def model_config(path: str | os.PathLike, **overrides) -> ModelConfig:
-    """The ModelConfig of either kind of directory, without reading any weights (for abstract shapes)."""
+    """The ModelConfig of any kind of checkpoint, without reading any weights (for abstract shapes)."""
     p = Path(path)
-    if kind(p) == "hf":
-        ckpt = hf.HFCheckpoint(p)
+    if (ckpt := _foreign(p)) is not None:
         return architecture(ckpt.model_type).config_from_hf(ckpt.config, **{"param_dtype": ckpt.dtype(), **overrides})
     meta = _read_meta(p)
     return config_loader.from_dict(ModelConfig, {**meta["model"], **overrides}, source=str(p / META))
@@ -96,7 +109,7 @@ def load(
     rules: dict[str, tuple[str, ...]] | None = None,
     **overrides,
 ) -> tuple[ModelConfig, dict]:
-    """Load a fusion_jax or Hugging Face model directory → (ModelConfig, params) placed on `mesh`.
+    """Load a fusion_jax or Hugging Face model directory or a GGUF file → (ModelConfig, params) placed on `mesh`.
 
     `overrides` replace ModelConfig fields (e.g. param_dtype="bfloat16", compute_dtype="float32"); params are
     cast to the resulting param_dtype, which defaults to the dtype the checkpoint holds. Without a mesh, all
@@ -106,13 +119,12 @@ def load(
     p = Path(path)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(mesh_lib.MeshConfig())
     rules = rules if rules is not None else DEFAULT_RULES
-    if kind(p) == "hf":
-        ckpt = hf.HFCheckpoint(p)
+    if (ckpt := _foreign(p)) is not None:
         overrides = {"param_dtype": ckpt.dtype(), **overrides}
         cfg = architecture(ckpt.model_type).config_from_hf(ckpt.config, **overrides)
         params = hf.load_hf_params(ckpt, cfg, decoder.param_shardings(cfg, mesh, rules))
-        integrity.check_finite(params, mesh, str(p), hf.tensor_namer(ckpt.model_type, cfg),
-                               _overflow_hint(cfg) + hf.REDOWNLOAD)
+        fix = gguf.REDOWNLOAD if isinstance(ckpt, gguf.GGUFCheckpoint) else hf.REDOWNLOAD
+        integrity.check_finite(params, mesh, str(p), hf.tensor_namer(ckpt.model_type, cfg), _overflow_hint(cfg) + fix)
         return cfg, params
     meta = _read_meta(p)
     cfg = config_loader.from_dict(ModelConfig, {**meta["model"], **overrides}, source=str(p / META))
@@ -225,7 +237,15 @@ def _finish(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def _copy_tokenizer(src: Path | None, dst: Path) -> None:
+    """The tokenizer files of the source directory into `dst`; from a GGUF file, the tokenizer rebuilt from its
+    metadata (a file without one converts without a tokenizer, with a warning)."""
     if src is None or jax.process_index() != 0:
+        return
+    if src.is_file():
+        try:
+            gguf_tokenizer.write_tokenizer(src, dst)
+        except CheckpointError as e:
+            log.warning("%s: no tokenizer written (%s)", src, e)
         return
     for name in hf.TOKENIZER_FILES:
         if (src / name).exists():
@@ -311,10 +331,9 @@ def save_hf(
 
 
 def source_info(path: str | os.PathLike) -> tuple[str, dict]:
-    """(HF model_type, original HF config) of either kind of directory, for export."""
+    """(HF model_type, original HF config) of any kind of checkpoint, for export (a GGUF file's: from its metadata)."""
     p = Path(path)
-    if kind(p) == "hf":
-        ckpt = hf.HFCheckpoint(p)
+    if (ckpt := _foreign(p)) is not None:
         return ckpt.model_type, ckpt.config
     meta = _read_meta(p)
     return meta["hf_model_type"], meta.get("hf_config") or {}
@@ -327,8 +346,11 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     """The files that hold the weights of either kind of directory (Orbax's own timestamped bookkeeping, files
     named `_*`, excluded)."""
     p = Path(path)
-    if kind(p) == "fusion_jax":
+    k = kind(p)
+    if k == "fusion_jax":
         return sorted(f for f in (p / "params").rglob("*") if f.is_file() and not f.name.startswith("_"))
+    if k == "gguf":
+        return [p]
     return sorted(p.glob("*.safetensors"))
 
 
