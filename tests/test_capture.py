@@ -21,7 +21,7 @@ from fusion_jax.data.capture import CaptureConfig
 from fusion_jax.convert import checkpoint
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.data.corpus import Document
-from fusion_jax.data.documents import DocumentStore, write_documents
+from fusion_jax.data.documents import write_documents
 from fusion_jax.mesh import MeshConfig
 from fusion_jax.models import apply, decoder
 from fusion_jax.config.model import ModelConfig

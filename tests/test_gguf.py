@@ -1,6 +1,6 @@
 """GGUF (llama.cpp) models in: weights, config and logits against transformers' own GGUF loader.
 
-Every GGUF here is written in the test with `gguf.GGUFWriter` from a tiny random transformers model, the way
+Every GGUF here is written in the test (tests/tiny_gguf.py) with `gguf.GGUFWriter` from a tiny random transformers model, the way
 llama.cpp's convert_hf_to_gguf.py writes it (its tensor names, the q/k row permutation for llama, GPT-NeoX's
 [q; k; v] order, 1-D tensors in F32), so nothing is downloaded.
 """
@@ -16,13 +16,13 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
-from gguf.quants import quantize  # noqa: E402
 
 from fusion_jax import convert, models  # noqa: E402
 from fusion_jax.cli.convert import parse, run  # noqa: E402
 from fusion_jax.convert import CheckpointError, UnsupportedModelError  # noqa: E402
 from fusion_jax.convert.architectures import architecture  # noqa: E402
 from fusion_jax.convert.gguf import GGUFCheckpoint  # noqa: E402
+from tiny_gguf import llama_cpp_tensors, metadata, write_gguf  # noqa: E402
 
 # hidden and intermediate sizes are multiples of 256: the row length k-quants (Q4_K) need.
 LLAMA_LIKE = dict(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
@@ -35,7 +35,6 @@ CONFIGS = {
     "mpt": lambda: transformers.MptConfig(vocab_size=64, d_model=256, n_layers=2, n_heads=4,
                                           attn_config={"clip_qkv": 0.5}),
 }
-GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gpt_neox": "gptneox", "mpt": "mpt"}
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 9))
 
 
@@ -61,105 +60,6 @@ def our_logits(path) -> np.ndarray:
 def assert_logits_close(ours, ref):
     """≤ 1e-4 relative to the logit scale."""
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
-
-
-# ------------------------------------------------------------------------------------- writing GGUF as llama.cpp does
-
-
-def permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert_hf_to_gguf.py LlamaModel.permute (HF half-split rows → interleaved)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def q4_k_blocks(rows: int, cols: int, rng) -> np.ndarray:
-    """Random Q4_K data for a [rows, cols] tensor (gguf cannot quantize to Q4_K): random nibbles and 6-bit scales,
-    with small f16 super-block scales (d, dmin) so that the weights stay small."""
-    raw = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
-    raw[..., 0:4] = np.array([2e-4, 2e-4], np.float16).view(np.uint8)
-    return raw.reshape(rows, -1)
-
-
-def gguf_tensor(name: str, w: np.ndarray, qtype: Q, rng):
-    """(data, raw_dtype) of one tensor as GGUFWriter.add_tensor takes it; 1-D tensors stay F32 as in llama.cpp."""
-    if w.ndim == 1 or qtype == Q.F32:
-        return w.astype(np.float32), None
-    if qtype == Q.F16:
-        return w.astype(np.float16), None
-    if qtype == Q.Q4_K:
-        return q4_k_blocks(*w.shape, rng), Q.Q4_K
-    return quantize(w.astype(np.float32), qtype), qtype
-
-
-def llama_cpp_tensors(model, kind: str) -> dict[str, np.ndarray]:
-    """The model's tensors under llama.cpp's names and layouts (HF order: [out, in])."""
-    cfg = model.config
-    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[GGUF_ARCH[kind.removesuffix("_tied")]]
-    table = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
-    out = {}
-    for name, t in model.state_dict().items():
-        if name.endswith(("rotary_emb.inv_freq", "attention.bias", "masked_bias")):
-            continue
-        if cfg.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        base, _, suffix = name.rpartition(".")
-        w = t.numpy().copy()
-        if kind in ("llama", "llama_tied"):
-            if ".q_proj." in name:
-                w = permute(w, cfg.num_attention_heads)
-            elif ".k_proj." in name:
-                w = permute(w, cfg.num_key_value_heads)
-        if kind == "gpt_neox" and ".query_key_value." in name:  # per-head [q k v] → [q; k; v]
-            n = cfg.num_attention_heads
-            w = w.reshape(n, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
-        out[f"{table.get_name(base)}.{suffix}"] = w
-    return out
-
-
-def metadata(model, kind: str) -> dict:
-    c = model.config
-    if kind == "mpt":
-        return {"context_length": (c.max_seq_len, "u32"), "embedding_length": (c.d_model, "u32"),
-                "block_count": (c.n_layers, "u32"), "feed_forward_length": (4 * c.d_model, "u32"),
-                "attention.head_count": (c.n_heads, "u32"), "attention.layer_norm_epsilon": (c.layer_norm_epsilon, "f32"),
-                "attention.max_alibi_bias": (c.attn_config.alibi_bias_max, "f32"),
-                "attention.clamp_kqv": (c.attn_config.clip_qkv, "f32")}
-    m = {"context_length": (c.max_position_embeddings, "u32"), "embedding_length": (c.hidden_size, "u32"),
-         "block_count": (c.num_hidden_layers, "u32"), "feed_forward_length": (c.intermediate_size, "u32"),
-         "attention.head_count": (c.num_attention_heads, "u32"),
-         "rope.freq_base": (c.rope_parameters["rope_theta"], "f32")}
-    head_dim = c.hidden_size // c.num_attention_heads
-    if kind == "gpt_neox":
-        m["attention.layer_norm_epsilon"] = (c.layer_norm_eps, "f32")
-        m["rope.dimension_count"] = (int(c.rope_parameters.get("partial_rotary_factor", 1.0) * head_dim), "u32")
-        m["use_parallel_residual"] = (c.use_parallel_residual, "bool")
-    else:
-        m["attention.head_count_kv"] = (c.num_key_value_heads, "u32")
-        m["attention.layer_norm_rms_epsilon"] = (c.rms_norm_eps, "f32")
-        m["rope.dimension_count"] = (head_dim, "u32")
-    return m
-
-
-def write_gguf(path, model, kind: str, qtype: Q = Q.F32, arch: str | None = None, extra_tensor=None):
-    """`model` as llama.cpp writes it; the vocabulary size only from the token list (as many files do)."""
-    arch = arch or GGUF_ARCH[kind.removesuffix("_tied")]
-    rng = np.random.default_rng(1)
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"tiny {kind}")
-    add = {"u32": w.add_uint32, "f32": w.add_float32, "bool": w.add_bool}
-    for key, (value, t) in metadata(model, kind.removesuffix("_tied")).items():
-        add[t](f"{arch}.{key}", value)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(model.config.vocab_size)])
-    for name, t in llama_cpp_tensors(model, kind).items():
-        data, raw = gguf_tensor(name, t, qtype, rng)
-        w.add_tensor(name, data, raw_dtype=raw)
-    if extra_tensor is not None:
-        w.add_tensor(*extra_tensor)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def transformers_gguf(path):

@@ -1,6 +1,6 @@
-"""The tokenizer rebuilt from a GGUF file's metadata (fusion_jax.convert.gguf_tokenizer).
+"""The tokenizer rebuilt from a GGUF file's metadata (fusion_jax.tokenizers.gguf).
 
-Tiny GGUF files are written here with gguf.GGUFWriter, carrying the vocabulary of a tokenizer trained in the test
+Tiny GGUF files are written (tests/tiny_gguf.py) with gguf.GGUFWriter, carrying the vocabulary of a tokenizer trained in the test
 (a byte-level BPE → ``gpt2`` type, a SentencePiece BPE → ``llama`` type) the way llama.cpp's convert script writes
 them; the rebuilt tokenizer must give the original tokenizer's ids and transformers' GGUF loader's ids.
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 import gguf
 import pytest
 
-from fusion_jax.convert.gguf_tokenizer import CONTROL, NORMAL, load_gguf_tokenizer, read_vocab, write_tokenizer
 from fusion_jax.errors import CheckpointError
 from fusion_jax.tokenizers import load_tokenizer
-from tiny_tokenizers import CODE_CORPUS, CORPUS, train_byte_level, train_sentencepiece
+from fusion_jax.tokenizers.gguf import NORMAL, load_gguf_tokenizer, read_vocab, write_tokenizer
+from tiny_gguf import gpt2_gguf as _gpt2_gguf, llama_gguf as _llama_gguf, write_tokenizer_gguf as _write_gguf
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -30,68 +30,6 @@ TEXTS = [
     "\r\n\u00a0\u2003mixed whitespace",
 ]
 LEADING = ["  leading spaces", " x"]  # SentencePiece prepends "▁" even here; transformers' Metaspace does not
-
-
-def _write_gguf(path: Path, model: str, tokens, types, *, merges=None, scores=None, pre=None, bos=None, eos=None,
-                unk=None, pad=None, add_space_prefix=None) -> Path:
-    """A GGUF with a tokenizer and a minimal llama header (no tensors), as llama.cpp's convert writes the keys."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, value in ((w.add_context_length, 64), (w.add_block_count, 1), (w.add_embedding_length, 8),
-                       (w.add_feed_forward_length, 16), (w.add_head_count, 2), (w.add_head_count_kv, 2),
-                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_dimension_count, 4),
-                       (w.add_vocab_size, len(tokens))):
-        add(value)
-    w.add_tokenizer_model(model)
-    if pre is not None:
-        w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    for add, value in ((w.add_token_merges, merges), (w.add_token_scores, scores), (w.add_bos_token_id, bos),
-                       (w.add_eos_token_id, eos), (w.add_unk_token_id, unk), (w.add_pad_token_id, pad),
-                       (w.add_add_space_prefix, add_space_prefix)):
-        if value is not None:
-            add(value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
-def _gpt2_gguf(tmp_path: Path, pre: str = "gpt-2", digits: bool = False):
-    """(gguf path, original tokenizers.Tokenizer): a byte-level BPE trained here, written as llama.cpp does."""
-    from tokenizers import Tokenizer, pre_tokenizers
-
-    orig = tmp_path / "bpe.json"
-    train_byte_level(orig, corpus=CORPUS + CODE_CORPUS, vocab_size=400)
-    tok = Tokenizer.from_file(str(orig))
-    if digits:  # SmolLM/StarCoder: every digit its own pre-token, then the GPT-2 split
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.encode_special_tokens = True  # as our adapter: a special token's spelling in a document is text
-    cfg = json.loads(tok.to_str())
-    vocab = tok.get_vocab(with_added_tokens=True)
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    specials = {a["content"] for a in cfg["added_tokens"] if a["special"]}
-    types = [CONTROL if t in specials else NORMAL for t in tokens]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in cfg["model"]["merges"]]
-    eos = vocab["<|endoftext|>"]
-    path = _write_gguf(tmp_path / "bpe.gguf", "gpt2", tokens, types, merges=merges, pre=pre, bos=eos, eos=eos)
-    return path, tok
-
-
-def _llama_gguf(tmp_path: Path):
-    """(gguf path, SentencePieceProcessor): a SentencePiece BPE with byte fallback, as llama.cpp writes it."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(train_sentencepiece(tmp_path / "sp")))
-    n = sp.get_piece_size()
-    tokens = [sp.id_to_piece(i) for i in range(n)]
-    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i)
-             else NORMAL for i in range(n)]
-    path = _write_gguf(tmp_path / "sp.gguf", "llama", tokens, types, scores=[sp.get_score(i) for i in range(n)],
-                       bos=sp.bos_id(), eos=sp.eos_id(), unk=sp.unk_id(), add_space_prefix=True)
-    return path, sp
 
 
 def _transformers(path: Path):

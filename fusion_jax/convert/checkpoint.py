@@ -38,13 +38,14 @@ from fusion_jax import mesh as mesh_lib
 from fusion_jax.config import loader as config_loader
 from fusion_jax.config.schema import DEFAULT_RULES
 from fusion_jax.config.model import ModelConfig
-from fusion_jax.convert import gguf, gguf_tokenizer, hf, integrity
+from fusion_jax.convert import gguf, hf, integrity
 from fusion_jax.convert.architectures import architecture
 from fusion_jax.convert.hf import CheckpointError
 from fusion_jax.errors import RunDirError, UserError
 from fusion_jax.files import check_output_path, check_replaceable, commit_directory, read_json
 from fusion_jax.models import decoder
 from fusion_jax.tokenizers import Tokenizer, load_tokenizer
+from fusion_jax.tokenizers.gguf import write_tokenizer as write_gguf_tokenizer
 
 log = logging.getLogger("fusion_jax.convert")
 
@@ -243,7 +244,7 @@ def _copy_tokenizer(src: Path | None, dst: Path) -> None:
         return
     if src.is_file():
         try:
-            gguf_tokenizer.write_tokenizer(src, dst)
+            write_gguf_tokenizer(src, dst)
         except CheckpointError as e:
             log.warning("%s: no tokenizer written (%s)", src, e)
         return
@@ -253,7 +254,9 @@ def _copy_tokenizer(src: Path | None, dst: Path) -> None:
 
 
 def _has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer.json").is_file() or any(path.glob("*.model"))
+    """Tokenizer files in the directory, or a GGUF file (whose tokenizer `load_tokenizer` rebuilds from its metadata;
+    one without a tokenizer fails to load and counts as none)."""
+    return gguf.is_gguf(path) or (path / "tokenizer.json").is_file() or any(path.glob("*.model"))
 
 
 def _tokenizer_record(tok: Tokenizer) -> dict:
@@ -362,8 +365,8 @@ def weights_fingerprint(path: str | os.PathLike) -> str:
 
 def own_tokenizer(path: str | os.PathLike) -> dict | None:
     """{"fingerprint", "name", "vocab_size"} of the tokenizer `path` was saved with: the record written when we
-    converted or exported it, else (a model from elsewhere) the tokenizer files in the directory; None when neither
-    exists or they cannot be read."""
+    converted or exported it, else (a model from elsewhere) the tokenizer files in the directory, or the tokenizer
+    a GGUF file's metadata rebuilds; None when neither exists or they cannot be read."""
     p = Path(path)
     if (p / META).is_file():
         record = _read_meta(p).get("tokenizer")

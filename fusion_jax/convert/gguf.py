@@ -20,8 +20,8 @@ from gguf import GGMLQuantizationType as Q
 from fusion_jax.convert import gguf_config
 from fusion_jax.convert.architectures import UnsupportedModelError, architecture
 from fusion_jax.errors import CheckpointError
+from fusion_jax.tokenizers.gguf import MAGIC, is_gguf
 
-MAGIC = b"GGUF"
 REDOWNLOAD = "download the GGUF file again, or convert it again with llama.cpp's convert_hf_to_gguf.py"
 # What gguf.quants.dequantize reads (gguf 0.19): the float types, the legacy and k-quants, i-quants and ternary.
 SUPPORTED_TYPES = frozenset({
@@ -31,15 +31,6 @@ SUPPORTED_TYPES = frozenset({
 # HF model_type → the gguf package's architecture (for its HF → GGUF tensor-name table).
 _ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
           "gpt_neox": gguf.MODEL_ARCH.GPTNEOX, "mpt": gguf.MODEL_ARCH.MPT}
-
-
-def is_gguf(path: str | os.PathLike) -> bool:
-    """A regular file that starts with the GGUF magic."""
-    p = Path(path)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as f:
-        return f.read(4) == MAGIC
 
 
 def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -114,10 +114,15 @@ def _record(d: _Doc, top_lp: np.ndarray, top_ids: np.ndarray, ce: np.ndarray) ->
 def model_identity(path: str) -> dict:
     """What identifies a model for the cache manifest: its directory name, config digest and a content fingerprint
     of its weight files, so a checkpoint changed in place (same shapes, same bytes count) is noticed. The weights are
-    hashed once; later starts reuse the hashes, remembered by path, size and mtime (`files.cached_file_sha256`)."""
+    hashed once; later starts reuse the hashes, remembered by path, size and mtime (`files.cached_file_sha256`).
+    A GGUF file's config is the HF config its metadata gives (the file itself is its one weight file)."""
     p = Path(path)
-    config = p / (checkpoint.META if checkpoint.kind(p) == "fusion_jax" else "config.json")
-    return {"name": p.name, "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
+    k = checkpoint.kind(p)
+    if k == "gguf":
+        config = json.dumps(checkpoint.source_info(p)[1], sort_keys=True).encode()
+    else:
+        config = (p / (checkpoint.META if k == "fusion_jax" else "config.json")).read_bytes()
+    return {"name": p.name, "config_sha256": hashlib.sha256(config).hexdigest(),
             "weights_sha256": checkpoint.weights_fingerprint(p)}
 
 

@@ -16,6 +16,7 @@ from fusion_jax.config.model import ModelConfig
 from fusion_jax.config.schema import TrainConfig
 from fusion_jax.convert import checkpoint
 from fusion_jax.files import atomic_write_json
+from fusion_jax.tokenizers.gguf import is_gguf
 
 log = logging.getLogger(__name__)
 EXPORT_STEP = "run_step"  # the key, in an export's marker (checkpoint.EXPORT_MARKER), of the step it holds
@@ -44,7 +45,8 @@ def export_stage(cfg: TrainConfig, model_cfg: ModelConfig, params, step: int) ->
     model_type, hf_config = checkpoint.source_info(cfg.target)
     tok_dir = Path(cfg.target_tokenizer or cfg.target)
     checkpoint.save_hf(out, model_cfg, params, model_type=model_type, hf_config=hf_config,
-                       tokenizer_dir=tok_dir if tok_dir.is_dir() else tok_dir.parent, overwrite=True)
+                       tokenizer_dir=tok_dir if tok_dir.is_dir() or is_gguf(tok_dir) else tok_dir.parent,
+                       overwrite=True)
     if jax.process_index() == 0:  # a crash before this leaves no step: the next run exports again
         marker = json.loads((out / checkpoint.EXPORT_MARKER).read_text())
         atomic_write_json(out / checkpoint.EXPORT_MARKER, {**marker, EXPORT_STEP: step})

@@ -15,8 +15,9 @@ the later stages can reason about *bytes* rather than about each library's strin
 * ``Tokenizer.fingerprint`` is a sha256 hex digest that is stable across runs and processes.
 
 Backends: a HF ``tokenizer.json`` (loaded with the ``tokenizers`` library; byte-level BPE such as
-GPT-NeoX/Qwen2, or SentencePiece-style ``Metaspace``/byte-fallback files) or a SentencePiece ``.model``
-(loaded with the ``sentencepiece`` library).
+GPT-NeoX/Qwen2, or SentencePiece-style ``Metaspace``/byte-fallback files), a SentencePiece ``.model``
+(loaded with the ``sentencepiece`` library), or a GGUF model file, whose tokenizer is rebuilt from its metadata
+as a ``tokenizer.json`` (:mod:`fusion_jax.tokenizers.gguf`).
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ def _fingerprint(token_bytes: list[bytes], special: np.ndarray, pieces: list[str
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a ``tokenizer.json``, a SentencePiece ``.model``, or a directory with either.
+    """Load a ``tokenizer.json``, a SentencePiece ``.model``, a directory with either, or a GGUF file (recognised by
+    its magic; the tokenizer rebuilt from its metadata, named after the file, remembered per path, size and mtime).
 
     In a directory ``tokenizer.json`` is preferred over ``tokenizer.model`` (or another ``*.model``).
     """
@@ -273,6 +275,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path = found
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such tokenizer file")
+    from fusion_jax.tokenizers import gguf  # (it imports this module)
+
+    if gguf.is_gguf(path):
+        return gguf.load_gguf_tokenizer(path)  # a CheckpointError names the file and what it lacks
     try:
         return _load_hf(path) if path.suffix == ".json" else _load_sentencepiece(path)
     except Exception as e:
@@ -422,8 +428,12 @@ def _load_hf(path: Path) -> Tokenizer:
     )
 
 
-def token_from_config(tokenizer_file: Path, key: str, pieces: list[str]) -> int | None:
-    """The id of ``key`` (e.g. ``eos_token``, ``bos_token``) in a ``tokenizer_config.json`` beside the tokenizer file."""
+def _tokenizer_config(tokenizer_file: Path) -> dict | None:
+    """The ``tokenizer_config.json`` beside the tokenizer file, or the one rebuilt from a GGUF file's metadata."""
+    from fusion_jax.tokenizers import gguf
+
+    if gguf.is_gguf(tokenizer_file):
+        return gguf.rebuilt(tokenizer_file)[1]
     config = tokenizer_file.parent / "tokenizer_config.json"
     if not config.is_file():
         return None
@@ -432,6 +442,15 @@ def token_from_config(tokenizer_file: Path, key: str, pieces: list[str]) -> int 
     if not isinstance(data, dict):
         raise TokenizerFileError(f"{config}: a JSON {type(data).__name__}, not an object; repair or delete this "
                                  "tokenizer_config.json")
+    return data
+
+
+def token_from_config(tokenizer_file: Path, key: str, pieces: list[str]) -> int | None:
+    """The id of ``key`` (e.g. ``eos_token``, ``bos_token``) in a ``tokenizer_config.json`` beside the tokenizer file
+    (for a GGUF file: in its metadata, ``tokenizer.ggml.bos_token_id`` …, through the rebuilt config)."""
+    data = _tokenizer_config(Path(tokenizer_file))
+    if data is None:
+        return None
     value = data.get(key)
     value = value.get("content") if isinstance(value, dict) else value
     if not isinstance(value, str):

@@ -15,11 +15,16 @@ Tokens of type CONTROL or UNKNOWN become special added tokens, USER_DEFINED ones
 (matched whole in the text, as llama.cpp does). ``tokenizer_config.json`` names bos/eos/unk/pad and the
 add-BOS/EOS flags, so that :func:`fusion_jax.tokenizers.load_tokenizer` finds ``eos_id``.
 Reads the metadata with the ``gguf`` package (numpy only); builds with the ``tokenizers`` library.
+
+``load_tokenizer(x.gguf)`` (and ``token_from_config``) go through :func:`rebuilt`, which keeps the rebuilt tokenizer and
+its ``tokenizer_config.json`` per (path, size, mtime) in the process: rebuilding a 49k vocabulary takes seconds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +33,10 @@ from fusion_jax.errors import CheckpointError
 from fusion_jax.files import atomic_write_json, atomic_write_text
 from fusion_jax.tokenizers import Tokenizer, bytes_to_unicode, load_tokenizer
 
-__all__ = ["GGUFVocab", "build_tokenizer", "load_gguf_tokenizer", "read_vocab", "tokenizer_config",
-           "write_tokenizer"]
+__all__ = ["GGUFVocab", "build_tokenizer", "is_gguf", "load_gguf_tokenizer", "read_vocab", "rebuilt",
+           "tokenizer_config", "write_tokenizer"]
+
+MAGIC = b"GGUF"
 
 # gguf.TokenType values (kept here so that the builders need no gguf import).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -74,6 +81,15 @@ class GGUFVocab:
     add_eos: bool
     add_space_prefix: bool
     chat_template: str | None
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """A regular file that starts with the GGUF magic."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == MAGIC
 
 
 def _open_reader(path: Path):
@@ -241,10 +257,7 @@ def tokenizer_config(v: GGUFVocab) -> dict:
     return {k: val for k, val in cfg.items() if val is not None}
 
 
-def write_tokenizer(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Write ``tokenizer.json`` and ``tokenizer_config.json`` rebuilt from a GGUF file into ``out_dir`` (created);
-    returns the ``tokenizer.json`` path. CheckpointError for a file without a tokenizer we rebuild."""
-    v = read_vocab(gguf_path)
+def _write(v: GGUFVocab, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "tokenizer.json"
@@ -253,8 +266,28 @@ def write_tokenizer(gguf_path: str | Path, out_dir: str | Path) -> Path:
     return path
 
 
+def write_tokenizer(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` rebuilt from a GGUF file into ``out_dir`` (created);
+    returns the ``tokenizer.json`` path. CheckpointError for a file without a tokenizer we rebuild."""
+    return _write(read_vocab(gguf_path), out_dir)
+
+
+def rebuilt(gguf_path: str | Path) -> tuple[Tokenizer, dict]:
+    """(our adapter's Tokenizer named after the file, its ``tokenizer_config.json`` dict) for a GGUF file's tokenizer,
+    remembered per (path, size, mtime) in this process. CheckpointError for a file without a tokenizer we rebuild."""
+    p = Path(gguf_path).absolute()
+    st = p.stat()
+    return _rebuilt(str(p), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _rebuilt(path: str, size: int, mtime_ns: int) -> tuple[Tokenizer, dict]:
+    v = read_vocab(path)
+    with tempfile.TemporaryDirectory(prefix="gguf_tokenizer_") as tmp:
+        tok = load_tokenizer(_write(v, tmp))
+    return dataclasses.replace(tok, name=Path(path).stem), tokenizer_config(v)
+
+
 def load_gguf_tokenizer(gguf_path: str | Path) -> Tokenizer:
     """Our adapter's :class:`~fusion_jax.tokenizers.Tokenizer` for a GGUF file's tokenizer, named after the file."""
-    with tempfile.TemporaryDirectory(prefix="gguf_tokenizer_") as tmp:
-        tok = load_tokenizer(write_tokenizer(gguf_path, tmp))
-    return dataclasses.replace(tok, name=Path(gguf_path).stem)
+    return rebuilt(gguf_path)[0]
