@@ -46,11 +46,5 @@ def parse(argv: list[str] | None = None) -> ImportConfig:
     return cli.parse_config(p, ImportConfig, argv, shortcuts=SHORTCUTS)
 
 
-def run(cfg: ImportConfig) -> dict:
-    return stage.import_fusellm(cfg.dataset_dir, cfg.tokenizer, cfg.output, cfg.split, store_split=cfg.store_split,
-                                docs_per_shard=cfg.docs_per_shard, logprob_format=cfg.logprob_format,
-                                check_reencode=cfg.check_reencode, overwrite=cfg.overwrite, progress=cfg.progress)
-
-
 def main(argv: list[str] | None = None) -> None:
-    cli.run(run, lambda: parse(argv))
+    cli.run(stage.run_import, lambda: parse(argv))
