@@ -44,6 +44,20 @@ Two measurements on the same documents and the same tiny model:
     .venv/bin/python bench/capture.py --tokenizer ../shared/assets/tokenizers/llama2-tokenizer.model --docs 40
     .venv/bin/python bench/capture.py --text a.txt b.txt --hidden 256 --layers 4 --repeats 5
 
+(b') ``--model PATH``: a real model instead of the tiny random one, on both sides — a Hugging Face directory, a
+    fusion_jax directory or a GGUF file. Ours reads it directly (``fusion_jax.convert.load``; its own tokenizer, a
+    GGUF's rebuilt from the metadata); the baseline loads it with transformers (a GGUF through transformers' own GGUF
+    loader, ``from_pretrained(dir, gguf_file=name)``, with transformers' GGUF tokenizer; a fusion_jax directory is
+    exported to a temporary Hugging Face directory first). Both float32 on CPU. The --hidden/--layers/... and
+    --tokenizer/--vocab flags are ignored. Sized for 2 cores (SmolLM2-135M: ~3 minutes in all):
+
+    make real-model
+    .venv/bin/python bench/capture.py --model ~/.cache/fusion_jax/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --docs 24 --max-tokens 512 --seq-len 1024 --batch 4 --repeats 1
+
+    Printed too: the positions each side computes (ours: packed rows × seq_len, every batch full; the baseline: each
+    batch padded to its longest document), so that padding is told apart from per-position speed.
+
 The last line printed is one JSON object.
 """
 
@@ -160,14 +174,21 @@ def documents(texts: list[str], tok: Tokenizer, max_tokens: int, limit: int) -> 
 class Baseline:
     """forward_for_logits.py's per-batch work, in PyTorch fp32 on CPU (module docstring)."""
 
-    def __init__(self, hf_dir: Path, tok_path: Path, eos_id: int, k: int, batch: int, pad: str, max_len: int):
+    def __init__(self, hf_dir: Path, tok_path: Path, eos_id: int, k: int, batch: int, pad: str, max_len: int,
+                 gguf_file: str | None = None):
         import torch
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
         self.torch = torch
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **extra).eval()
         self.eos, self.k, self.batch, self.pad, self.max_len = eos_id, k, batch, pad, max_len
+        self.positions = 0  # positions computed by the last call (padding included)
+        if gguf_file:  # transformers' own tokenizer for the GGUF (a fast tokenizer built from its metadata)
+            hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir, gguf_file=gguf_file)
+            self.encode = lambda texts: hf_tok(texts, add_special_tokens=False)["input_ids"]
+            return
         if tok_path.is_dir():
             tok_path = tok_path / "tokenizer.json" if (tok_path / "tokenizer.json").is_file() else \
                 next(tok_path.glob("*.model"))
@@ -184,7 +205,7 @@ class Baseline:
 
     def __call__(self, texts: list[str]) -> tuple[int, list]:
         torch = self.torch
-        out, tokens = [], 0
+        out, tokens, self.positions = [], 0, 0
         with torch.inference_mode():
             for s in range(0, len(texts), self.batch):
                 ids = [x[: self.max_len - 1] + [self.eos] for x in self.encode(texts[s:s + self.batch])]
@@ -195,6 +216,7 @@ class Baseline:
                     input_ids[r, :len(x)] = torch.tensor(x)
                     mask[r, :len(x)] = 1
                 tokens += int(mask.sum())
+                self.positions += len(ids) * T
                 logits = self.model(input_ids=input_ids, attention_mask=mask).logits
                 ce = torch.nn.functional.cross_entropy(
                     logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none").view(len(ids), T - 1)
@@ -231,6 +253,8 @@ def main() -> None:
     p.add_argument("--baseline-pad", default="longest", choices=["longest", "max_length"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--devices", type=int, default=1, help="CPU devices for ours (set before JAX starts)")
+    p.add_argument("--model", help="a real model for both sides (HF dir, fusion_jax dir or .gguf) instead of the "
+                                   "tiny random one")
     a = p.parse_args()
     if a.seq_len < a.max_tokens + 1:
         p.error("--seq-len must be at least --max-tokens + 1")
@@ -242,24 +266,45 @@ def main() -> None:
         jax.config.update("jax_compilation_cache_dir", str(tmp / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        tok_path = Path(a.tokenizer) if a.tokenizer else train_tokenizer(texts, a.vocab, tmp / "tok")
-        tok = load_tokenizer(tok_path)
+        gguf_file = None
+        if a.model:  # a real model: read as it is by ours; transformers loads it (a fusion_jax dir: exported first)
+            model = Path(a.model).expanduser().absolute()
+            model_kind = checkpoint.kind(model)
+            tok_path = model
+            tok = load_tokenizer(tok_path)
+            cfg = checkpoint.model_config(model)
+            source = model
+            if model_kind == "gguf":
+                hf_dir, gguf_file = model.parent, model.name
+            elif model_kind == "hf":
+                hf_dir = model
+            else:
+                mcfg, mparams = checkpoint.load(model, param_dtype="float32")
+                model_type, hf_cfg = checkpoint.source_info(model)
+                hf_dir = checkpoint.save_hf(tmp / "hf", mcfg, mparams, model_type=model_type, hf_config=hf_cfg,
+                                            tokenizer_dir=model)
+                del mparams
+        else:
+            tok_path = Path(a.tokenizer) if a.tokenizer else train_tokenizer(texts, a.vocab, tmp / "tok")
+            tok = load_tokenizer(tok_path)
+            cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=a.hidden, intermediate_size=a.intermediate,
+                              num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads,
+                              compute_dtype="float32", param_dtype="float32")
+            params = decoder.init_params(cfg, jax.random.key(0), std=0.5)
+            tok_dir = tok_path if tok_path.is_dir() else None
+            hf_dir = checkpoint.save_hf(tmp / "hf", cfg, params, model_type="llama", tokenizer_dir=tok_dir)
+            source = hf_dir
         docs = documents(texts, tok, a.max_tokens, a.docs)
         write_documents(tmp / "docs", docs, [], {"bench": "capture"})
-        cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                          num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads, compute_dtype="float32",
-                          param_dtype="float32")
-        params = decoder.init_params(cfg, jax.random.key(0), std=0.5)
-        tok_dir = tok_path if tok_path.is_dir() else None
-        hf_dir = checkpoint.save_hf(tmp / "hf", cfg, params, model_type="llama", tokenizer_dir=tok_dir)
 
         def ccfg(out: Path) -> capture.CaptureConfig:
             return capture.CaptureConfig(
-                documents=str(tmp / "docs"), source=str(hf_dir), tokenizer=str(tok_path), output=str(out), k=a.k,
+                documents=str(tmp / "docs"), source=str(source), tokenizer=str(tok_path), output=str(out), k=a.k,
                 seq_len=a.seq_len, batch_size=a.batch, docs_per_shard=256, logits_chunk=a.logits_chunk,
                 logprob_format=a.logprob_format, param_dtype="float32", compute_dtype="float32", mesh=MeshConfig())
 
-        baseline = Baseline(hf_dir, tok_path, tok.eos_id, a.k, a.batch, a.baseline_pad, a.official_max_length)
+        baseline = Baseline(hf_dir, tok_path, tok.eos_id, a.k, a.batch, a.baseline_pad, a.official_max_length,
+                            gguf_file)
         doc_texts = [d.text for d in docs]
         t0 = time.perf_counter()
         warm = capture.main(ccfg(tmp / "warm"))  # compiles (and fills the persistent compilation cache)
@@ -285,9 +330,15 @@ def main() -> None:
         step3b_base = sum(official_step3b_base_bytes(int(n), a.k) for n in lengths)
         step3b_aligned = sum(official_step3b_aligned_bytes(int(n), a.k) for n in lengths)
         ours_bpt, ours_rec_bpt = m["bytes"] / tokens, m["record_bytes"] / tokens
+        # positions each side computes: ours packs the documents (in order) into seq_len rows, batches of full rows
+        rows, used = 0, a.seq_len
+        for n in lengths:
+            rows, used = (rows + 1, int(n)) if used + int(n) > a.seq_len else (rows, used + int(n))
+        ours_positions = -(-rows // a.batch) * a.batch * a.seq_len
+        base_positions = baseline.positions
 
         # parity: our cache vs the baseline's top-k on the first document (same weights, same tokens)
-        values, indices = base_out[0][0][0], base_out[0][1][0]
+        indices = base_out[0][1][0]
         ids0 = base_out[0][4][0]
         rec = cache[0]
         np.testing.assert_array_equal(rec.ids, ids0)
@@ -302,15 +353,16 @@ def main() -> None:
         top1_lp_diff = float(np.max(np.abs(rec.topk_logprobs[:, 0] - ref_top1)))
 
     ours_tps, base_tps = tokens / statistics.median(ours_s), base_tokens / statistics.median(base_s)
-    config = dict(documents=len(docs), tokens=tokens, mean_doc_tokens=round(tokens / len(docs), 1),
-                  tokenizer=tok.name, vocab=tok.vocab_size, hidden=a.hidden, layers=a.layers, heads=a.heads,
-                  kv_heads=a.kv_heads, intermediate=a.intermediate, k=a.k, seq_len=a.seq_len, batch=a.batch,
+    config = dict(model=str(a.model) if a.model else "tiny random llama", documents=len(docs), tokens=tokens,
+                  mean_doc_tokens=round(tokens / len(docs), 1), tokenizer=tok.name, vocab=tok.vocab_size,
+                  hidden=cfg.hidden_size, layers=cfg.num_layers, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
+                  intermediate=cfg.intermediate_size, k=a.k, seq_len=a.seq_len, batch=a.batch,
                   logprob_format=a.logprob_format, official_max_length=L, baseline_pad=a.baseline_pad,
                   devices=jax.device_count(), torch_threads=torch.get_num_threads(), repeats=a.repeats)
     full_doc = official_step2_bytes(L, a.k, L) / L
     print(f"config: {config}")
     print(f"parity on document 0 ({n0} tokens): top-1 agreement {top1_agree:.3f}, max |top-1 log-prob ours - torch| "
-          f"{top1_lp_diff:.2e}; our first run (compile) {warm_s:.1f}s")
+          f"{top1_lp_diff:.2e}; our first run (load + compile) {warm_s:.1f}s")
     print(f"(a) bytes/token over {len(docs)} documents ({tokens:,} tokens, EOS included)")
     print(f"  {'ours: cache files (ArrayRecord)':48}{ours_bpt:10.1f}")
     print(f"  {'ours: records':48}{ours_rec_bpt:10.1f}")
@@ -325,6 +377,10 @@ def main() -> None:
     print(f"  {'baseline (forward_for_logits recipe, torch fp32)':48}{base_tps:10.0f}   "
           f"({statistics.median(base_s):.2f}s)")
     print(f"  {'ratio ours/baseline':48}{ours_tps / base_tps:10.2f}")
+    print(f"  positions computed (padding included): ours {ours_positions:,} ({rows} rows of {a.seq_len}, batches "
+          f"of {a.batch}; {tokens / ours_positions:.0%} real), baseline {base_positions:,} "
+          f"({tokens / base_positions:.0%} real); per computed position ours/baseline "
+          f"{(ours_positions / statistics.median(ours_s)) / (base_positions / statistics.median(base_s)):.2f}")
     if top1_agree < 0.98:
         raise SystemExit(f"FAIL: our top-1 agrees with transformers on only {top1_agree:.1%} of positions")
     result = {
@@ -339,7 +395,9 @@ def main() -> None:
         "ratio_step3b_aligned": round(step3b_aligned / m["bytes"], 2),
         "capture_tokens_per_s_ours": round(ours_tps, 1), "capture_tokens_per_s_baseline": round(base_tps, 1),
         "capture_tokens_per_s_ratio": round(ours_tps / base_tps, 3),
-        "parity_top1_agreement": round(top1_agree, 4), "config": config,
+        "capture_positions_ours": ours_positions, "capture_positions_baseline": base_positions,
+        "ours_first_run_s": round(warm_s, 1), "parity_top1_agreement": round(top1_agree, 4),
+        "parity_top1_logprob_max_abs_diff": top1_lp_diff, "config": config,
     }
     print(json.dumps(result))
 
