@@ -14,7 +14,7 @@ from fusion_jax.config import loader as config_loader
 from fusion_jax.config.schema import CaptureConfig, LoaderConfig, PrepareConfig, TeacherConfig, TrainConfig
 from fusion_jax.convert import checkpoint
 from fusion_jax.data import capture, prepare
-from fusion_jax.data.documents import read_meta
+from fusion_jax.data.documents import SPLITS, read_meta
 from fusion_jax.data.loader import FusionLoader
 from fusion_jax.errors import RunDirError
 from fusion_jax.fusion.online import OnlineTeacher, load_frozen
@@ -22,7 +22,6 @@ from fusion_jax.pipeline.identity import differing_keys
 from fusion_jax.tokenizers import check_vocab_size, load_tokenizer
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "validation")
 
 
 def teacher_list(cfg: TrainConfig) -> list[TeacherConfig]:
