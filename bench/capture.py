@@ -28,7 +28,7 @@ Two measurements on the same documents and the same tiny model:
 
 (b) capture tokens/s on a tiny model (``--hidden``, ``--layers``, ...; weights initialised here, exported with
     ``fusion_jax.convert.checkpoint.save_hf``, and that Hugging Face directory is the source for both):
-      ours: ``fusion_jax.data.capture.main`` over a document store (tokenization, packing into ``--seq-len`` rows, jitted
+      ours: ``fusion_jax.data.capture.main`` over a document store (tokenization, packing into rows of at most ``--seq-len`` tokens sized to the documents, jitted
       forward + log_softmax + top-k + per-token CE, writing the cache shards) on ``--devices`` CPU devices (default
       1: ``XLA_FLAGS`` is set here before JAX starts). The persistent compilation cache is on and a first run warms
       it; the repeats are fresh output directories, timed by the capture loop's own clock (what ``main`` reports as
@@ -55,7 +55,7 @@ Two measurements on the same documents and the same tiny model:
     .venv/bin/python bench/capture.py --model ~/.cache/fusion_jax/models/SmolLM2-135M-Instruct.Q4_1.gguf \
         --docs 24 --max-tokens 512 --seq-len 1024 --batch 4 --repeats 1
 
-    Printed too: the positions each side computes (ours: packed rows × seq_len, every batch full; the baseline: each
+    Printed too: the positions each side computes (ours: every batch's rows × their length; the baseline: each
     batch padded to its longest document), so that padding is told apart from per-position speed.
 
 The last line printed is one JSON object.
@@ -96,7 +96,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fusion_jax.data import capture  # noqa: E402
+from fusion_jax.data import capture, scoring  # noqa: E402
 from fusion_jax.convert import checkpoint  # noqa: E402
 from fusion_jax.data import teacher_cache as tc  # noqa: E402
 from fusion_jax.data.corpus import Document  # noqa: E402
@@ -245,7 +245,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=256)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--seq-len", type=int, default=1024, help="our packed row length (≥ max-tokens + 1)")
+    p.add_argument("--seq-len", type=int, default=1024, help="our longest row (≥ max-tokens + 1)")
     p.add_argument("--batch", type=int, default=8, help="rows per forward (ours: packed rows; baseline: documents)")
     p.add_argument("--logits-chunk", type=int, default=256)
     p.add_argument("--logprob-format", default="quantized", choices=list(tc.LOGPROB_FORMATS))
@@ -330,11 +330,10 @@ def main() -> None:
         step3b_base = sum(official_step3b_base_bytes(int(n), a.k) for n in lengths)
         step3b_aligned = sum(official_step3b_aligned_bytes(int(n), a.k) for n in lengths)
         ours_bpt, ours_rec_bpt = m["bytes"] / tokens, m["record_bytes"] / tokens
-        # positions each side computes: ours packs the documents (in order) into seq_len rows, batches of full rows
-        rows, used = 0, a.seq_len
-        for n in lengths:
-            rows, used = (rows + 1, int(n)) if used + int(n) > a.seq_len else (rows, used + int(n))
-        ours_positions = -(-rows // a.batch) * a.batch * a.seq_len
+        # positions each side computes: ours packs the documents into batches of rows sized to them (one shard here)
+        batches = scoring.pack_batches([int(n) for n in lengths], a.batch, scoring.row_lengths(a.seq_len))
+        ours_positions = sum(a.batch * b.length for b in batches)
+        row_shapes = sorted({b.length for b in batches})
         base_positions = baseline.positions
 
         # parity: our cache vs the baseline's top-k on the first document (same weights, same tokens)
@@ -377,8 +376,8 @@ def main() -> None:
     print(f"  {'baseline (forward_for_logits recipe, torch fp32)':48}{base_tps:10.0f}   "
           f"({statistics.median(base_s):.2f}s)")
     print(f"  {'ratio ours/baseline':48}{ours_tps / base_tps:10.2f}")
-    print(f"  positions computed (padding included): ours {ours_positions:,} ({rows} rows of {a.seq_len}, batches "
-          f"of {a.batch}; {tokens / ours_positions:.0%} real), baseline {base_positions:,} "
+    print(f"  positions computed (padding included): ours {ours_positions:,} ({len(batches)} batches of {a.batch} rows "
+          f"of {row_shapes} tokens; {tokens / ours_positions:.0%} real), baseline {base_positions:,} "
           f"({tokens / base_positions:.0%} real); per computed position ours/baseline "
           f"{(ours_positions / statistics.median(ours_s)) / (base_positions / statistics.median(base_s)):.2f}")
     if top1_agree < 0.98:

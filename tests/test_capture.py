@@ -128,6 +128,18 @@ def _assert_same_cache(a: Path, b: Path):
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def test_rows_fitted_to_documents_hold_the_same_records_as_seq_len_rows(setup, tmp_path):
+    capture.main(config(setup, tmp_path / "fit", seq_len=128))
+    capture.main(config(setup, tmp_path / "fixed", seq_len=128, fit_rows=False))
+    fit, fixed = tc.TeacherCache(tmp_path / "fit"), tc.TeacherCache(tmp_path / "fixed")
+    for i in range(len(fixed)):
+        a, b = fit[i], fixed[i]
+        assert a.doc_id == b.doc_id and np.array_equal(a.ids, b.ids)  # the shard's document order is kept
+        np.testing.assert_array_equal(a.topk_ids[:, 0], b.topk_ids[:, 0])
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1 / 32 + 2e-3)  # a gap step + float16 top-1
+        np.testing.assert_allclose(a.token_ce, b.token_ce, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
 def test_refuses_a_different_capture_in_the_same_output(setup, tmp_path):
     out = tmp_path / "cache"
     capture.main(config(setup, out, max_documents=4))
@@ -188,8 +200,8 @@ def test_kill_9_then_rerun_gives_identical_bytes(setup, tmp_path):
 
 
 def test_two_processes_write_disjoint_shards_equal_to_one_process(setup, tmp_path):
-    one = tmp_path / "one"
-    capture.main(config(setup, one, mesh=MeshConfig(data=2, fsdp=-1)))
+    one = tmp_path / "one"  # seq_len rows, as every multi-process capture uses: the same bytes whatever ran beside
+    capture.main(config(setup, one, mesh=MeshConfig(data=2, fsdp=-1), fit_rows=False))
     two = tmp_path / "two"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

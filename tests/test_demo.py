@@ -120,3 +120,42 @@ def test_relative_run_dir_and_another_mesh_are_the_same_run(demo_run, monkeypatc
     again = experiment.main(demo_config(Path(run.name), "mesh.data=2", "mesh.fsdp=4"))
     assert "pretraining" not in caplog.text and again["bpb"]["fused"] == pytest.approx(first["bpb"]["fused"], rel=1e-5)
     assert json.loads((run / pipeline.RUN_CONFIG).read_text())["steps"] == [4]
+
+
+def test_demo_takes_extra_sources_after_its_own(monkeypatch, tmp_path):
+    """configs/real_teacher.yaml's shape: the demo plus a source of the user's, fused after the demo's two; its
+    sources are part of the run's identity (an empty list is left out, as before users could add one)."""
+    from fusion_jax.experiments.demo import build
+
+    gguf = tmp_path / "teacher.gguf"
+    cfg = demo_config(tmp_path / "run", f"sources=[{{name: smol, checkpoint: {gguf}}}]")
+    assets = build.Assets(code="c.jsonl", prose="p.jsonl", mix="m.jsonl", target="hf/target",
+                          sources={"mpt_code": "hf/mpt_code", "neox_prose": "hf/neox_prose"})
+    monkeypatch.setattr(build, "build", lambda _: assets)
+    applied = build.apply(cfg)
+    assert [(s.name, s.checkpoint) for s in applied.sources] == [
+        ("mpt_code", "hf/mpt_code"), ("neox_prose", "hf/neox_prose"), ("smol", str(gguf))]
+    assert applied.target == "hf/target" and applied.data.corpus.paths == ("m.jsonl",)
+    identity = pipeline.run_identity(config_loader.to_dict(cfg))
+    assert [s["checkpoint"] for s in identity["sources"]] == [str(gguf)]
+    assert "sources" not in pipeline.run_identity(config_loader.to_dict(demo_config(tmp_path / "run")))
+    with pytest.raises(schema.ConfigError, match=r"\['mpt_code'\] have the names of the demo's own sources"):
+        demo_config(tmp_path / "run", f"sources=[{{name: mpt_code, checkpoint: {gguf}}}]")
+    with pytest.raises(schema.ConfigError, match=r"sources\[0\].*smol.*checkpoint"):
+        demo_config(tmp_path / "run", "sources=[{name: smol}]")
+
+
+def test_a_missing_source_is_named_before_the_demo_builds_anything(tmp_path):
+    from fusion_jax.errors import InputError
+
+    cfg = demo_config(tmp_path / "run", f"sources=[{{name: smol, checkpoint: {tmp_path / 'none.gguf'}}}]")
+    with pytest.raises(InputError, match=r"not found: sources\[0\]\.checkpoint = .*none\.gguf: fix the path .*make "
+                                         r"real-model"):
+        experiment.main(cfg)
+    assert not (tmp_path / "run" / "assets").exists()
+
+
+def test_real_teacher_config_is_the_demo_plus_smollm2():
+    cfg = config_loader.load(schema.TrainConfig, str(ROOT / "configs" / "real_teacher.yaml"))
+    assert cfg.demo.enabled and cfg.baseline and [s.name for s in cfg.sources] == ["smollm2"]
+    assert cfg.sources[0].checkpoint == str(Path.home() / ".cache/fusion_jax/models/SmolLM2-135M-Instruct.Q4_1.gguf")

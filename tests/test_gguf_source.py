@@ -110,3 +110,16 @@ def test_a_run_with_a_gguf_source_runs_to_the_end(assets, models, tmp_path):  # 
     report = experiment.main(cfg)
     assert report["steps"] == 2 and set(report["train"]["win_rate"]) == {"target", "gguf"}
     assert (tmp_path / "run" / "cache" / "gguf" / "train" / "manifest.json").is_file()
+
+
+def test_a_run_with_a_gguf_target_trains_and_exports(assets, models, tmp_path):  # noqa: F811
+    """The GGUF as the target (and teacher 0): trained from its dequantized weights, exported as a Hugging Face
+    checkpoint with the tokenizer rebuilt from the metadata, which transformers loads."""
+    cfg = config(assets, tmp_path / "run", target=str(models["gguf"]))
+    report = experiment.main(cfg)
+    assert report["steps"] == 2 and set(report["train"]["win_rate"]) == {"target", "src"}
+    export = tmp_path / "run" / "export"
+    tok = load_tokenizer(export)
+    assert tok.fingerprint == load_tokenizer(models["gguf"]).fingerprint
+    model = transformers.AutoModelForCausalLM.from_pretrained(export)
+    assert model.config.vocab_size == tok.vocab_size

@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny_tokenizers, also when run as a script
 
-from fusion_jax.experiments.report import PLOTS, margin, read_metrics, write_report  # noqa: E402
+from fusion_jax.experiments.report import PLOTS, gap_closed, margin, read_metrics, write_report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TEACHERS = ("llama_2_7b", "mpt_7b", "openllama_7b")
@@ -237,6 +237,31 @@ def test_headline_numbers(full):
     assert "λ = 0.9" in headline
 
 
+def test_gap_closed_in_headline_and_json(full):
+    _, results, out, md = full
+    bpb = results["bpb"]
+    headline = md.split("## Bits per byte")[0]
+    sources = [m for m in bpb if m.startswith("source:")]
+    for d in ("all", *DOMAINS):
+        best = min(bpb[m][d] for m in sources)
+        clm, fused = bpb["clm"][d], bpb["fused"][d]
+        want = (clm - fused) / (clm - best) if clm > best else None
+        assert out["gap_closed"][d] == pytest.approx(want) if want is not None else out["gap_closed"][d] is None
+        row = next(line for line in headline.splitlines() if line.startswith(f"| {d} |"))
+        assert (f"{100 * want:+.1f} %" if want is not None else "n/a") in row
+    # code: the best source is mpt_7b (0.7400), CLM 0.7800, fused 0.7650 → 37.5 % of the gap
+    assert out["gap_closed"]["code"] == pytest.approx(0.375)
+    assert "0.7400 (`mpt_7b`)" in headline and "code +37.5 %" in headline
+
+
+def test_gap_closed_edge_cases():
+    # no source beats CLM in prose; a NaN fused; a source without the domain; fused worse than CLM (< 0)
+    bpb = {"fused": {"code": 1.1, "prose": 1.0, "math": math.nan}, "clm": {"code": 1.0, "prose": 1.0, "math": 2.0},
+           "target_init": {"code": 0.1}, "source:a": {"code": 0.8, "prose": 1.2, "math": 1.0}, "source:b": {"code": 0.9}}
+    assert gap_closed(bpb) == {"code": pytest.approx(-0.5), "math": None, "prose": None}
+    assert gap_closed({"fused": {"all": 1.0}, "clm": {"all": 1.2}}) == {"all": None}  # no sources
+
+
 def test_table_lists_every_model_with_best_in_bold(full):
     _, results, _, md = full
     table = md.split("## Bits per byte")[1].split("##")[0]
@@ -281,7 +306,8 @@ def test_nan_missing_domains_and_only_all(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "-0.2500 bpb (-20.00 %)" in md
     code_row = next(line for line in md.splitlines() if line.startswith("| code |"))
-    assert code_row.count("n/a") == 4                           # fused value, Δ, Δ %, verdict
+    assert code_row.count("n/a") == 6                  # fused value, Δ, Δ %, verdict, best source, gap closed
+    assert out["gap_closed"] == {"all": None, "code": None, "prose": None}  # inf is no number: no source
     prose_row = next(line for line in md.splitlines() if line.startswith("| prose |"))
     assert "0.9000" in prose_row and "n/a" in prose_row
     assert "on 1 of 1 domain**" in md and "(2 more without a number for both.)" in md

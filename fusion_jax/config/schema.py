@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Literal
 
 import numpy as np
@@ -217,7 +218,8 @@ class TeacherConfig:
     alignment tables (align=bytes only)."""
 
     name: str = _help("name in metrics and cache paths")
-    checkpoint: str = _help("fusion_jax or Hugging Face model directory (a source needs one)", "")
+    checkpoint: str = _help("fusion_jax or Hugging Face model directory, or a .gguf file (a source needs one; a "
+                            "leading ~ is the home directory)", "")
     tokenizer: str = _help("its tokenizer (default: the checkpoint directory)", "")
     cache: str = _help("teacher cache directory (default: <cache_dir>/<name>)", "")
     align: Literal["bytes", "fusellm"] = _help("bytes (exact byte alignment) | fusellm (official DTW)", "bytes")
@@ -233,6 +235,10 @@ class TeacherConfig:
         "cached")
     seq_len: int = _help("online: source tokens per block (0: 2 × loader.seq_len); overflow falls back and is counted "
                          "in the metrics' src_overflow", 0, minimum=0)
+
+    def __post_init__(self) -> None:
+        for key in ("checkpoint", "tokenizer", "cache"):  # models often live under the home directory
+            object.__setattr__(self, key, os.path.expanduser(getattr(self, key)))
 
     @property
     def label(self) -> str:
@@ -333,9 +339,14 @@ class CaptureSettings:
     """How teachers are captured: the run's ``capture`` section, and the base of :class:`CaptureConfig`."""
 
     k: int = _help("candidates stored per position", 10, minimum=1, maximum=255)
-    seq_len: int = _help("tokens per packed row; every document (+EOS) must fit (≥ max_tokens + 1)", 2048, minimum=2)
+    seq_len: int = _help("tokens of the longest row; every document (+EOS) must fit (≥ max_tokens + 1)", 2048,
+                         minimum=2)
     batch_size: int = _help("global rows per forward (a multiple of the process count and the batch mesh axes)", 8,
                             minimum=1)
+    fit_rows: bool = _help("rows sized to their documents (seq_len·j/8 tokens: one compile per length, far less "
+                           "padding and attention on short documents); false: every row seq_len tokens. A "
+                           "multi-process capture always uses seq_len rows, so that a shard's bytes never depend on "
+                           "the shards the other processes capture beside it", True)
     docs_per_shard: int = _help("documents per cache shard (the unit of resumption and of multi-host work)", 256,
                                 minimum=1)
     param_dtype: DType = _help("dtype the source's params are loaded in", "bfloat16")
@@ -609,31 +620,41 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.demo.enabled:
-            if self.target or self.sources or self.data.documents or self.data.corpus.paths:
-                raise ConfigError("demo.enabled builds the target, sources and corpus itself: leave target, sources, "
-                                 "data.documents and data.corpus.paths unset (or set demo.enabled=false)")
+            if self.target or self.target_tokenizer or self.data.documents or self.data.corpus.paths:
+                raise ConfigError("demo.enabled builds the target and corpus itself: leave target, target_tokenizer, "
+                                 "data.documents and data.corpus.paths unset (or set demo.enabled=false); sources "
+                                 "you give are fused alongside the demo's own")
+            demo_names = [m.name for m in self.demo.sources]
+            clash = [s.name for s in self.sources if s.name in demo_names]
+            if clash:
+                raise ConfigError(f"sources {clash} have the names of the demo's own sources {demo_names}: rename them")
+            self._validate_sources()
             return
         if not self.target:
             raise ConfigError("target is required: a fusion_jax or Hugging Face model directory (--set target=DIR)")
         if not self.data.documents and not self.data.corpus.paths:
             raise ConfigError("no data: set data.documents (a prepared store) or data.corpus.paths (a corpus to prepare)")
         names = [s.name for s in self.sources] + (["target"] if self.target_as_teacher else [])
-        if len(set(names)) != len(names):
-            raise ConfigError(f"source names must be unique (and not 'target'), got {names}")
         if not names and (self.loss.lm_weight != 1.0 or self.loss.lm_weight_schedule != "constant"):
             raise ConfigError("no teachers, so the fusion term is empty: add sources, set target_as_teacher=true, or "
                              "train CLM only with loss.lm_weight=1.0")
-        check_choices(self)
-        for i, s in enumerate(self.sources):
-            if not s.checkpoint:
-                raise ConfigError(f"sources[{i}] ({s.name}) needs a checkpoint: sources[{i}].checkpoint")
-            s.validate()
+        self._validate_sources()
         if self.loader.global_batch_size % self.optimizer.accumulation:
             raise ConfigError(f"loader.global_batch_size ({self.loader.global_batch_size}) must be a multiple of "
                              f"optimizer.accumulation ({self.optimizer.accumulation})")
         if self.capture.seq_len <= self.data.max_tokens and not self.data.documents:
             raise ConfigError(f"capture.seq_len ({self.capture.seq_len}) must exceed data.max_tokens "
                              f"({self.data.max_tokens}) so that every document plus EOS fits one row")
+
+    def _validate_sources(self) -> None:
+        names = [s.name for s in self.sources] + (["target"] if self.target_as_teacher else [])
+        if len(set(names)) != len(names):
+            raise ConfigError(f"source names must be unique (and not 'target'), got {names}")
+        check_choices(self)
+        for i, s in enumerate(self.sources):
+            if not s.checkpoint:
+                raise ConfigError(f"sources[{i}] ({s.name}) needs a checkpoint: sources[{i}].checkpoint")
+            s.validate()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Each process of a (multi-host) run handles the shards ``s ≡ process_index (mod process_count)`` of the cache
 (``data/teacher_cache.py``): it tokenizes their documents with the source's tokenizer (EOS appended), packs them into
-rows of ``seq_len`` tokens (one segment per document: nothing attends across documents), and feeds its rows as its
-share of each global batch to one jitted, sharded forward that returns, per position, the top-k log-probabilities
+rows of at most ``seq_len`` tokens sized to them (one segment per document: nothing attends across documents;
+``data/scoring.py``), and feeds its rows as its share of each global batch to one jitted, sharded forward that returns, per position, the top-k log-probabilities
 (log_softmax over the full vocabulary, in chunks of ``logits_chunk`` positions so no [B, T, V] float32 buffer
 exists) and the CE of the actual next token. A batch never mixes shards, so a shard's bytes do not depend on what
 else ran — a re-run after ``kill -9`` skips finished shards and redoes the unfinished one with identical bytes.
@@ -15,7 +15,6 @@ Process 0 writes ``manifest.json`` when every shard is done (the output director
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -33,7 +32,8 @@ from fusion_jax.config.schema import CaptureConfig
 from fusion_jax.convert import checkpoint
 from fusion_jax.data import teacher_cache as tc
 from fusion_jax.data.documents import DocumentStore
-from fusion_jax.data.scoring import RowStep, score_rows
+from fusion_jax.data import scoring
+from fusion_jax.data.scoring import Batch, RowStep, score_rows
 from fusion_jax.errors import ConfigError, InputError
 from fusion_jax.files import DirectoryLock, read_json
 from fusion_jax.models.head import topk_step
@@ -52,12 +52,6 @@ class _Doc:
     num_bytes: int
 
 
-@dataclasses.dataclass
-class _Row:
-    shard: int
-    docs: list[_Doc]  # packed in order from offset 0
-
-
 def _encode(tok: Tokenizer, store: DocumentStore, index: int, append_eos: bool) -> _Doc:
     doc = store[index]
     enc = tok.encode(doc.text, eos=append_eos)
@@ -65,8 +59,7 @@ def _encode(tok: Tokenizer, store: DocumentStore, index: int, append_eos: bool) 
     return _Doc(index, doc.id, enc.ids.astype(np.int32), enc.byte_end.astype(np.int32), n_bytes)
 
 
-def _pack(docs: list[_Doc], shard: int, seq_len: int) -> list[_Row]:
-    rows, cur, used = [], [], 0
+def _check_fits(docs: list[_Doc], seq_len: int) -> None:
     for d in docs:
         n = len(d.ids)
         if n > seq_len:
@@ -77,25 +70,27 @@ def _pack(docs: list[_Doc], shard: int, seq_len: int) -> list[_Row]:
             )
         if n == 0:
             raise InputError(f"document {d.doc_id!r} is empty: nothing to capture (prepare drops empty documents)")
-        if used + n > seq_len:
-            rows.append(_Row(shard, cur))
-            cur, used = [], 0
-        cur.append(d)
-        used += n
-    if cur:
-        rows.append(_Row(shard, cur))
-    return rows
 
 
-def _row_arrays(row: _Row | None, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.zeros(seq_len, np.int32)
-    segs = np.zeros(seq_len, np.int32)
-    if row is not None:
-        off = 0
-        for s, d in enumerate(row.docs, start=1):
-            tokens[off:off + len(d.ids)] = d.ids
-            segs[off:off + len(d.ids)] = s
-            off += len(d.ids)
+def _batches(docs: list[_Doc], cfg: CaptureConfig, rows_per_batch: int) -> list[Batch]:
+    """One shard's documents → batches of rows (``scoring.pack_batches``), each row a list of _Doc: sized to the
+    documents with ``fit_rows`` in a one-process capture; else all ``seq_len`` long, so that the shard's bytes do not
+    depend on the other processes' shards in the same global batches (the row length changes the float rounding)."""
+    _check_fits(docs, cfg.seq_len)
+    fit = cfg.fit_rows and jax.process_count() == 1
+    lengths = scoring.row_lengths(cfg.seq_len) if fit else (cfg.seq_len,)
+    return [Batch(b.length, [[docs[i] for i in row] for row in b.rows])
+            for b in scoring.pack_batches([len(d.ids) for d in docs], rows_per_batch, lengths)]
+
+
+def _row_arrays(row: list[_Doc] | None, length: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.zeros(length, np.int32)
+    segs = np.zeros(length, np.int32)
+    off = 0
+    for s, d in enumerate(row or (), start=1):
+        tokens[off:off + len(d.ids)] = d.ids
+        segs[off:off + len(d.ids)] = s
+        off += len(d.ids)
     return tokens, segs
 
 
@@ -175,9 +170,10 @@ def _check_resume(out: Path, spec: dict, source: str) -> None:
         )
 
 
-def _shard_rows(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, n_docs: int, shard: int) -> list[_Row]:
+def _shard_batches(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, n_docs: int, shard: int,
+                   rows_per_batch: int) -> list[Batch]:
     docs = [_encode(tok, store, i, cfg.append_eos) for i in tc.shard_docs(shard, n_docs, cfg.docs_per_shard)]
-    return _pack(docs, shard, cfg.seq_len)
+    return _batches(docs, cfg, rows_per_batch)
 
 
 def main(cfg: CaptureConfig) -> dict:
@@ -220,10 +216,11 @@ def _capture(cfg: CaptureConfig) -> dict:
     written = 0
     for r in range(rounds):
         shard = pending[r] if r < len(pending) else None
-        rows = _shard_rows(cfg, store, tok, n_docs, shard) if shard is not None else []
+        batches = _shard_batches(cfg, store, tok, n_docs, shard, run.local) if shard is not None else []
         records: list[tc.TeacherRecord] = []
-        score_rows(run, rows, lambda batch, outputs: records.extend(progress.records(batch, outputs)))
+        score_rows(run, batches, lambda rows, outputs: records.extend(progress.records(rows, outputs)))
         if shard is not None:
+            records.sort(key=lambda x: x.doc_index)  # the shard's document order (the batches ran longest first)
             tc.write_shard(out, shard, (tc.encode_record(x, model_cfg.vocab_size, cfg.logprob_format)
                                         for x in records), [len(x.ids) for x in records])
             written += 1
@@ -252,7 +249,7 @@ def _row_step(cfg: CaptureConfig, mesh, model_cfg: ModelConfig, params) -> RowSt
             out_shardings=(out_sharding, out_sharding, ce_sharding),
         )
     return RowStep(step, params, mesh, batch_sharding, (out_sharding.spec, out_sharding.spec, ce_sharding.spec),
-                   cfg.batch_size // jax.process_count(), functools.partial(_row_arrays, seq_len=cfg.seq_len))
+                   cfg.batch_size // jax.process_count(), _row_arrays)
 
 
 def _already_complete(out: Path, spec: dict, source: str, n_docs: int) -> dict:
@@ -296,16 +293,16 @@ class _Progress:
         self.t0 = time.perf_counter()
         self.tokens, self.compile_s, self.first_tokens = 0, math.nan, 0
 
-    def records(self, batch: list[_Row], outputs) -> list[tc.TeacherRecord]:
+    def records(self, rows: list[list[_Doc]], outputs) -> list[tc.TeacherRecord]:
         """One fetched batch's documents as records (top-k log-probs, ids and token CE per row)."""
         lp, ids, ce = outputs
         if math.isnan(self.compile_s):  # the first call compiles: keep it out of the throughput
             self.compile_s = time.perf_counter() - self.t0
-            self.first_tokens = sum(len(d.ids) for row in batch for d in row.docs)
+            self.first_tokens = sum(len(d.ids) for row in rows for d in row)
         records = []
-        for j, row in enumerate(batch):
+        for j, row in enumerate(rows):
             off = 0
-            for d in row.docs:
+            for d in row:
                 n = len(d.ids)
                 records.append(_record(d, lp[j, off:off + n], ids[j, off:off + n], ce[j, off:off + n]))
                 off += n
@@ -350,13 +347,13 @@ def _estimate(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, model_cf
     sample = np.unique(np.linspace(0, n_docs - 1, min(cfg.estimate_sample, n_docs)).astype(int)) if n_docs else []
     docs = [_encode(tok, store, int(i), cfg.append_eos) for i in sample]
     tokens = sum(len(d.ids) for d in docs) / max(len(docs), 1) * n_docs
-    rows = _pack(docs, 0, cfg.seq_len)[:run.local]
-    run(rows)  # compile
+    batch = _batches(docs, cfg, run.local)[0]  # the longest rows: the estimate errs on the slow side
+    run(batch.rows, batch.length)  # compile
     t0 = time.perf_counter()
-    run(rows)
+    run(batch.rows, batch.length)
     step_s = time.perf_counter() - t0
-    fill = sum(len(d.ids) for r in rows for d in r.docs) / (run.local * cfg.seq_len)
-    tok_s = cfg.batch_size * cfg.seq_len * max(fill, 1e-9) / step_s
+    fill = sum(len(d.ids) for r in batch.rows for d in r) / (run.local * batch.length)
+    tok_s = cfg.batch_size * batch.length * max(fill, 1e-9) / step_s
     per_token = tc.bytes_per_token(cfg.k, model_cfg.vocab_size, cfg.logprob_format)
     disk = tokens * per_token + sum(tc.record_overhead(d.doc_id) for d in docs) / max(len(docs), 1) * n_docs
     report = {"documents": n_docs, "tokens": tokens, "bytes_per_token": per_token, "disk_bytes": disk,

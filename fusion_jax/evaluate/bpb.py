@@ -52,7 +52,7 @@ from fusion_jax.config.schema import EvaluateConfig
 from fusion_jax.convert import checkpoint
 from fusion_jax.data.corpus import Document, read_documents
 from fusion_jax.data.documents import DocumentStore
-from fusion_jax.data.scoring import RowStep, score_rows
+from fusion_jax.data.scoring import Batch, RowStep, pack_batches, row_lengths, score_rows
 from fusion_jax.errors import CheckpointError, ConfigError, InputError
 from fusion_jax.files import atomic_write_text
 from fusion_jax.models.head import ce_step
@@ -108,24 +108,17 @@ class _Piece:
     domain: str
 
 
-def _pack(pieces: list[_Piece], seq_len: int) -> list[list[_Piece]]:
-    rows, cur, used = [], [], 0
-    for p in pieces:
-        if used + len(p.tokens) > seq_len:
-            rows.append(cur)
-            cur, used = [], 0
-        cur.append(p)
-        used += len(p.tokens)
-    if cur:
-        rows.append(cur)
-    return rows
+def _batches(pieces: list[_Piece], seq_len: int, rows_per_batch: int) -> list[Batch]:
+    """Pieces → batches of rows sized to them (``scoring.pack_batches``), each row a list of _Piece."""
+    packed = pack_batches([len(p.tokens) for p in pieces], rows_per_batch, row_lengths(seq_len))
+    return [Batch(b.length, [[pieces[i] for i in row] for row in b.rows]) for b in packed]
 
 
-def _row_arrays(row: list[_Piece] | None, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A row of pieces (None: padding) → (tokens, segment ids, score) [seq_len]."""
-    tokens = np.zeros(seq_len, np.int32)
-    segs = np.zeros(seq_len, np.int32)
-    score = np.zeros(seq_len, bool)
+def _row_arrays(row: list[_Piece] | None, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A row of pieces (None: padding) → (tokens, segment ids, score) [length]."""
+    tokens = np.zeros(length, np.int32)
+    segs = np.zeros(length, np.int32)
+    score = np.zeros(length, bool)
     off = 0
     for s, p in enumerate(row or (), start=1):
         m = len(p.tokens)
@@ -273,7 +266,7 @@ def evaluate_bpb(
     local = batch_size // nproc
     rules_key = tuple(sorted((k, tuple(v)) for k, v in rules.items()))
     step, sharding = _compiled_step(model_cfg, chunk, rules_key, mesh, batch_size, seq_len)
-    run = RowStep(step, params, mesh, sharding, sharding.spec, local, functools.partial(_row_arrays, seq_len=seq_len))
+    run = RowStep(step, params, mesh, sharding, sharding.spec, local, _row_arrays)
     windowing = _Windowing(tokenizer, append_eos, bos_id, seq_len, context)
     stats: dict[str, dict[str, float]] = {}
     mine = list(range(pid, n_docs, nproc))
@@ -283,7 +276,7 @@ def evaluate_bpb(
         bar = tqdm(total=n_docs, unit="doc", dynamic_ncols=True, desc=f"evaluate {tokenizer.name}")
     for r in range(mesh_lib.max_over_processes(-(-len(mine) // group))):
         pieces = [p for doc in _read(documents, mine[r * group:(r + 1) * group]) for p in windowing.pieces(doc, stats)]
-        score_rows(run, _pack(pieces, seq_len), functools.partial(_add_ce, stats))
+        score_rows(run, _batches(pieces, seq_len, local), functools.partial(_add_ce, stats))
         if bar is not None:
             bar.update(min(group * nproc, n_docs - r * group * nproc))
     if bar is not None:

@@ -31,7 +31,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fusion_jax.files import atomic_write_json, atomic_write_text
 
-__all__ = ["PLOTS", "margin", "model_order", "read_metrics", "write_report"]
+__all__ = ["PLOTS", "best_sources", "gap_closed", "margin", "model_order", "read_metrics", "write_report"]
 
 PLOTS: tuple[str, ...] = ("bpb.png", "curves.png", "win_rate.png")
 WELL_KNOWN = ("fused", "clm", "target_init")
@@ -413,8 +413,37 @@ def plot_win_rate(records: dict[int, dict], path: Path) -> str | None:
 # Markdown sections
 
 
+def best_sources(bpb: dict) -> dict[str, tuple[str, float]]:
+    """{domain: (source name, its bits per byte)}: the source with the lowest held-out bits per byte in each domain
+    (``bpb`` keys ``source:<name>``)."""
+    best: dict[str, tuple[str, float]] = {}
+    for model, domains in bpb.items():
+        if not model.startswith("source:") or not isinstance(domains, dict):
+            continue
+        for d, v in domains.items():
+            v = _num(v)
+            if v is not None and (d not in best or v < best[d][1]):
+                best[d] = (model.removeprefix("source:"), v)
+    return best
+
+
+def gap_closed(bpb: dict) -> dict[str, float | None]:
+    """{domain: (CLM − fused) / (CLM − best source)}: the share of the distance from the CLM baseline to the domain's
+    best source that fusion covered (1 = as good as that source, 0 = no better than CLM, < 0 = worse than CLM).
+    None where no source beats the CLM baseline (or a number is missing)."""
+    fused, clm = bpb.get("fused") or {}, bpb.get("clm") or {}
+    best = best_sources(bpb)
+    out: dict[str, float | None] = {}
+    for d in _domain_order([*fused, *clm]):
+        f, c = _num(fused.get(d)), _num(clm.get(d))
+        b = best[d][1] if d in best else None
+        out[d] = (c - f) / (c - b) if f is not None and c is not None and b is not None and c > b else None
+    return out
+
+
 def _headline(bpb: dict, settings: dict) -> list[str]:
-    """Fused vs CLM baseline per domain: both bpb, the difference, the relative difference and who won."""
+    """Fused vs CLM baseline per domain: both bpb, the difference, the relative difference, who won, and the share of
+    the gap to the domain's best source that fusion closed."""
     if "fused" not in bpb or "clm" not in bpb:
         missing = " and ".join(m for m in ("fused", "clm") if m not in bpb)
         return [f"_No headline: the results have no bits per byte for {missing}._", ""]
@@ -423,26 +452,38 @@ def _headline(bpb: dict, settings: dict) -> list[str]:
     lam = _num(settings.get("lm_weight"))
     lines = ["Held-out bits per byte (lower is better) of the fused target against its CLM baseline (λ = 1, the same "
              "start and batches)" + (f"; the fused run used λ = {lam:g}." if lam is not None else ".")]
+    best, closed = best_sources(bpb), gap_closed(bpb)
     rows, wins, scored = [], 0, 0
     for d in domains:
         f, c = _num(fused.get(d)), _num(clm.get(d))
+        source = f"{best[d][1]:.4f} (`{best[d][0]}`)" if d in best else NA
+        gap = NA if closed.get(d) is None else f"{100 * closed[d]:+.1f} %"
         if f is None or c is None:
-            rows.append([d, _fmt(f), _fmt(c), NA, NA, NA])
+            rows.append([d, _fmt(f), _fmt(c), NA, NA, NA, source, gap])
             continue
         diff = f - c
         rel = 100 * diff / c if c else math.nan
         verdict = "**won**" if diff < 0 else "lost" if diff > 0 else "tie"
         scored += 1
         wins += diff < 0
-        rows.append([d, f"{f:.4f}", f"{c:.4f}", f"{diff:+.4f}", f"{rel:+.2f} %" if math.isfinite(rel) else NA, verdict])
+        rows.append([d, f"{f:.4f}", f"{c:.4f}", f"{diff:+.4f}", f"{rel:+.2f} %" if math.isfinite(rel) else NA, verdict,
+                     source, gap])
     if scored:
         unscored = len(domains) - scored
         lines += ["", f"**Fusion beats the CLM baseline on {wins} of {scored} domain{'s' * (scored != 1)}**"
                   + _margin_sentence(fused, clm) + "."
-                  + (f" ({unscored} more without a number for both.)" if unscored else "")]
-    lines += [""] + _table(["domain", "fused", "CLM baseline", "Δ bpb (fused − CLM)", "Δ %", "fusion"], rows,
-                           [False, True, True, True, True, False]) + [""]
+                  + (f" ({unscored} more without a number for both.)" if unscored else "")
+                  + _gap_sentence(closed)]
+    lines += [""] + _table(["domain", "fused", "CLM baseline", "Δ bpb (fused − CLM)", "Δ %", "fusion", "best source",
+                            "gap closed"], rows, [False, True, True, True, True, False, True, True]) + [""]
+    lines += ["_Gap closed: (CLM − fused) / (CLM − best source), the share of the way from the CLM baseline to the "
+              "domain's best source; n/a where no source beats CLM._", ""]
     return lines
+
+
+def _gap_sentence(closed: dict[str, float | None]) -> str:
+    parts = [f"{d} {100 * g:+.1f} %" for d, g in closed.items() if g is not None]
+    return f" Gap to the best source closed: {', '.join(parts)}." if parts else ""
 
 
 def margin(fused: float, clm: float) -> str:
@@ -617,8 +658,8 @@ def write_report(run_dir: str | Path, results: dict) -> dict:
     * ``run_dir/report.md``: headline (fused vs CLM per domain), all models × domains, training curves, teacher win
       rates, the alignment audit, settings and timings — each part only when its input is in ``results``;
     * ``run_dir/plots/{bpb,curves,win_rate}.png`` (plots of a part that is now missing are removed);
-    * ``run_dir/report.json``: ``results`` merged over the existing report.json's keys, as strict JSON (NaN and ±inf
-      are written as null).
+    * ``run_dir/report.json``: ``results`` merged over the existing report.json's keys, with ``"gap_closed":
+      {domain: share or null}`` (:func:`gap_closed`), as strict JSON (NaN and ±inf are written as null).
 
     results: {"bpb": {model: {domain: bpb}}, "curves": {run: metrics.jsonl path}, "audit": AuditReport JSON (or the
     AuditReport), "settings": {name: value}, "timings": {stage: seconds}}; see the module docstring. Returns the
@@ -631,6 +672,8 @@ def write_report(run_dir: str | Path, results: dict) -> dict:
     if hasattr(results.get("audit"), "to_json"):
         results["audit"] = results["audit"].to_json()
     bpb = {m: d for m, d in (results.get("bpb") or {}).items() if isinstance(d, dict)}
+    if bpb:
+        results["gap_closed"] = gap_closed(bpb)
     settings = results.get("settings") or {}
     runs = _load_curves(results.get("curves") or {}, run_dir)
 

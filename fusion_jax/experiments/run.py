@@ -22,6 +22,7 @@ def main(cfg: TrainConfig) -> dict:
     start to end: :func:`fusion_jax.pipeline.open_run`."""
     if not cfg.demo.enabled and not cfg.baseline:
         return pipeline.main(cfg)
+    pipeline.check_inputs(cfg)  # before the demo's assets take minutes to build
     mesh_lib.initialize_distributed(cfg.mesh)
     if cfg.dry_run and not cfg.demo.enabled:  # reads the target's config only: writes and holds nothing
         return pipeline.dry_run(cfg)

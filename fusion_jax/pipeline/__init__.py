@@ -6,10 +6,11 @@ from fusion_jax.pipeline.identity import NOT_IDENTITY, differing_keys, run_ident
 from fusion_jax.pipeline.memory import dry_run
 from fusion_jax.pipeline.run import fusion_run, main
 from fusion_jax.pipeline.run_dir import RUN_CONFIG, open_run, schedule_optimizer
-from fusion_jax.pipeline.stages import SPLITS, capture_stage, documents_stage, load_online, loader_config, teacher_list
+from fusion_jax.pipeline.stages import (SPLITS, capture_stage, check_inputs, documents_stage, load_online, loader_config,
+                                        teacher_list)
 
 __all__ = [
-    "NOT_IDENTITY", "RUN_CONFIG", "SPLITS", "capture_stage", "differing_keys", "documents_stage", "dry_run",
-    "export_stage", "export_step", "fusion_run", "load_online", "loader_config", "main", "open_run", "run_identity",
-    "schedule_optimizer", "teacher_list",
+    "NOT_IDENTITY", "RUN_CONFIG", "SPLITS", "capture_stage", "check_inputs", "differing_keys", "documents_stage",
+    "dry_run", "export_stage", "export_step", "fusion_run", "load_online", "loader_config", "main", "open_run",
+    "run_identity", "schedule_optimizer", "teacher_list",
 ]

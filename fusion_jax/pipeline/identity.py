@@ -17,11 +17,12 @@ NOT_IDENTITY = (
     "run_dir", "dry_run", "baseline", "remat", "mesh", "allow_tokenizer_mismatch",
     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.eval_documents", "train.peak_flops", "train.export", "train.progress", "train.extend", "train.stall_steps",
-    "capture.batch_size", "optimizer.accumulation", "loss.chunk_size",
+    "capture.batch_size", "capture.fit_rows", "optimizer.accumulation", "loss.chunk_size",
     "loader.worker_count", "loader.prefetch", "loader.cache_dir", "loader.doc_cache", "loader.verify",
 )
-# What the demo fills in from its own settings (which its stages check): not part of a demo run's identity.
-DEMO_FILLED = ("target", "target_tokenizer", "sources", "data.documents", "data.corpus")
+# What the demo fills in from its own settings (which its stages check): not part of a demo run's identity. The
+# sources a user adds to the demo's are (an empty list is left out, as it was before users could add any).
+DEMO_FILLED = ("target", "target_tokenizer", "data.documents", "data.corpus")
 
 
 def differences(have: Any, want: Any, key: str = "") -> list[tuple[str, Any, Any]]:
@@ -46,7 +47,10 @@ def _absolute(path: str) -> str:
 
 def _drop_not_identity(out: dict) -> None:
     demo = out.get("demo")
-    for key in NOT_IDENTITY + (DEMO_FILLED if isinstance(demo, dict) and demo.get("enabled") else ()):
+    is_demo = isinstance(demo, dict) and demo.get("enabled")
+    if is_demo and not out.get("sources"):
+        out.pop("sources", None)
+    for key in NOT_IDENTITY + (DEMO_FILLED if is_demo else ()):
         *parents, leaf = key.split(".")
         node = out
         for p in parents:

@@ -53,7 +53,7 @@ from fusion_jax.pipeline.evaluator import Evaluator
 from fusion_jax.pipeline.export import export_stage
 from fusion_jax.pipeline.memory import dry_run
 from fusion_jax.pipeline.run_dir import open_run, schedule_optimizer
-from fusion_jax.pipeline.stages import capture_stage, documents_stage, load_online, loader_config
+from fusion_jax.pipeline.stages import capture_stage, check_inputs, documents_stage, load_online, loader_config
 from fusion_jax.train.checkpoint import Checkpoints
 from fusion_jax.train.loop import TrainLoop
 from fusion_jax.train.metrics import MetricsLog
@@ -79,6 +79,7 @@ def fusion_run(cfg: TrainConfig) -> dict:
 
 def _fusion_run(cfg: TrainConfig, record: dict) -> dict:
     run = Path(cfg.run_dir)  # made, and its settings recorded (run_config.json), by open_run
+    check_inputs(cfg)
     documents = documents_stage(cfg)
     teachers = capture_stage(cfg, documents)
 

@@ -16,12 +16,26 @@ from fusion_jax.convert import checkpoint
 from fusion_jax.data import capture, prepare
 from fusion_jax.data.documents import SPLITS, read_meta
 from fusion_jax.data.loader import FusionLoader
-from fusion_jax.errors import RunDirError
+from fusion_jax.errors import InputError, RunDirError
 from fusion_jax.fusion.online import OnlineTeacher, load_frozen
 from fusion_jax.pipeline.identity import differing_keys
 from fusion_jax.tokenizers import check_vocab_size, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Every model, tokenizer and document path the config names exists, before any stage starts (a demo run's
+    target and corpus are built, so only what the user added is checked there)."""
+    named = [("target", cfg.target), ("target_tokenizer", cfg.target_tokenizer), ("data.documents", cfg.data.documents)]
+    for i, s in enumerate(cfg.sources):
+        named += [(f"sources[{i}].checkpoint", s.checkpoint), (f"sources[{i}].tokenizer", s.tokenizer)]
+    missing = [(key, path) for key, path in named if path and not Path(path).exists()]
+    if missing:
+        hint = (" (`make real-model` writes SmolLM2-135M-Instruct.Q4_1.gguf to ~/.cache/fusion_jax/models)"
+                if any(path.endswith(".gguf") for _, path in missing) else "")
+        raise InputError("not found: " + "; ".join(f"{key} = {path}" for key, path in missing)
+                         + f": fix the path{hint}")
 
 
 def teacher_list(cfg: TrainConfig) -> list[TeacherConfig]:

@@ -252,9 +252,11 @@ def build(cfg: TrainConfig) -> Assets:
 
 
 def apply(cfg: TrainConfig) -> TrainConfig:
-    """The TrainConfig with the built demo's target, sources and corpus filled in (the fusion run's inputs)."""
+    """The TrainConfig with the built demo's target and corpus filled in, and its sources before the config's own
+    (the fusion run's inputs)."""
     assets = build(cfg)
-    sources = tuple(TeacherConfig(name=name, checkpoint=path) for name, path in assets.sources.items())
+    demo_sources = tuple(TeacherConfig(name=name, checkpoint=path) for name, path in assets.sources.items())
+    sources = demo_sources + cfg.sources
     corpus = CorpusConfig(format="jsonl", paths=(assets.mix,), id_field="id", domain_field="domain")
     return dataclasses.replace(cfg, target=assets.target, target_tokenizer="", sources=sources,
                                data=dataclasses.replace(cfg.data, documents="", corpus=corpus))
