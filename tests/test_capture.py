@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from fusion_jax.data import capture
+from fusion_jax.data import capture, scoring
 from fusion_jax.data.capture import CaptureConfig
 from fusion_jax.convert import checkpoint
 from fusion_jax.data import teacher_cache as tc
@@ -129,9 +129,11 @@ def _assert_same_cache(a: Path, b: Path):
 
 
 def test_rows_fitted_to_documents_hold_the_same_records_as_seq_len_rows(setup, tmp_path):
-    capture.main(config(setup, tmp_path / "fit", seq_len=128))
-    capture.main(config(setup, tmp_path / "fixed", seq_len=128, fit_rows=False))
+    capture.main(config(setup, tmp_path / "fit", seq_len=512))
+    capture.main(config(setup, tmp_path / "fixed", seq_len=512, fit_rows=False))
     fit, fixed = tc.TeacherCache(tmp_path / "fit"), tc.TeacherCache(tmp_path / "fixed")
+    lengths = [int(n) for n in fit.doc_tokens()]
+    assert max(lengths) <= 256 and scoring.row_lengths(512)[0] == 256  # so the fitted rows are 256, not 512, long
     for i in range(len(fixed)):
         a, b = fit[i], fixed[i]
         assert a.doc_id == b.doc_id and np.array_equal(a.ids, b.ids)  # the shard's document order is kept

@@ -45,7 +45,10 @@ from test_train import _train_losses, assets, config  # noqa: E402,F401
 
 
 def _cfg(assets: Path, run_dir: Path, steps: int, export: bool) -> schema.TrainConfig:
-    return config(assets, run_dir,
+    # seq_len rows in the one-process reference too (a multi-process capture always uses them), so bytes compare
+    capture = schema.CaptureSettings(k=4, seq_len=48, batch_size=8, docs_per_shard=8, param_dtype="float32",
+                                     compute_dtype="float32", fit_rows=False)
+    return config(assets, run_dir, capture=capture,
                   optimizer=schema.OptimizerConfig(learning_rate=1e-3, schedule="constant", warmup_ratio=0.0),
                   train=schema.LoopConfig(steps=steps, checkpoint_every=2, keep_checkpoints=3, log_every=1,
                                          eval_every=4, eval_batches=1, progress=False, export=export),

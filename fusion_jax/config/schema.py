@@ -343,10 +343,10 @@ class CaptureSettings:
                          minimum=2)
     batch_size: int = _help("global rows per forward (a multiple of the process count and the batch mesh axes)", 8,
                             minimum=1)
-    fit_rows: bool = _help("rows sized to their documents (seq_len·j/8 tokens: one compile per length, far less "
-                           "padding and attention on short documents); false: every row seq_len tokens. A "
-                           "multi-process capture always uses seq_len rows, so that a shard's bytes never depend on "
-                           "the shards the other processes capture beside it", True)
+    fit_rows: bool = _help("rows sized to their documents (seq_len·j/8 tokens, at least 256: one compile per "
+                           "length, far less padding and attention on short documents); false: every row seq_len "
+                           "tokens. A multi-process capture always uses seq_len rows, so that a shard's bytes never "
+                           "depend on the shards the other processes capture beside it", True)
     docs_per_shard: int = _help("documents per cache shard (the unit of resumption and of multi-host work)", 256,
                                 minimum=1)
     param_dtype: DType = _help("dtype the source's params are loaded in", "bfloat16")
