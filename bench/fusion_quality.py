@@ -16,6 +16,8 @@ recipe), one fusion run per variant in ``<out>/seed<N>/variants/<name>``:
   lambda_0.7 … lambda_0.0   loss.lm_weight = 0.7, 0.5, 0.2, 0.0
   lambda_rise   λ from 0 rising linearly to 1 over the run (loss.lm_weight_schedule = hard_and_decay)
   token         fusion.granularity = token (MinCE per position)
+  continuation  every source with continuation = true: rows inside a source token (align/continuation.py)
+  continuation_lambda_0.5, continuation_lambda_rise   that and λ = 0.5, or λ rising from 0
 
 Measures, per domain, from held-out bits per byte: each run − the CLM baseline of its seed, and the **gap closed**
 ``G_d = (CLM − run) / (CLM − best source)`` with the domain's best source (``fusion_jax.experiments.report.gap_closed``;
@@ -78,6 +80,18 @@ def _align(vocab_align: str) -> Change:
         dataclasses.replace(s, align="fusellm", vocab_align=vocab_align) for s in cfg.sources))
 
 
+def _continuation(cfg: schema.TrainConfig, demo: schema.DemoConfig) -> schema.TrainConfig:
+    return dataclasses.replace(cfg, sources=tuple(dataclasses.replace(s, continuation=True) for s in cfg.sources))
+
+
+def _both(*changes: Change) -> Change:
+    def change(cfg: schema.TrainConfig, demo: schema.DemoConfig) -> schema.TrainConfig:
+        for c in changes:
+            cfg = c(cfg, demo)
+        return cfg
+    return change
+
+
 VARIANTS: dict[str, Change] = {
     "avg_ce": _fusion(method="avg_ce"),
     "code_only": _only("code"),
@@ -87,6 +101,9 @@ VARIANTS: dict[str, Change] = {
     **{f"lambda_{lam}": _loss(lm_weight=lam) for lam in (0.7, 0.5, 0.2, 0.0)},
     "lambda_rise": _loss(lm_weight=0.0, lm_weight_schedule="hard_and_decay"),
     "token": _fusion(granularity="token"),
+    "continuation": _continuation,
+    "continuation_lambda_0.5": _both(_continuation, _loss(lm_weight=0.5)),
+    "continuation_lambda_rise": _both(_continuation, _loss(lm_weight=0.0, lm_weight_schedule="hard_and_decay")),
 }
 
 

@@ -7,6 +7,7 @@ and slicing; plus determinism, resume, workers, meshes, simulated hosts and the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from pathlib import Path
@@ -432,3 +433,42 @@ def test_fusellm_teacher_with_more_model_rows_than_tokenizer_ids(world, tmp_path
     assert batch["teachers"][0]["ids"].shape == (B, T, 4)
     with pytest.raises(ValueError, match=rf"top-k ids must lie in \[0, {V}\)"):  # the pair alone still refuses
         pair.transfer(rec.ids, doc.ids, rec.topk_ids, rec.topk_logprobs, vocab_align)
+
+
+def test_continuation_rows_in_the_batches(world):
+    """A bytes-mode teacher with ``continuation``: each block's rows are the direct transfer with the pair's
+    continuation tables, and more positions get teacher rows than without."""
+    from fusion_jax.align.continuation import continuation_tables
+
+    w = world
+    spec = TeacherConfig(cache=str(w.cache_bpe), tokenizer=str(w.bpe_path), name="bpe", continuation=True)
+    with_, without = (loader(w, teachers=(dataclasses.replace(spec, continuation=c),)) for c in (True, False))
+    cache, tables = TeacherCache(w.cache_bpe), continuation_tables(w.bpe, w.target)
+    vmap = vocab_map(w.bpe, w.target, "prefix", w.cache_dir)
+    counts = [0, 0]
+    for step in range(2):
+        got, plain = with_.local_batch(step)["teachers"][0], without.local_batch(step)["teachers"][0]
+        counts[0] += int((got["kind"] == ROW_TEACHER).sum())
+        counts[1] += int((plain["kind"] == ROW_TEACHER).sum())
+        for r in range(B):
+            segs = with_.plan.segments(step * B + r)
+            for d, s, e, o in zip(segs.doc, segs.start, segs.end, segs.offset):
+                text = w.store[d].text
+                enc = w.target.encode(text)
+                ids = np.append(enc.ids, w.target.eos_id).astype(np.int32)
+                be = np.append(enc.byte_end, len(text.encode())).astype(np.int32)
+                rec = cache[d]
+                rows = transfer_topk(rec.byte_end, be, ids, rec.topk_ids, rec.topk_logprobs, vmap, "onehot_next", 4,
+                                     continuation=tables, src_ids=rec.ids)
+                dst = slice(o, o + e - s)
+                np.testing.assert_array_equal(got["ids"][r, dst], rows.ids[s:e])
+                np.testing.assert_array_equal(got["logprobs"][r, dst], rows.logprobs[s:e])
+                np.testing.assert_array_equal(got["kind"][r, dst], rows.kind[s:e])
+    assert counts[0] > counts[1]
+
+
+def test_continuation_needs_cached_bytes_mode():
+    from fusion_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="continuation needs align=bytes and mode=cached"):
+        TeacherConfig(name="x", checkpoint="m", continuation=True, align="fusellm").validate()

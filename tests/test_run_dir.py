@@ -311,3 +311,15 @@ def test_demo_stage_compares_as_a_run_identity(tmp_path, monkeypatch):
         base, optimizer=schema.OptimizerConfig(learning_rate=1.0)))
     with pytest.raises(RunDirError, match=r"\(optimizer.learning_rate differ\); use another run_dir"):
         build._stage(stage, changed, pipeline.run_identity)
+
+
+def test_a_key_added_later_at_its_old_meaning_leaves_the_identity_unchanged():
+    """A run recorded before ``sources[].continuation`` existed is the same run with continuation=false; true is
+    another run."""
+    source = {"name": "s", "checkpoint": "/m", "align": "bytes"}
+    before = {"target": "/t", "sources": [dict(source)], "train": {"steps": 3}}
+    now = {"target": "/t", "sources": [{**source, "continuation": False}], "train": {"steps": 3}}
+    assert pipeline.run_identity(before) == pipeline.run_identity(now)
+    other = {"target": "/t", "sources": [{**source, "continuation": True}], "train": {"steps": 3}}
+    assert pipeline.differing_keys(pipeline.run_identity(before), pipeline.run_identity(other)) == [
+        "sources[0].continuation"]

@@ -9,7 +9,8 @@ so a BOS/EOS row never stands in for a text row). Per group of the byte alignmen
   (from the last source token of the group).
 * 1:n and n:m groups (several target tokens): only the group's last target token ends on a common boundary and is
   transferred; the inner ones predict a continuation *inside* a source token, which a next-token distribution over
-  source tokens does not give → fallback.
+  source tokens does not give directly → fallback, or, with ``continuation`` tables, the previous source row's
+  candidates that continue the bytes emitted so far inside the token (``align.continuation``).
 
 A transferred row maps every top-k source id through the vocab map (``prefix`` by default), sums the probability
 of candidates that land on the same target id, drops unmapped ones (−1) and renormalises over what is left. A row
@@ -23,6 +24,8 @@ import dataclasses
 from typing import Literal
 
 import numpy as np
+
+from fusion_jax.align.continuation import Continuation, inner_rows
 
 ROW_TEACHER, ROW_ONEHOT, ROW_EMPTY = 0, 1, 2
 ROW_KINDS = ("teacher", "onehot", "empty")
@@ -132,11 +135,14 @@ def transfer_topk(
     vocab_map: np.ndarray,
     fallback: Fallback = "onehot_next",
     k_out: int | None = None,
+    continuation: Continuation | None = None,
+    src_ids: np.ndarray | None = None,
 ) -> SparseRows:
     """Default-mode transfer (module docstring) → SparseRows with m rows of k_out (default k) entries.
 
     src_byte_end int[n], tgt_byte_end int[m], tgt_ids int[m]; src_topk_ids int[n, k], src_topk_logprobs float[n, k]
-    (log-probabilities over the full source vocab, −inf pads allowed); vocab_map int32[V_src] (−1 = unmapped).
+    (log-probabilities over the full source vocab, −inf pads allowed); vocab_map int32[V_src] (−1 = unmapped);
+    continuation: the pair's tables for rows inside a source token, with src_ids int[n] (the source's tokens).
     """
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
@@ -158,6 +164,15 @@ def transfer_topk(
         ids, lp = merge_rows(mapped, probs, k_out)
         ok = np.isfinite(lp[:, 0])
         rows.ids[at[ok]], rows.logprobs[at[ok]], rows.kind[at[ok]] = ids[ok], lp[ok], ROW_TEACHER
+    if continuation is not None:
+        if src_ids is None or len(src_ids) != len(src_byte_end):
+            raise ValueError("continuation needs src_ids, one per source token")
+        inner, mapped, probs = inner_rows(src_ids, src_byte_end, tgt_byte_end, src_topk_ids, src_topk_logprobs,
+                                          continuation)
+        if inner.size:
+            ids, lp = merge_rows(mapped, probs, k_out)
+            ok = np.isfinite(lp[:, 0])
+            rows.ids[inner[ok]], rows.logprobs[inner[ok]], rows.kind[inner[ok]] = ids[ok], lp[ok], ROW_TEACHER
     if fallback == "onehot_next":
         fill = np.flatnonzero(rows.kind[:-1] != ROW_TEACHER) if m else np.zeros(0, np.int64)
         rows.ids[fill, 0] = tgt_ids[fill + 1]

@@ -235,6 +235,10 @@ class TeacherConfig:
         "cached")
     seq_len: int = _help("online: source tokens per block (0: 2 × loader.seq_len); overflow falls back and is counted "
                          "in the metrics' src_overflow", 0, minimum=0)
+    continuation: bool = _help(
+        "bytes mode, cached: a target position inside a source token (1:n and n:m groups) gets the previous source "
+        "row's candidates that continue the bytes emitted so far, each mapped to the target token its remaining bytes "
+        "start with (align/continuation.py); false: the fallback there", False)
 
     def __post_init__(self) -> None:
         for key in ("checkpoint", "tokenizer", "cache"):  # models often live under the home directory
@@ -258,6 +262,9 @@ class TeacherConfig:
 
     def validate(self) -> None:
         check_choices(self, f"teacher {self.label}: ")
+        if self.continuation and (self.online or self.align != "bytes"):
+            raise ConfigError(f"teacher {self.label}: continuation needs align=bytes and mode=cached, got "
+                              f"align={self.align!r}, mode={self.mode!r}")
         if self.online and self.align != "bytes":
             raise ConfigError(f"teacher {self.label}: mode=online supports align=bytes only, got align={self.align!r}: "
                               "the fusellm DTW alignment is host-side string work on the teacher's top-k per document "

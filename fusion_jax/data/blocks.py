@@ -108,7 +108,7 @@ class BlockBuilder:
                 teachers.append(encode_online(t, doc.text, byte_end, self.append_eos))
                 continue
             rec = t.read(d, doc, num_bytes)
-            rows = t.transfer(rec, ids, byte_end, self.k, self.target if t.spec.align == "fusellm" else None)
+            rows = t.transfer(rec, ids, byte_end, self.k, self.target)
             ends = rec.byte_end.astype(np.int64)
             starts = np.concatenate([[0], ends[:-1]])
             teachers.append(DocTeacher(rows, float(rec.doc_ce), starts[1:], ends[1:],

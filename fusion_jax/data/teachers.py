@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from fusion_jax.align.fusellm import FuseLLMPair
+from fusion_jax.align.continuation import Continuation, continuation_tables
 from fusion_jax.align.transfer import SparseRows, covering, transfer_topk
 from fusion_jax.align.vocab import vocab_map
 from fusion_jax.config.schema import LoaderConfig, TeacherConfig
@@ -34,6 +35,7 @@ class TeacherReader:
         self.tokenizer_path, self.target_path = tokenizer_path, target_path
         self.table = table  # bytes: the vocab map; fusellm soft: the MinED map; fusellm hard: None
         self._pair = None
+        self._continuation = None
         self._tokenizer = tokenizer
 
     @property
@@ -49,6 +51,7 @@ class TeacherReader:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_pair"] = None
+        state["_continuation"] = None
         state["_tokenizer"] = None
         return state
 
@@ -56,6 +59,12 @@ class TeacherReader:
         if self._pair is None:
             self._pair = FuseLLMPair(load_tokenizer(self.tokenizer_path), target, mined=self.table)
         return self._pair
+
+    def continuation(self, target) -> Continuation:
+        """The tables for rows inside a source token (``spec.continuation``), built once per worker."""
+        if self._continuation is None:
+            self._continuation = continuation_tables(self.tokenizer, target)
+        return self._continuation
 
     def read(self, d: int, doc: Document, num_bytes: int) -> TeacherRecord:
         """The cache's record of document ``d``, checked to be this document (its id and its ``num_bytes``)."""
@@ -83,7 +92,8 @@ class TeacherReader:
         s = self.spec
         if s.align == "bytes":
             return transfer_topk(rec.byte_end, tgt_byte_end, tgt_ids, rec.topk_ids, rec.topk_logprobs,
-                                 covering(self.table, rec.topk_ids), fallback=s.fallback, k_out=k)
+                                 covering(self.table, rec.topk_ids), fallback=s.fallback, k_out=k,
+                                 continuation=self.continuation(target) if s.continuation else None, src_ids=rec.ids)
         return self.pair(target).transfer(rec.ids, tgt_ids, rec.topk_ids[:, :k], rec.topk_logprobs[:, :k],
                                           vocab_align=s.vocab_align, onehot_target=s.onehot_target,
                                           tie_order=s.tie_order, drop_beyond_vocab=True)

@@ -20,6 +20,9 @@ NOT_IDENTITY = (
     "capture.batch_size", "capture.fit_rows", "optimizer.accumulation", "loss.chunk_size",
     "loader.worker_count", "loader.prefetch", "loader.cache_dir", "loader.doc_cache", "loader.verify",
 )
+# Keys added after runs were recorded, with the value that means what the runs before them did: left out of the
+# identity at that value, so that those runs are still recognised.
+ADDED_LATER = {"sources": {"continuation": False}}
 # What the demo fills in from its own settings (which its stages check): not part of a demo run's identity. The
 # sources a user adds to the demo's are (an empty list is left out, as it was before users could add any).
 DEMO_FILLED = ("target", "target_tokenizer", "data.documents", "data.corpus")
@@ -50,6 +53,11 @@ def _drop_not_identity(out: dict) -> None:
     is_demo = isinstance(demo, dict) and demo.get("enabled")
     if is_demo and not out.get("sources"):
         out.pop("sources", None)
+    for section, defaults in ADDED_LATER.items():
+        for item in out.get(section) or ():
+            for key, value in defaults.items():
+                if isinstance(item, dict) and key in item and item[key] == value:
+                    item.pop(key)
     for key in NOT_IDENTITY + (DEMO_FILLED if is_demo else ()):
         *parents, leaf = key.split(".")
         node = out

@@ -1,0 +1,148 @@
+"""Rows inside a source token (fusion_jax.align.continuation): against a naive reference written from the text, and
+the oracle agreement they add on a large-vocabulary source → small-vocabulary target pair."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusion_jax.align.continuation import continuation_tables, inner_rows
+from fusion_jax.align.transfer import ROW_TEACHER, transfer_topk
+from fusion_jax.align.vocab import canonical_ids_by_bytes, prefix_map
+from fusion_jax.tokenizers import load_tokenizer
+from tiny_tokenizers import CORPUS, train_byte_level, train_sentencepiece
+
+TEXTS = ["the quick brown fox jumps over the lazy dog", "fusion of large language models, hello world",
+         "café naïve résumé — déjà vu 0123", "knowledge distillation\tand newlines\n\nend"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A byte-level BPE with a large vocabulary (long tokens) → a small SentencePiece one: many 1:n groups."""
+    root = tmp_path_factory.mktemp("continuation")
+    src = load_tokenizer(train_byte_level(root / "src.json", vocab_size=600))
+    tgt = load_tokenizer(train_sentencepiece(root / "sp", vocab_size=320))
+    return src, tgt
+
+
+def naive_inner(text: str, src, tgt, src_ids, src_end, tgt_end, topk_ids, topk_lp):
+    """{target position: {target id: probability}} from the text: for each target end strictly inside a source token
+    (after the first), the previous source row's candidates whose bytes extend the bytes emitted inside that token,
+    each mapped to the longest target token that is a prefix of its remaining bytes (searched over the whole target
+    vocabulary), renormalised."""
+    data = text.encode("utf-8")
+    by_bytes = canonical_ids_by_bytes(tgt)
+    out = {}
+    for t, e in enumerate(tgt_end):
+        starts = [0] + list(src_end[:-1])
+        holding = [s for s in range(len(src_ids)) if starts[s] < e < src_end[s]]
+        if not holding or holding[0] == 0:
+            continue
+        s = holding[0]
+        emitted = data[starts[s]:e]
+        mass = {}
+        for c, lp in zip(topk_ids[s - 1], topk_lp[s - 1]):
+            b = src.token_bytes[c]
+            if src.special[c] or not b.startswith(emitted) or len(b) <= len(emitted):
+                continue
+            rest = b[len(emitted):]
+            hits = [(len(piece), i) for piece, i in by_bytes.items() if rest.startswith(piece)]
+            if hits:
+                target = max(hits)[1]
+                mass[target] = mass.get(target, 0.0) + float(np.exp(np.float64(lp)))
+        if mass:
+            total = sum(mass.values())
+            out[t] = {i: p / total for i, p in mass.items()}
+    return out
+
+
+def _random_topk(src, s_ids, k, seed):
+    rng = np.random.default_rng(seed)
+    topk = rng.integers(0, src.vocab_size, size=(len(s_ids), k))
+    topk[:-1, 0] = s_ids[1:]  # the actual next token among the candidates
+    # candidates that share the actual token's first bytes, so that several survive the prefix check
+    logits = np.sort(rng.normal(size=(len(s_ids), k)) * 2, axis=1)[:, ::-1]
+    lp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)) - 0.05
+    return topk.astype(np.int32), lp.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_transfer_with_continuation_matches_the_naive_reference(pair, seed):
+    src, tgt = pair
+    text = TEXTS[seed]
+    s, t = src.encode(text, eos=True), tgt.encode(text, eos=True)
+    # top-k of the real next token and of other tokens sharing its first bytes (prefix siblings), then random ones
+    k = 6
+    topk, lp = _random_topk(src, s.ids, k, seed)
+    siblings = {}
+    for i, b in enumerate(src.token_bytes):
+        if b and not src.special[i]:
+            siblings.setdefault(b[:2], []).append(i)
+    for r in range(len(s.ids) - 1):
+        sib = [i for i in siblings.get(src.token_bytes[s.ids[r + 1]][:2], []) if i != s.ids[r + 1]]
+        topk[r, 1:1 + min(len(sib), 3)] = sib[:3]
+    tables = continuation_tables(src, tgt)
+    vmap = prefix_map(src, tgt)
+    rows = transfer_topk(s.byte_end, t.byte_end, t.ids, topk, lp, vmap, k_out=k, continuation=tables, src_ids=s.ids)
+    plain = transfer_topk(s.byte_end, t.byte_end, t.ids, topk, lp, vmap, k_out=k)
+    want = naive_inner(text, src, tgt, list(s.ids), list(s.byte_end), list(t.byte_end), topk, lp)
+    assert want, "the text should have target positions inside source tokens"
+    inner, _, _ = inner_rows(s.ids, s.byte_end, t.byte_end, topk, lp, tables)
+    for i in range(len(t.ids)):
+        if i in want:
+            assert rows.kind[i] == ROW_TEACHER and plain.kind[i] != ROW_TEACHER
+            got = {int(a): float(np.exp(b)) for a, b in zip(rows.ids[i], rows.logprobs[i]) if np.isfinite(b)}
+            assert got.keys() == want[i].keys()
+            np.testing.assert_allclose([got[j] for j in sorted(got)], [want[i][j] for j in sorted(got)], rtol=1e-5)
+        elif i not in inner:  # not inside a source token: exactly the plain transfer
+            assert rows.kind[i] == plain.kind[i]
+            np.testing.assert_array_equal(rows.ids[i], plain.ids[i])
+            np.testing.assert_array_equal(rows.logprobs[i], plain.logprobs[i])
+        else:  # inside, but no candidate continues the emitted bytes: the fallback, as without continuation
+            assert rows.kind[i] == plain.kind[i] != ROW_TEACHER
+
+
+def test_an_always_right_teacher_reaches_more_target_tokens(pair):
+    """With the oracle (top-1 = the source's actual next token), positions inside source tokens get rows, and the
+    share of positions whose row puts its mass on the target's actual next token goes up."""
+    src, tgt = pair
+    tables, vmap = continuation_tables(src, tgt), prefix_map(src, tgt)
+    rows_with, rows_without, agree_with, agree_without, positions = 0, 0, 0, 0, 0
+    for text in CORPUS[:5] + TEXTS:
+        s, t = src.encode(text, eos=True), tgt.encode(text, eos=True)
+        oid = np.zeros((len(s.ids), 1), np.int32)
+        olp = np.full((len(s.ids), 1), -np.inf, np.float32)
+        oid[:-1, 0], olp[:-1, 0] = s.ids[1:], 0.0
+        with_, without = (transfer_topk(s.byte_end, t.byte_end, t.ids, oid, olp, vmap, continuation=c, src_ids=s.ids)
+                          for c in (tables, None))
+        teach = with_.kind[:-1] == ROW_TEACHER
+        rows_with += int(teach.sum())
+        rows_without += int((without.kind[:-1] == ROW_TEACHER).sum())
+        agree_with += int((teach & (with_.ids[:-1, 0] == t.ids[1:])).sum())
+        agree_without += int(((without.kind[:-1] == ROW_TEACHER) & (without.ids[:-1, 0] == t.ids[1:])).sum())
+        positions += len(t.ids) - 1
+    # only positions inside a document's first source token (no row before it) stay without a row
+    assert rows_with > rows_without + 0.2 * positions and rows_with > 0.9 * positions
+    assert agree_with > agree_without + 0.1 * positions
+
+
+def test_tables(pair):
+    src, tgt = pair
+    tables = continuation_tables(src, tgt)
+    vmap = prefix_map(src, tgt)
+    normal = np.flatnonzero(tables.lengths > 0)
+    np.testing.assert_array_equal(tables.suffix[normal, 0], vmap[normal])  # j = 0 is the prefix map
+    assert (tables.suffix[tables.lengths == 0] == -1).all()
+    v = int(np.argmax(tables.lengths))
+    b = src.token_bytes[v]
+    assert bytes(tables.token_bytes[v, :len(b)]) == b[:tables.token_bytes.shape[1]]
+    assert (tables.suffix[v, len(b):] == -1).all()
+
+
+def test_continuation_needs_the_source_ids(pair):
+    src, tgt = pair
+    s, t = src.encode("hello world", eos=True), tgt.encode("hello world", eos=True)
+    topk, lp = _random_topk(src, s.ids, 3, 0)
+    with pytest.raises(ValueError, match="continuation needs src_ids"):
+        transfer_topk(s.byte_end, t.byte_end, t.ids, topk, lp, prefix_map(src, tgt),
+                      continuation=continuation_tables(src, tgt))
