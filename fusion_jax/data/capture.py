@@ -3,11 +3,12 @@
 Each process of a (multi-host) run handles the shards ``s ≡ process_index (mod process_count)`` of the cache
 (``data/teacher_cache.py``): it tokenizes their documents with the source's tokenizer (EOS appended), packs them into
 rows of at most ``seq_len`` tokens sized to them (one segment per document: nothing attends across documents;
-``data/scoring.py``), and feeds its rows as its share of each global batch to one jitted, sharded forward that returns, per position, the top-k log-probabilities
-(log_softmax over the full vocabulary, in chunks of ``logits_chunk`` positions so no [B, T, V] float32 buffer
-exists) and the CE of the actual next token. A batch never mixes shards, so a shard's bytes do not depend on what
-else ran — a re-run after ``kill -9`` skips finished shards and redoes the unfinished one with identical bytes.
-Process 0 writes ``manifest.json`` when every shard is done (the output directory must be shared by all hosts).
+``data/scoring.py``), and feeds its rows as its share of each global batch to one jitted, sharded forward that
+returns, per position, the top-k log-probabilities (log_softmax over the full vocabulary, in chunks of
+``logits_chunk`` positions so no [B, T, V] float32 buffer exists) and the CE of the actual next token. A batch never
+mixes shards, so a shard's bytes do not depend on what else ran — a re-run after ``kill -9`` skips finished shards
+and redoes the unfinished one with identical bytes. Process 0 writes ``manifest.json`` when every shard is done (the
+output directory must be shared by all hosts).
 
 ``--estimate`` tokenizes a sample of the documents, times one batch, and prints the disk and time the run needs.
 """
@@ -79,8 +80,7 @@ def _batches(docs: list[_Doc], cfg: CaptureConfig, rows_per_batch: int) -> list[
     _check_fits(docs, cfg.seq_len)
     fit = cfg.fit_rows and jax.process_count() == 1
     lengths = scoring.row_lengths(cfg.seq_len) if fit else (cfg.seq_len,)
-    return [Batch(b.length, [[docs[i] for i in row] for row in b.rows])
-            for b in scoring.pack_batches([len(d.ids) for d in docs], rows_per_batch, lengths)]
+    return scoring.pack_batches([len(d.ids) for d in docs], rows_per_batch, lengths, docs)
 
 
 def _row_arrays(row: list[_Doc] | None, length: int) -> tuple[np.ndarray, np.ndarray]:

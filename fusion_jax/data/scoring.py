@@ -45,11 +45,12 @@ def row_lengths(seq_len: int, steps: int = 8, shortest: int = 256) -> tuple[int,
                          for j in range(1, steps + 1)}))
 
 
-def pack_batches(sizes: Sequence[int], rows_per_batch: int, lengths: Sequence[int]) -> list[Batch]:
+def pack_batches(sizes: Sequence[int], rows_per_batch: int, lengths: Sequence[int],
+                 items: Sequence | None = None) -> list[Batch]:
     """Items of `sizes` tokens (each at most ``max(lengths)``) → batches of at most `rows_per_batch` rows that hold
-    item indices, every item once, in first-fit-decreasing order: each batch takes the longest item left, its rows
-    are the shortest of `lengths` that holds it, and the items left are placed, longest first, into the first row
-    with room. Deterministic in `sizes` (ties in index order)."""
+    the items (`items`, default their indices), every item once, in first-fit-decreasing order: each batch takes the
+    longest item left, its rows are the shortest of `lengths` that holds it, and the items left are placed, longest
+    first, into the first row with room. Deterministic in `sizes` (ties in index order)."""
     lengths = sorted(lengths)
     if sizes and max(sizes) > lengths[-1]:
         raise ValueError(f"an item of {max(sizes)} tokens does not fit a row of at most {lengths[-1]}")
@@ -67,7 +68,7 @@ def pack_batches(sizes: Sequence[int], rows_per_batch: int, lengths: Sequence[in
                 continue
             rows[r].append(i)
             free[r] -= sizes[i]
-        batches.append(Batch(length, [row for row in rows if row]))
+        batches.append(Batch(length, [row if items is None else [items[i] for i in row] for row in rows if row]))
         left = rest
     return batches
 

@@ -110,8 +110,7 @@ class _Piece:
 
 def _batches(pieces: list[_Piece], seq_len: int, rows_per_batch: int) -> list[Batch]:
     """Pieces → batches of rows sized to them (``scoring.pack_batches``), each row a list of _Piece."""
-    packed = pack_batches([len(p.tokens) for p in pieces], rows_per_batch, row_lengths(seq_len))
-    return [Batch(b.length, [[pieces[i] for i in row] for row in b.rows]) for b in packed]
+    return pack_batches([len(p.tokens) for p in pieces], rows_per_batch, row_lengths(seq_len), pieces)
 
 
 def _row_arrays(row: list[_Piece] | None, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
