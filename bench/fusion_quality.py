@@ -18,6 +18,11 @@ recipe), one fusion run per variant in ``<out>/seed<N>/variants/<name>``:
   token         fusion.granularity = token (MinCE per position)
   continuation  every source with continuation = true: rows inside a source token (align/continuation.py)
   continuation_lambda_0.5, continuation_lambda_rise   that and λ = 0.5, or λ rising from 0
+  transfer      continuation and in_context (the text's next source token maps to the target's next token)
+  transfer_lambda_0.5, transfer_lambda_0.0, transfer_lambda_rise   that and λ = 0.5, 0, or rising from 0
+  likelihood_0.5, likelihood_1.0   transfer, and likelihood matching on byte chunks as that share μ of the fusion
+                term (loss.likelihood_weight; τ = 100, tokenkit's); likelihood_0.5_t1, likelihood_1.0_t1: τ = 1
+  likelihood_lambda_rise   transfer, μ = 0.5 and λ rising from 0
 
 Measures, per domain, from held-out bits per byte: each run − the CLM baseline of its seed, and the **gap closed**
 ``G_d = (CLM − run) / (CLM − best source)`` with the domain's best source (``fusion_jax.experiments.report.gap_closed``;
@@ -80,8 +85,13 @@ def _align(vocab_align: str) -> Change:
         dataclasses.replace(s, align="fusellm", vocab_align=vocab_align) for s in cfg.sources))
 
 
-def _continuation(cfg: schema.TrainConfig, demo: schema.DemoConfig) -> schema.TrainConfig:
-    return dataclasses.replace(cfg, sources=tuple(dataclasses.replace(s, continuation=True) for s in cfg.sources))
+def _sources(**kw) -> Change:
+    return lambda cfg, demo: dataclasses.replace(cfg, sources=tuple(dataclasses.replace(s, **kw) for s in cfg.sources))
+
+
+_continuation = _sources(continuation=True)
+_transfer = _sources(continuation=True, in_context=True)
+_RISE = {"lm_weight": 0.0, "lm_weight_schedule": "hard_and_decay"}
 
 
 def _both(*changes: Change) -> Change:
@@ -99,11 +109,18 @@ VARIANTS: dict[str, Change] = {
     "dtw_mined": _align("soft"),
     "dtw_em": _align("hard"),
     **{f"lambda_{lam}": _loss(lm_weight=lam) for lam in (0.7, 0.5, 0.2, 0.0)},
-    "lambda_rise": _loss(lm_weight=0.0, lm_weight_schedule="hard_and_decay"),
+    "lambda_rise": _loss(**_RISE),
     "token": _fusion(granularity="token"),
     "continuation": _continuation,
     "continuation_lambda_0.5": _both(_continuation, _loss(lm_weight=0.5)),
-    "continuation_lambda_rise": _both(_continuation, _loss(lm_weight=0.0, lm_weight_schedule="hard_and_decay")),
+    "continuation_lambda_rise": _both(_continuation, _loss(**_RISE)),
+    "transfer": _transfer,
+    **{f"transfer_lambda_{lam}": _both(_transfer, _loss(lm_weight=lam)) for lam in (0.5, 0.0)},
+    "transfer_lambda_rise": _both(_transfer, _loss(**_RISE)),
+    **{f"likelihood_{mu}": _both(_transfer, _loss(likelihood_weight=mu)) for mu in (0.5, 1.0)},
+    **{f"likelihood_{mu}_t1": _both(_transfer, _loss(likelihood_weight=mu, likelihood_temperature=1.0))
+       for mu in (0.5, 1.0)},
+    "likelihood_lambda_rise": _both(_transfer, _loss(likelihood_weight=0.5, **_RISE)),
 }
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from chunk_batches import random_chunks
 from fusion_jax.align.transfer import ROW_EMPTY, ROW_ONEHOT, ROW_TEACHER
 from fusion_jax.fusion import FusionConfig, LossConfig
 from fusion_jax.mesh import MeshConfig, make_mesh
@@ -53,8 +54,10 @@ def batch_with_empty_blocks(seed: int = 0) -> dict:
     empty = (seg == 0) | ~loss_mask
     empty[NO_TEACHER_BLOCK] = True
     lp[empty], kind[empty] = -np.inf, ROW_EMPTY
+    chunk_start, chunk_logprob = random_chunks(rng, loss_mask)
     teacher = {"ids": ids, "logprobs": lp, "kind": kind, "seq_ce": rng.uniform(1, 3, B).astype(np.float32),
-               "seq_bpb": rng.uniform(0.5, 1.5, B).astype(np.float32)}
+               "seq_bpb": rng.uniform(0.5, 1.5, B).astype(np.float32), "chunk_start": chunk_start,
+               "chunk_logprob": chunk_logprob}
     return {"tokens": tokens, "segment_ids": seg, "positions": positions, "loss_mask": loss_mask,
             "teachers": [teacher]}
 
@@ -113,16 +116,19 @@ def naive_blocks_loss(loss_cfg: LossConfig) -> tuple[float, float]:
     return blocks(clm_tok, batch["loss_mask"]), blocks(fus_tok, fmask)
 
 
-@pytest.mark.parametrize("reduction,fusion_mask", [("blocks", "attention"), ("tokens", "next_label")])
-def test_accumulation_gives_the_same_step_with_empty_blocks(reduction, fusion_mask):
+@pytest.mark.parametrize("reduction,fusion_mask,likelihood", [("blocks", "attention", 0.0), ("tokens", "next_label", 0.0),
+                                                              ("blocks", "next_label", 0.5), ("tokens", "attention", 0.5)])
+def test_accumulation_gives_the_same_step_with_empty_blocks(reduction, fusion_mask, likelihood):
     """Accumulation 2 gives accumulation 1's loss, gradient and update. With ``blocks`` each micro-batch used to
     average over its own non-empty blocks and then be scaled by B_micro/B, so the micro-batch holding the empty
     blocks weighed its other blocks more (the issue saw 1.85513 vs 1.93501); the step's ``blocks`` value is checked
     against a float64 hand computation too."""
-    loss_cfg = LossConfig(reduction=reduction, fusion_mask=fusion_mask)
+    loss_cfg = LossConfig(reduction=reduction, fusion_mask=fusion_mask, likelihood_weight=likelihood,
+                          likelihood_temperature=2.0)
     p1, m1 = one_step(loss_cfg, 1)
     p2, m2 = one_step(loss_cfg, 2)
-    for key in ("loss", "clm", "fusion", "grad_norm"):
+    assert (m1["likelihood"] > 0) == (likelihood > 0)
+    for key in ("loss", "clm", "fusion", "likelihood", "grad_norm"):
         np.testing.assert_allclose(m2[key], m1[key], rtol=2e-6, err_msg=key)
     np.testing.assert_array_equal(m2["teacher_wins"], m1["teacher_wins"])
     for x, y in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)):

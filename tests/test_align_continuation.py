@@ -25,11 +25,12 @@ def pair(tmp_path_factory):
     return src, tgt
 
 
-def naive_inner(text: str, src, tgt, src_ids, src_end, tgt_end, topk_ids, topk_lp):
+def naive_inner(text: str, src, tgt, src_ids, src_end, tgt_end, topk_ids, topk_lp, tgt_ids=None):
     """{target position: {target id: probability}} from the text: for each target end strictly inside a source token
     (after the first), the previous source row's candidates whose bytes extend the bytes emitted inside that token,
     each mapped to the longest target token that is a prefix of its remaining bytes (searched over the whole target
-    vocabulary), renormalised."""
+    vocabulary), renormalised. With ``tgt_ids`` (in context) the candidate that is the holding token itself maps to
+    the target's next token."""
     data = text.encode("utf-8")
     by_bytes = canonical_ids_by_bytes(tgt)
     out = {}
@@ -47,6 +48,8 @@ def naive_inner(text: str, src, tgt, src_ids, src_end, tgt_end, topk_ids, topk_l
                 continue
             rest = b[len(emitted):]
             hits = [(len(piece), i) for piece, i in by_bytes.items() if rest.startswith(piece)]
+            if tgt_ids is not None and c == src_ids[s] and t + 1 < len(tgt_ids):
+                hits = [(0, int(tgt_ids[t + 1]))]
             if hits:
                 target = max(hits)[1]
                 mass[target] = mass.get(target, 0.0) + float(np.exp(np.float64(lp)))
@@ -54,6 +57,83 @@ def naive_inner(text: str, src, tgt, src_ids, src_end, tgt_end, topk_ids, topk_l
             total = sum(mass.values())
             out[t] = {i: p / total for i, p in mass.items()}
     return out
+
+
+def naive_matched(text: str, src, tgt, src_ids, src_end, tgt_ids, tgt_end, topk_ids, topk_lp):
+    """{target position: {target id: probability}} in context, from the text, for target rows whose next token owns
+    bytes: the source row predicting from the same text (the source token ending where target token t ends), its
+    candidates mapped to the longest target token that is a prefix of their bytes, except the source's actual next
+    token, which maps to the target's actual next token; renormalised."""
+    by_bytes = canonical_ids_by_bytes(tgt)
+    out = {}
+    for t in range(len(tgt_ids) - 1):
+        if tgt_end[t + 1] == tgt_end[t]:
+            continue
+        rows = [s for s in range(len(src_ids) - 1) if src_end[s] == tgt_end[t] and src_end[s + 1] > src_end[s]]
+        if not rows:
+            continue
+        s = rows[0]
+        mass = {}
+        for c, lp in zip(topk_ids[s], topk_lp[s]):
+            b = src.token_bytes[c]
+            if c == src_ids[s + 1]:
+                target = int(tgt_ids[t + 1])
+            else:
+                hits = [(len(piece), i) for piece, i in by_bytes.items() if b.startswith(piece)]
+                if src.special[c] or not hits:
+                    continue
+                target = max(hits)[1]
+            mass[target] = mass.get(target, 0.0) + float(np.exp(np.float64(lp)))
+        if mass:
+            total = sum(mass.values())
+            out[t] = {i: p / total for i, p in mass.items()}
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_in_context_matches_the_naive_reference(pair, seed):
+    """Both kinds of rows in context (continuation + in_context) against the text-level references."""
+    src, tgt = pair
+    text = TEXTS[seed]
+    s, t = src.encode(text, eos=True), tgt.encode(text, eos=True)
+    k = 6
+    topk, lp = _random_topk(src, s.ids, k, seed + 10)
+    rows = transfer_topk(s.byte_end, t.byte_end, t.ids, topk, lp, prefix_map(src, tgt), k_out=k,
+                         continuation=continuation_tables(src, tgt), src_ids=s.ids, in_context=True)
+    want = naive_inner(text, src, tgt, list(s.ids), list(s.byte_end), list(t.byte_end), topk, lp, tgt_ids=t.ids)
+    matched = naive_matched(text, src, tgt, list(s.ids), list(s.byte_end), t.ids, list(t.byte_end), topk, lp)
+    assert matched and not set(matched) & set(want)
+    want.update(matched)
+    for i, w in want.items():
+        assert rows.kind[i] == ROW_TEACHER
+        got = {int(a): float(np.exp(b)) for a, b in zip(rows.ids[i], rows.logprobs[i]) if np.isfinite(b)}
+        assert got.keys() == w.keys(), i
+        np.testing.assert_allclose([got[j] for j in sorted(got)], [w[j] for j in sorted(got)], rtol=1e-5)
+
+
+def test_in_context_an_always_right_teacher_lands_on_the_next_target_token(pair):
+    """The oracle in context: every teacher row puts its mass on the target's actual next token; without it the
+    prefix map misses some (where the target cuts the text differently)."""
+    src, tgt = pair
+    tables, vmap = continuation_tables(src, tgt), prefix_map(src, tgt)
+    missed_before = rows_in_context = positions = 0
+    for text in CORPUS[:5] + TEXTS:
+        s, t = src.encode(text, eos=True), tgt.encode(text, eos=True)
+        oid = np.zeros((len(s.ids), 1), np.int32)
+        olp = np.full((len(s.ids), 1), -np.inf, np.float32)
+        oid[:-1, 0], olp[:-1, 0] = s.ids[1:], 0.0
+        for ctx in (True, False):
+            rows = transfer_topk(s.byte_end, t.byte_end, t.ids, oid, olp, vmap, continuation=tables, src_ids=s.ids,
+                                 in_context=ctx)
+            teach = rows.kind[:-1] == ROW_TEACHER
+            miss = int((teach & (rows.ids[:-1, 0] != t.ids[1:])).sum())
+            if ctx:
+                assert miss == 0
+                rows_in_context += int(teach.sum())
+                positions += len(teach)
+            else:
+                missed_before += miss
+    assert missed_before > 0 and rows_in_context > 0.9 * positions
 
 
 def _random_topk(src, s_ids, k, seed):
@@ -143,6 +223,6 @@ def test_continuation_needs_the_source_ids(pair):
     src, tgt = pair
     s, t = src.encode("hello world", eos=True), tgt.encode("hello world", eos=True)
     topk, lp = _random_topk(src, s.ids, 3, 0)
-    with pytest.raises(ValueError, match="continuation needs src_ids"):
+    with pytest.raises(ValueError, match="continuation and in_context need src_ids"):
         transfer_topk(s.byte_end, t.byte_end, t.ids, topk, lp, prefix_map(src, tgt),
                       continuation=continuation_tables(src, tgt))

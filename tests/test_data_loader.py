@@ -124,6 +124,23 @@ def assert_tree_equal(a, b):
 # ------------------------------------------------------------------------------------------ reference per block
 
 
+def naive_chunks(src_end: list, src_ce: list, tgt_end: list) -> list[tuple[int, int, float]]:
+    """Byte chunks by hand: each token joins the first common end offset at or after its own end; a group is a chunk
+    when no token in it is a document's first, spans no bytes or lacks a CE → (first, last target token, −Σ CE)."""
+    common = sorted(set(src_end) & set(tgt_end))
+    group = lambda end: next(i for i, c in enumerate(common) if c >= end)
+    out = []
+    for g in range(len(common)):
+        src = [i for i, end in enumerate(src_end) if group(end) == g]
+        tgt = [i for i, end in enumerate(tgt_end) if group(end) == g]
+        empty = any(src_end[i] == (src_end[i - 1] if i else 0) for i in src) or \
+            any(tgt_end[i] == (tgt_end[i - 1] if i else 0) for i in tgt)
+        if empty or 0 in src or 0 in tgt or not all(math.isfinite(src_ce[i - 1]) for i in src):
+            continue
+        out.append((tgt[0], tgt[-1], -sum(src_ce[i - 1] for i in src)))
+    return out
+
+
 def reference_block(w, ld, g):
     """Block g rebuilt from the plan's segments by direct calls on whole documents."""
     caches = [TeacherCache(w.cache_sp), TeacherCache(w.cache_bpe)]
@@ -132,7 +149,8 @@ def reference_block(w, ld, g):
     segs = ld.plan.segments(g)
     out = {"tokens": np.zeros(T, np.int32), "token_bytes": np.zeros(T, np.int32),
            "teachers": [{"ids": np.zeros((T, 4), np.int32), "logprobs": np.full((T, 4), -np.inf, np.float32),
-                         "kind": np.full(T, ROW_EMPTY, np.int8), "ce": 0.0, "nats": 0.0, "bytes": 0}
+                         "kind": np.full(T, ROW_EMPTY, np.int8), "ce": 0.0, "nats": 0.0, "bytes": 0,
+                         "chunk_start": np.full(T, -1, np.int32), "chunk_logprob": np.zeros(T, np.float32)}
                         for _ in caches]}
     for d, s, e, o in zip(segs.doc, segs.start, segs.end, segs.offset):
         text = w.store[d].text
@@ -160,6 +178,11 @@ def reference_block(w, ld, g):
                 if inside:
                     t["nats"] += float(rec.token_ce[jj - 1])
                     t["bytes"] += b - a
+            for first, last, lp in naive_chunks(rec.byte_end.tolist(), rec.token_ce.tolist(), be.tolist()):
+                if first > s and last < e:  # every token of the chunk predicted inside this piece
+                    t["chunk_start"][o + first - s - 1] = -2  # marks the chunk's inner positions as visited
+                    t["chunk_start"][o + last - s - 1] = o + first - s - 1
+                    t["chunk_logprob"][o + last - s - 1] = lp
     n = segs.length
     for t in out["teachers"]:
         t["seq_ce"] = np.float32(t["ce"] / n)
@@ -173,6 +196,7 @@ def test_batches_match_direct_transfer(world):
     assert ld.plan.blocks_per_epoch > B  # several batches, documents straddle blocks
     assert any(len(ld.plan.segments(g)) > 1 for g in range(B))
     steps = -(-ld.plan.blocks_per_epoch // B) + 1  # one epoch and into the next
+    chunks = chunked_tokens = 0
     for step in range(steps):
         batch = ld.local_batch(step)
         assert {k: (v.shape, v.dtype) for k, v in batch.items() if k != "teachers"} == {
@@ -182,7 +206,8 @@ def test_batches_match_direct_transfer(world):
         for t in batch["teachers"]:
             assert {k: (v.shape, v.dtype) for k, v in t.items()} == {
                 "ids": ((B, T, 4), np.int32), "logprobs": ((B, T, 4), np.float32), "kind": ((B, T), np.int8),
-                "seq_ce": ((B,), np.float32), "seq_bpb": ((B,), np.float32)}
+                "seq_ce": ((B,), np.float32), "seq_bpb": ((B,), np.float32),
+                "chunk_start": ((B, T), np.int32), "chunk_logprob": ((B, T), np.float32)}
         for r in range(B):
             g = step * B + r
             ref = reference_block(w, ld, g)
@@ -197,6 +222,11 @@ def test_batches_match_direct_transfer(world):
                 np.testing.assert_array_equal(bt["kind"][r], rt["kind"])
                 np.testing.assert_allclose(bt["seq_ce"][r], rt["seq_ce"], rtol=1e-6)
                 np.testing.assert_allclose(bt["seq_bpb"][r], rt["seq_bpb"], rtol=1e-5)
+                np.testing.assert_array_equal(bt["chunk_start"][r], np.maximum(rt["chunk_start"], -1))
+                np.testing.assert_allclose(bt["chunk_logprob"][r], rt["chunk_logprob"], rtol=1e-5)
+                chunks += int((bt["chunk_start"][r] >= 0).sum())
+                chunked_tokens += int((bt["chunk_start"][r] >= 0).sum() + (rt["chunk_start"] == -2).sum())
+    assert chunks > 0 and chunked_tokens > chunks  # chunks of one token and of several
     # every document's bytes are counted once per epoch (token_bytes), and the epoch covers all documents
     epoch = [ld.local_batch(s) for s in range(ld.plan.blocks_per_epoch // B)]
     seen = set(np.concatenate([b["doc_index"].ravel() for b in epoch]).tolist()) - {-1}

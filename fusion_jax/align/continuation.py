@@ -7,7 +7,8 @@ back. But source row s−1 predicted token s from ``text[:start_s]``, and its to
 bytes and go on beyond them. ``p(c | c begins with them) = p(c) / Σ p(kept)`` is exact up to the top-k truncation;
 each kept c maps to ``suffix[c, P]``, the longest target token that is a prefix of ``bytes(c)[P:]`` (the ``prefix``
 vocabulary map of its remaining bytes), and candidates landing on the same target id add up (``merge_rows``).
-A candidate that ends exactly at ``e`` says nothing about the next target token and is dropped.
+A candidate that ends exactly at ``e`` says nothing about the next target token and is dropped. Given the target's
+tokens (``in_context``), the candidate that is token s itself maps to the target's actual next token instead.
 """
 
 from __future__ import annotations
@@ -64,13 +65,15 @@ def continuation_tables(src: Tokenizer, tgt: Tokenizer) -> Continuation:
 
 
 def inner_rows(src_ids: np.ndarray, src_byte_end: np.ndarray, tgt_byte_end: np.ndarray, src_topk_ids: np.ndarray,
-               src_topk_logprobs: np.ndarray, tables: Continuation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               src_topk_logprobs: np.ndarray, tables: Continuation,
+               tgt_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The inner positions' candidates (module docstring).
 
     src_ids int[n], src_byte_end int[n], tgt_byte_end int[m], src_topk_ids int[n, k], src_topk_logprobs float[n, k]
     → (rows int64[r]: the target positions strictly inside a source token s ≥ 1, at most ``L`` bytes in;
     ids int32[r, k]: each candidate's target id, −1 where it does not continue the emitted bytes; probs
-    float64[r, k]: the candidates' probabilities, to be merged and renormalised)."""
+    float64[r, k]: the candidates' probabilities, to be merged and renormalised). tgt_ids int[m]: the target's tokens,
+    for the in-context choice of the candidate that is the actual token."""
     src_byte_end = np.asarray(src_byte_end, np.int64)
     tgt_byte_end = np.asarray(tgt_byte_end, np.int64)
     n, k = src_topk_ids.shape
@@ -90,5 +93,10 @@ def inner_rows(src_ids: np.ndarray, src_byte_end: np.ndarray, tgt_byte_end: np.n
     within = np.arange(width)[None, :] < depth[:, None]                    # [r, L]: the P bytes emitted so far
     same = ((tables.token_bytes[cand] == emitted[:, None, :]) | ~within[:, None, :]).all(axis=2)
     keep = same & in_vocab & (tables.lengths[cand] > depth[:, None]) & (probs > 0)
-    ids = np.where(keep, tables.suffix[cand, depth[:, None]], -1).astype(np.int32)
-    return rows, ids, probs
+    ids = np.where(keep, tables.suffix[cand, depth[:, None]], -1)
+    if tgt_ids is not None:
+        m = len(tgt_ids)
+        actual = cand == np.asarray(src_ids)[s][:, None]
+        ids = np.where(keep & actual & (rows + 1 < m)[:, None], np.asarray(tgt_ids)[np.minimum(rows + 1, m - 1)][:, None],
+                       ids)
+    return rows, ids.astype(np.int32), probs

@@ -13,7 +13,11 @@ so a BOS/EOS row never stands in for a text row). Per group of the byte alignmen
   candidates that continue the bytes emitted so far inside the token (``align.continuation``).
 
 A transferred row maps every top-k source id through the vocab map (``prefix`` by default), sums the probability
-of candidates that land on the same target id, drops unmapped ones (−1) and renormalises over what is left. A row
+of candidates that land on the same target id, drops unmapped ones (−1) and renormalises over what is left.
+With ``in_context``, the candidate that *is* the text's next source token maps to the target's actual next token
+instead (:func:`in_context_ids`): the target tokenizer's own choice for those bytes in that context, which the
+longest-prefix map misses where the target cuts shorter (code indentation: ``'    '`` → ``▁▁▁▁`` where the target
+emits ``▁▁▁`` before a word) or longer (a row before an n:1 group) than the prefix. A row
 where nothing is left, and every non-transferred position, falls back to ``onehot_next`` (probability 1 on the
 actual next target token; the last position of a document, which has no next token, is empty) or ``mask`` (empty).
 """
@@ -112,6 +116,28 @@ def covering(table: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:
     return np.concatenate([table, np.full(top - len(table), -1, table.dtype)])
 
 
+def in_context_ids(mapped: np.ndarray, cand: np.ndarray, src_next: np.ndarray, tgt_next: np.ndarray,
+                   valid: np.ndarray) -> np.ndarray:
+    """Rows whose text goes on with source token ``src_next`` and target token ``tgt_next`` (both starting at the
+    row's end offset): the candidate equal to ``src_next`` maps to ``tgt_next``, the others keep their map.
+
+    mapped int[r, k] (the vocab map's ids), cand int[r, k] (the source candidates), src_next int[r], tgt_next int[r],
+    valid bool[r] (rows that have both next tokens) → int[r, k]."""
+    hit = (cand == np.asarray(src_next)[:, None]) & np.asarray(valid, bool)[:, None]
+    return np.where(hit, np.asarray(tgt_next)[:, None], mapped)
+
+
+def _next_tokens(src_ids, src_byte_end, s, tgt_ids, tgt_byte_end, t):
+    """Source rows ``s`` matched to target rows ``t`` → (src_next, tgt_next, valid): the next token on each side, valid
+    where both exist and both own bytes or both span none (an EOS stands only for an EOS)."""
+    src_byte_end, tgt_byte_end = np.asarray(src_byte_end, np.int64), np.asarray(tgt_byte_end, np.int64)
+    n, m = len(src_byte_end), len(tgt_byte_end)
+    valid = (s + 1 < n) & (t + 1 < m)
+    sn, tn = np.minimum(s + 1, n - 1), np.minimum(t + 1, m - 1)
+    valid &= (src_byte_end[sn] > src_byte_end[s]) == (tgt_byte_end[tn] > tgt_byte_end[t])
+    return np.asarray(src_ids)[sn], np.asarray(tgt_ids)[tn], valid
+
+
 def _check_topk(src_topk_ids: np.ndarray, src_topk_logprobs: np.ndarray, n: int, vocab_map: np.ndarray) -> None:
     if src_topk_ids.ndim != 2 or src_topk_ids.shape != src_topk_logprobs.shape:
         raise ValueError(
@@ -137,12 +163,14 @@ def transfer_topk(
     k_out: int | None = None,
     continuation: Continuation | None = None,
     src_ids: np.ndarray | None = None,
+    in_context: bool = False,
 ) -> SparseRows:
     """Default-mode transfer (module docstring) → SparseRows with m rows of k_out (default k) entries.
 
     src_byte_end int[n], tgt_byte_end int[m], tgt_ids int[m]; src_topk_ids int[n, k], src_topk_logprobs float[n, k]
     (log-probabilities over the full source vocab, −inf pads allowed); vocab_map int32[V_src] (−1 = unmapped);
-    continuation: the pair's tables for rows inside a source token, with src_ids int[n] (the source's tokens).
+    continuation: the pair's tables for rows inside a source token; in_context: the text's next source token maps
+    to the target's next token (module docstring); both need src_ids int[n] (the source's tokens).
     """
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
@@ -156,19 +184,22 @@ def transfer_topk(
     k = src_topk_ids.shape[1]
     k_out = k if k_out is None else k_out
     rows = empty_rows(m, k_out)
+    if (continuation is not None or in_context) and (src_ids is None or len(src_ids) != len(src_byte_end)):
+        raise ValueError("continuation and in_context need src_ids, one per source token")
     pos = matching_positions(src_byte_end, tgt_byte_end)
     at = np.flatnonzero(pos >= 0)
     if at.size:
         mapped = vocab_map[src_topk_ids[pos[at]]]
+        if in_context:
+            mapped = in_context_ids(mapped, src_topk_ids[pos[at]], *_next_tokens(
+                src_ids, src_byte_end, pos[at], tgt_ids, tgt_byte_end, at))
         probs = np.exp(src_topk_logprobs[pos[at]].astype(np.float64))
         ids, lp = merge_rows(mapped, probs, k_out)
         ok = np.isfinite(lp[:, 0])
         rows.ids[at[ok]], rows.logprobs[at[ok]], rows.kind[at[ok]] = ids[ok], lp[ok], ROW_TEACHER
     if continuation is not None:
-        if src_ids is None or len(src_ids) != len(src_byte_end):
-            raise ValueError("continuation needs src_ids, one per source token")
         inner, mapped, probs = inner_rows(src_ids, src_byte_end, tgt_byte_end, src_topk_ids, src_topk_logprobs,
-                                          continuation)
+                                          continuation, tgt_ids if in_context else None)
         if inner.size:
             ids, lp = merge_rows(mapped, probs, k_out)
             ok = np.isfinite(lp[:, 0])

@@ -148,10 +148,20 @@ class LossConfig:
     chunk_size: int = _help(
         "positions per chunk of the student's logits (recomputed in the backward pass); 0 = all at once", 0,
         minimum=0)
+    likelihood_weight: float = _help(
+        "μ: share of the fusion term given to likelihood matching on byte chunks (fusion/likelihood.py): fusion = "
+        "(1−μ)·top-k CE + μ·chunk KL; 0 = top-k only (paper)", 0.0, minimum=0, maximum=1)
+    likelihood_temperature: float = _help(
+        "τ of likelihood matching: each chunk's probability is taken to the power 1/τ (tokenkit: 100)", 100.0,
+        exclusive_minimum=0)
 
     def validate(self) -> None:
         if not 0.0 <= self.lm_weight <= 1.0:
             raise ConfigError(f"lm_weight must be in [0, 1], got {self.lm_weight!r}")
+        if not 0.0 <= self.likelihood_weight <= 1.0:
+            raise ConfigError(f"likelihood_weight must be in [0, 1], got {self.likelihood_weight!r}")
+        if not self.likelihood_temperature > 0:
+            raise ConfigError(f"likelihood_temperature must be > 0, got {self.likelihood_temperature!r}")
         check_choices(self)
         if self.chunk_size < 0:
             raise ConfigError(f"chunk_size must be >= 0 (0 = unchunked), got {self.chunk_size}")
@@ -239,6 +249,10 @@ class TeacherConfig:
         "bytes mode, cached: a target position inside a source token (1:n and n:m groups) gets the previous source "
         "row's candidates that continue the bytes emitted so far, each mapped to the target token its remaining bytes "
         "start with (align/continuation.py); false: the fallback there", False)
+    in_context: bool = _help(
+        "bytes mode, cached: the candidate that is the text's actual next source token maps to the target's actual "
+        "next token (the target tokenizer's own choice for those bytes in context), the others through vocab_map",
+        False)
 
     def __post_init__(self) -> None:
         for key in ("checkpoint", "tokenizer", "cache"):  # models often live under the home directory
@@ -262,9 +276,10 @@ class TeacherConfig:
 
     def validate(self) -> None:
         check_choices(self, f"teacher {self.label}: ")
-        if self.continuation and (self.online or self.align != "bytes"):
-            raise ConfigError(f"teacher {self.label}: continuation needs align=bytes and mode=cached, got "
-                              f"align={self.align!r}, mode={self.mode!r}")
+        for key in ("continuation", "in_context"):
+            if getattr(self, key) and (self.online or self.align != "bytes"):
+                raise ConfigError(f"teacher {self.label}: {key} needs align=bytes and mode=cached, got "
+                                  f"align={self.align!r}, mode={self.mode!r}")
         if self.online and self.align != "bytes":
             raise ConfigError(f"teacher {self.label}: mode=online supports align=bytes only, got align={self.align!r}: "
                               "the fusellm DTW alignment is host-side string work on the teacher's top-k per document "

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fusion_jax.align.chunks import byte_chunks
 from fusion_jax.align.transfer import ROW_EMPTY, SparseRows
 from fusion_jax.data.online_block import DocOnline, OnlineBlock, encode_online
 from fusion_jax.data.packing import PackingPlan, block_layout
@@ -34,6 +35,9 @@ class DocTeacher:
     span_start: np.ndarray  # int64[n−1]: byte span of the teacher's predicted tokens 1..n−1
     span_end: np.ndarray
     ce: np.ndarray          # float64[n−1]: −log p(token j | tokens < j)
+    chunk_first: np.ndarray  # int32[c]: first target token of each byte chunk (align.chunks)
+    chunk_last: np.ndarray   # int32[c]: its last target token
+    chunk_logprob: np.ndarray  # float64[c]: the teacher's log-probability of the chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +116,8 @@ class BlockBuilder:
             ends = rec.byte_end.astype(np.int64)
             starts = np.concatenate([[0], ends[:-1]])
             teachers.append(DocTeacher(rows, float(rec.doc_ce), starts[1:], ends[1:],
-                                       rec.token_ce[:-1].astype(np.float64)))
+                                       rec.token_ce[:-1].astype(np.float64),
+                                       *byte_chunks(rec.byte_end, rec.token_ce, byte_end)))
         out = Doc(ids, byte_end, byte_start, tuple(teachers))
         if self.doc_cache:
             self._docs[d] = out
@@ -134,6 +139,8 @@ class BlockBuilder:
         t_ids = [np.zeros((T, k), np.int32) for _ in range(K)]
         t_lp = [np.full((T, k), -np.inf, np.float32) for _ in range(K)]
         t_kind = [np.full(T, ROW_EMPTY, np.int8) for _ in range(K)]
+        c_start = [np.full(T, -1, np.int32) for _ in range(K)]
+        c_lp = [np.zeros(T, np.float32) for _ in range(K)]
         ce_sum = np.zeros(K)
         nats, nbytes = np.zeros(K), np.zeros(K, np.int64)
         online = {j: OnlineBlock(t.spec.source_len(T), T) for j, t in enumerate(self.teachers) if t.online}
@@ -151,6 +158,11 @@ class BlockBuilder:
                 t_ids[j][dst] = dt.rows.ids[src]
                 t_lp[j][dst] = dt.rows.logprobs[src]
                 t_kind[j][dst] = dt.rows.kind[src]
+                # chunks whose tokens are all predicted inside this piece: token i sits at o + i − s, predicted at
+                # the position before it
+                inside = (dt.chunk_first > s) & (dt.chunk_last < e)
+                c_start[j][o - s - 1 + dt.chunk_last[inside]] = o - s - 1 + dt.chunk_first[inside]
+                c_lp[j][o - s - 1 + dt.chunk_last[inside]] = dt.chunk_logprob[inside]
                 ce_sum[j] += dt.doc_ce * (e - s)
                 # the teacher's predicted tokens whose span lies in this piece's text; an empty span at the piece's
                 # end (EOS) belongs to the document's last piece only, so no token is counted twice
@@ -165,7 +177,8 @@ class BlockBuilder:
                 continue
             bpb = nats[j] / (math.log(2) * nbytes[j]) if nbytes[j] else np.nan
             teachers.append({"ids": t_ids[j], "logprobs": t_lp[j], "kind": t_kind[j],
-                             "seq_ce": np.float32(ce_sum[j] / n), "seq_bpb": np.float32(bpb)})
+                             "seq_ce": np.float32(ce_sum[j] / n), "seq_bpb": np.float32(bpb),
+                             "chunk_start": c_start[j], "chunk_logprob": c_lp[j]})
         return {"tokens": tokens, "segment_ids": lay["segment_ids"], "positions": lay["positions"],
                 "loss_mask": lay["loss_mask"], "doc_index": lay["doc_index"], "token_bytes": token_bytes,
                 "teachers": teachers}

@@ -35,6 +35,10 @@ A batch (leading dimension B = global batch size; numpy per host, ``jax.Array`` 
         seq_bpb   float32[B]         the teacher's CE summed over its tokens whose span lies inside the block's text
                                      (and that it predicted: not its first token of a document), over ln 2 × those
                                      tokens' bytes; NaN when the block holds no such byte
+        chunk_start    int32[B, T]   byte chunks for likelihood matching (``align.chunks``): at the position
+                                     predicting a chunk's last target token, the position predicting its first;
+                                     −1 elsewhere (only chunks whose tokens are all predicted inside one piece)
+        chunk_logprob  float32[B, T] the teacher's log-probability of its own tokens over that chunk; 0 elsewhere
       an *online* teacher (``TeacherConfig.mode == 'online'``: no cache, its forward runs inside the train step,
       ``fusion_jax/fusion/online.py``) ships its inputs and the alignment table instead of rows (Ts = its ``seq_len``):
         src_tokens       int32[B, Ts]    the source tokens of the block's document pieces, one segment per piece
@@ -270,7 +274,8 @@ class FusionLoader:
                         "gather": s((B, T), np.int32), "next_ids": s((B, T), np.int32),
                         "src_overflow": s((B,), np.int32)}
             return {"ids": s((B, T, k), np.int32), "logprobs": s((B, T, k), np.float32), "kind": s((B, T), np.int8),
-                    "seq_ce": s((B,), np.float32), "seq_bpb": s((B,), np.float32)}
+                    "seq_ce": s((B,), np.float32), "seq_bpb": s((B,), np.float32),
+                    "chunk_start": s((B, T), np.int32), "chunk_logprob": s((B, T), np.float32)}
 
         return {"tokens": s((B, T), np.int32), "segment_ids": s((B, T), np.int32), "positions": s((B, T), np.int32),
                 "loss_mask": s((B, T), np.bool_), "doc_index": s((B, T), np.int32),

@@ -93,7 +93,8 @@ class TeacherReader:
         if s.align == "bytes":
             return transfer_topk(rec.byte_end, tgt_byte_end, tgt_ids, rec.topk_ids, rec.topk_logprobs,
                                  covering(self.table, rec.topk_ids), fallback=s.fallback, k_out=k,
-                                 continuation=self.continuation(target) if s.continuation else None, src_ids=rec.ids)
+                                 continuation=self.continuation(target) if s.continuation else None, src_ids=rec.ids,
+                                 in_context=s.in_context)
         return self.pair(target).transfer(rec.ids, tgt_ids, rec.topk_ids[:, :k], rec.topk_logprobs[:, :k],
                                           vocab_align=s.vocab_align, onehot_target=s.onehot_target,
                                           tie_order=s.tie_order, drop_beyond_vocab=True)

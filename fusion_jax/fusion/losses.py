@@ -1,5 +1,9 @@
 """The FuseLLM objective on sparse targets: L = λ·CLM + (1−λ)·fusion, from one log-sum-exp per position.
 
+The fusion term is the top-k one below, or with ``likelihood_weight`` μ > 0 a mix ``(1−μ)·top-k + μ·likelihood``,
+the latter being likelihood matching on byte chunks (:mod:`fusion_jax.fusion.likelihood`, from the same per-token
+log-probabilities as the CLM term; it needs the teachers' chunks).
+
 With student logits z_t (float32, [V]) and ``lse_t = logsumexp(z_t)``:
 
 * CLM at t: ``lse_t − z_t[label_t]`` where ``clm_mask`` (the loader's ``loss_mask``: next label in the same segment).
@@ -33,6 +37,7 @@ import jax.numpy as jnp
 
 from fusion_jax.config.schema import LossConfig
 from fusion_jax.fusion.fuse import FusedTarget
+from fusion_jax.fusion.likelihood import TeacherChunks, likelihood_terms
 from fusion_jax.models.head import map_chunks
 
 
@@ -48,10 +53,16 @@ def lm_weight(cfg: LossConfig, step: Any = 0, max_steps: Any = 1) -> jax.Array:
     return lam + (1.0 - lam) * frac
 
 
+def fusion_term(cfg: LossConfig, fusion: jax.Array, likelihood: jax.Array) -> jax.Array:
+    """(1−μ)·top-k fusion + μ·likelihood matching (μ = ``likelihood_weight``; the top-k term alone at μ = 0)."""
+    mu = float(cfg.likelihood_weight)
+    return fusion if mu == 0.0 else (1.0 - mu) * fusion + mu * likelihood
+
+
 def total_loss(cfg: LossConfig, losses: dict, step: Any = 0, max_steps: Any = 1) -> jax.Array:
-    """λ·clm + (1−λ)·fusion."""
+    """λ·clm + (1−λ)·fusion term."""
     lam = lm_weight(cfg, step, max_steps)
-    return lam * losses["clm"] + (1.0 - lam) * losses["fusion"]
+    return lam * losses["clm"] + (1.0 - lam) * fusion_term(cfg, losses["fusion"], losses.get("likelihood", 0.0))
 
 
 def make_fusion_mask(cfg: LossConfig, loss_mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -86,17 +97,20 @@ def sparse_losses(
     target: FusedTarget,
     fusion_mask: jax.Array,
     cfg: LossConfig,
+    chunks: TeacherChunks | None = None,
 ) -> dict[str, jax.Array]:
     """CLM and fusion losses without a dense teacher tensor (see the module docstring).
 
     ``logits_fn(hidden_chunk [B, C, D]) → logits [B, C, V]`` (float32; e.g.
     ``functools.partial(decoder.unembed, model_cfg, params)``),
     ``hidden [B, T, D]``, ``labels int32[B, T]`` (the next token at each position), ``clm_mask bool[B, T]``,
-    ``target`` from :func:`~fusion_jax.fusion.fuse.fuse`, ``fusion_mask bool[B, T]`` (:func:`make_fusion_mask`).
+    ``target`` from :func:`~fusion_jax.fusion.fuse.fuse`, ``fusion_mask bool[B, T]`` (:func:`make_fusion_mask`),
+    ``chunks`` the teachers' byte chunks (needed when ``cfg.likelihood_weight > 0``).
 
     Returns float32 values: ``clm``, ``fusion`` (reduced per ``cfg.reduction``), ``clm_tokens``, ``fusion_tokens``
     (global counts), ``clm_block_sum``/``clm_block_tokens``/``fusion_block_sum``/``fusion_block_tokens`` [B] (for
-    accumulating over micro-batches), ``clm_per_token``/``fusion_per_token`` [B, T] (0 where masked).
+    accumulating over micro-batches), ``clm_per_token``/``fusion_per_token`` [B, T] (0 where masked), and the same
+    for ``likelihood`` (zeros when ``likelihood_weight`` is 0; its tokens are the chunks counted).
     The target gets no gradient.
     """
     B, T = labels.shape
@@ -127,8 +141,15 @@ def sparse_losses(
         fus = ce
     clm = jnp.where(cmask, clm, 0.0)
     fus = jnp.where(fmask, fus, 0.0)
+    if cfg.likelihood_weight > 0:
+        if chunks is None:
+            raise ValueError("likelihood_weight > 0 needs the teachers' chunks (TeacherChunks.stack of the batch)")
+        lik, lmask = likelihood_terms(-clm, chunks, target.weights, cfg.likelihood_temperature)
+    else:
+        lik, lmask = jnp.zeros((B, T), jnp.float32), jnp.zeros((B, T), bool)
     clm_value, clm_block_sum, clm_block_tokens = _reduce(clm, cmask, cfg.reduction)
     fus_value, fus_block_sum, fus_block_tokens = _reduce(fus, fmask, cfg.reduction)
+    lik_value, lik_block_sum, lik_block_tokens = _reduce(lik, lmask, cfg.reduction)
     return {
         "clm": clm_value,
         "fusion": fus_value,
@@ -140,4 +161,9 @@ def sparse_losses(
         "fusion_block_tokens": fus_block_tokens,
         "clm_per_token": clm,
         "fusion_per_token": fus,
+        "likelihood": lik_value,
+        "likelihood_tokens": jnp.sum(lik_block_tokens),
+        "likelihood_block_sum": lik_block_sum,
+        "likelihood_block_tokens": lik_block_tokens,
+        "likelihood_per_token": lik,
     }

@@ -53,6 +53,8 @@ class Evaluator:
         if sums:
             out["clm"] = float(sums["clm_sum"] / max(sums["clm_tokens"], 1))
             out["fusion"] = float(sums["fusion_sum"] / max(sums["fusion_tokens"], 1))
+            if self.cfg.loss.likelihood_weight > 0:
+                out["likelihood"] = float(sums["likelihood_sum"] / max(sums["likelihood_tokens"], 1))
             wins = sums["teacher_wins"]
             out["win_rate"] = dict(zip(self.names, (wins / max(wins.sum(), 1e-9)).tolist()))
         return out

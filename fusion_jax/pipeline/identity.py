@@ -22,7 +22,7 @@ NOT_IDENTITY = (
 )
 # Keys added after runs were recorded, with the value that means what the runs before them did: left out of the
 # identity at that value, so that those runs are still recognised.
-ADDED_LATER = {"sources": {"continuation": False}}
+ADDED_LATER = {"sources": {"continuation": False, "in_context": False}}
 # What the demo fills in from its own settings (which its stages check): not part of a demo run's identity. The
 # sources a user adds to the demo's are (an empty list is left out, as it was before users could add any).
 DEMO_FILLED = ("target", "target_tokenizer", "data.documents", "data.corpus")

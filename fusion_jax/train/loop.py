@@ -123,7 +123,7 @@ class TrainLoop:
     def _check(self, step: int, m: dict) -> None:
         """Raise :class:`TrainingError` on a non-finite loss, or on the ``train.stall_steps``-th step in a row that
         did not learn."""
-        if not all(math.isfinite(m[k]) for k in ("loss", "clm", "fusion", "grad_norm")):
+        if not all(math.isfinite(m[k]) for k in ("loss", "clm", "fusion", "likelihood", "grad_norm")):
             where = (f"the last good checkpoint is step {self.last_good} in {self.ckpts.directory}"
                      if self.last_good is not None else "no checkpoint was written yet")
             raise TrainingError(

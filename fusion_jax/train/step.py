@@ -35,7 +35,8 @@ import optax
 from fusion_jax.config.model import ModelConfig
 from fusion_jax.fusion import online as online_lib
 from fusion_jax.fusion.fuse import FusedTarget, FusionConfig, fuse
-from fusion_jax.fusion.losses import LossConfig, block_means, lm_weight, sparse_losses
+from fusion_jax.fusion.likelihood import TeacherChunks
+from fusion_jax.fusion.losses import LossConfig, block_means, fusion_term, lm_weight, sparse_losses
 from fusion_jax.models import decoder
 from fusion_jax.train.optim import OptimizerConfig, make_optimizer, schedule
 
@@ -121,6 +122,15 @@ def make_train_step(
         # holding an empty block differently from the rest)
         n_clm_blocks = jnp.maximum(clm_mask.any(1).sum(), 1).astype(jnp.float32)
         n_fus_blocks = jnp.maximum(fusion_mask.any(1).sum(), 1).astype(jnp.float32)
+        chunks = TeacherChunks.stack(batch["teachers"], tokens.shape)
+        n_lik, n_lik_blocks = _likelihood_counts(loss_cfg, chunks, target)
+
+        def reduced(out, name, n, n_blocks):
+            """A micro-batch's share of the whole batch's ``name`` loss."""
+            if loss_cfg.reduction == "tokens":
+                return jnp.where(out[f"{name}_tokens"] > 0, out[name] * out[f"{name}_tokens"], 0.0) / n
+            # per-block means, averaged over the non-empty blocks of the whole batch
+            return jnp.sum(block_means(out[f"{name}_block_sum"], out[f"{name}_block_tokens"])) / n_blocks
 
         def micro_loss(master, mb):
             # Matrices in the compute dtype before use: FSDP all-gathers move bf16, not the float32 master copy.
@@ -128,33 +138,31 @@ def make_train_step(
             hidden = decoder.hidden_states(model_cfg, params, mb["tokens"], mb["segment_ids"], mb["positions"],
                                            rules=rules)
             out = sparse_losses(lambda h: decoder.unembed(model_cfg, params, h), hidden, mb["labels"],
-                                mb["clm_mask"], mb["target"], mb["fusion_mask"], loss_cfg)
-            if loss_cfg.reduction == "tokens":
-                clm = jnp.where(out["clm_tokens"] > 0, out["clm"] * out["clm_tokens"], 0.0) / n_clm
-                fus = jnp.where(out["fusion_tokens"] > 0, out["fusion"] * out["fusion_tokens"], 0.0) / n_fus
-            else:  # per-block means, averaged over the non-empty blocks of the whole batch
-                clm = jnp.sum(block_means(out["clm_block_sum"], out["clm_block_tokens"])) / n_clm_blocks
-                fus = jnp.sum(block_means(out["fusion_block_sum"], out["fusion_block_tokens"])) / n_fus_blocks
+                                mb["clm_mask"], mb["target"], mb["fusion_mask"], loss_cfg, mb["chunks"])
+            clm = reduced(out, "clm", n_clm, n_clm_blocks)
+            fus = reduced(out, "fusion", n_fus, n_fus_blocks)
+            lik = reduced(out, "likelihood", n_lik, n_lik_blocks)
             lam = lm_weight(loss_cfg, state["step"], steps)
-            return lam * clm + (1 - lam) * fus, (clm, fus)
+            return lam * clm + (1 - lam) * fusion_term(loss_cfg, fus, lik), (clm, fus, lik)
 
         micro = {"tokens": tokens, "segment_ids": seg, "positions": batch["positions"], "labels": labels,
-                 "clm_mask": clm_mask, "fusion_mask": fusion_mask, "target": target}
+                 "clm_mask": clm_mask, "fusion_mask": fusion_mask, "target": target, "chunks": chunks}
         micro = jax.tree.map(lambda x: online_lib.micro(x, a), micro)
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def accumulate(carry, mb):
-            grads, loss, clm, fus = carry
-            (l, (c, f)), g = grad_fn(state["params"], mb)
-            return (jax.tree.map(jnp.add, grads, g), loss + l, clm + c, fus + f), None
+            grads, loss, clm, fus, lik = carry
+            (l, (c, f, k)), g = grad_fn(state["params"], mb)
+            return (jax.tree.map(jnp.add, grads, g), loss + l, clm + c, fus + f, lik + k), None
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        (grads, loss, clm, fus), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, 0.0), micro)
+        (grads, loss, clm, fus, lik), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, 0.0, 0.0), micro)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         win = (target.weights * fusion_mask[..., None]).sum(axis=(0, 1))
         metrics = {
-            "loss": loss, "clm": clm, "fusion": fus, "lm_weight": lm_weight(loss_cfg, state["step"], steps),
+            "loss": loss, "clm": clm, "fusion": fus, "likelihood": lik,
+            "lm_weight": lm_weight(loss_cfg, state["step"], steps),
             "learning_rate": lr(state["step"]), "grad_norm": optax.global_norm(grads),
             "clm_tokens": clm_mask.sum(), "fusion_tokens": fusion_mask.sum(), "teacher_wins": win,
         }
@@ -163,6 +171,15 @@ def make_train_step(
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return step_fn, opt
+
+
+def _likelihood_counts(loss_cfg: LossConfig, chunks: TeacherChunks, target: FusedTarget) -> tuple[jax.Array, jax.Array]:
+    """The whole batch's count of likelihood-matching positions and of blocks holding one (each at least 1)."""
+    if loss_cfg.likelihood_weight == 0:
+        return jnp.float32(1.0), jnp.float32(1.0)
+    mask = ((chunks.start >= 0) & (target.weights > 0)).any(-1)
+    return (jnp.maximum(mask.sum(), 1).astype(jnp.float32),
+            jnp.maximum(mask.any(1).sum(), 1).astype(jnp.float32))
 
 
 def jit_train_step(step_fn, abstract: State, batch_spec: dict, mesh, frozen=None):
@@ -202,9 +219,11 @@ def eval_losses(model_cfg: ModelConfig, fusion_cfg: FusionConfig, loss_cfg: Loss
         hidden = decoder.hidden_states(model_cfg, params, tokens, batch["segment_ids"], batch["positions"], rules=rules)
         tokens_cfg = loss_cfg if loss_cfg.reduction == "tokens" else _with_tokens(loss_cfg)
         out = sparse_losses(lambda h: decoder.unembed(model_cfg, params, h), hidden, labels, clm_mask, target,
-                            fusion_mask, tokens_cfg)
+                            fusion_mask, tokens_cfg, TeacherChunks.stack(batch["teachers"], tokens.shape))
         return {"clm_sum": out["clm"] * out["clm_tokens"], "clm_tokens": out["clm_tokens"],
                 "fusion_sum": out["fusion"] * out["fusion_tokens"], "fusion_tokens": out["fusion_tokens"],
+                "likelihood_sum": out["likelihood"] * out["likelihood_tokens"],
+                "likelihood_tokens": out["likelihood_tokens"],
                 "teacher_wins": (target.weights * fusion_mask[..., None]).sum(axis=(0, 1))}
 
     return fn
