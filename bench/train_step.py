@@ -22,6 +22,14 @@ the fastest steps is printed too. Data loading is excluded on both sides: the ba
 (what ``datasets`` hands the collator), ours are device arrays. The step-1 and step-2 losses of both sides are
 printed and must agree (fp32): both compute the same step on the same weights.
 
+**Fused step vs CLM step** (``fusion_over_clm_step`` in the JSON): in our process, the same model and batch trained
+three ways from the same weights, on the demo's fusion settings (MinCE per block, bpb scores, next-label mask): a plain
+CLM step (no teachers, λ = 1), the paper recipe's fused step (λ = 0.9, top-k CE) and the shipped recipe's (the loss
+section of ``configs/demo.yaml``, which may add likelihood matching on byte chunks: the batch carries every teacher's
+chunks as the loader ships them). Steps alternate (clm, paper, shipped, …) after a warm-up; the ratios are of the
+median step times. The transfer options (``continuation``, ``in_context``) run on the host in the loader and cost
+the step nothing.
+
 **Loss-side memory** = the memory of everything between the final hidden states [B, T, D] and the gradient with
 respect to them and to the unembedding: building the target from the teachers' rows (collation + MinCE for the
 baseline; ``fuse`` for ours), the logits, both losses and their backward — i.e. what the loss needs beyond the
@@ -61,6 +69,7 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = (re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
                            + " --xla_force_host_platform_device_count=1").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
 
 import numpy as np  # noqa: E402
 
@@ -142,9 +151,27 @@ def make_batch(a: argparse.Namespace, vocab: int) -> dict:
                          "seq_ce": seq_ce, "seq_bpb": (seq_ce / np.log(2) / 4).astype(np.float32)})
     loss_mask = np.ones((B, T), bool)
     loss_mask[:, -1] = False  # no next label in the block (official mode: one segment per block)
+    for t in teachers:  # byte chunks of 1–3 target tokens, as the loader ships them
+        t["chunk_start"], t["chunk_logprob"] = _chunks(rng, loss_mask)
     return {"tokens": tokens, "segment_ids": np.ones((B, T), np.int32),
             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(), "loss_mask": loss_mask,
             "teachers": teachers}
+
+
+def _chunks(rng: np.random.Generator, loss_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(chunk_start int32[B, T], chunk_logprob float32[B, T]): consecutive chunks of 1–3 positions, ending at their
+    last position (vectorised; the loader's layout)."""
+    B, T = loss_mask.shape
+    start = np.full((B, T), -1, np.int32)
+    logprob = np.zeros((B, T), np.float32)
+    for b in range(B):
+        ends = np.cumsum(rng.integers(1, 4, T))
+        ends = ends[ends <= T] - 1
+        firsts = np.concatenate([[0], ends[:-1] + 1])
+        keep = loss_mask[b, ends]
+        start[b, ends[keep]] = firsts[keep]
+        logprob[b, ends[keep]] = -rng.uniform(0.1, 3.0, keep.sum()) * (ends[keep] - firsts[keep] + 1)
+    return start, logprob
 
 
 def official_features(batch: dict) -> dict:
@@ -332,6 +359,7 @@ class Ours:
         step_fn, opt = make_train_step(model_cfg, fusion_cfg, loss_cfg, opt_cfg, 1000, rules)
         abstract = abstract_state(model_cfg, opt, mesh, rules)
         self.state = init_state(params, opt, abstract)
+        self.head_params = jax.tree.map(jnp.copy, params)  # the recipe steps start from these weights too
         del params
         self.V = model_cfg.vocab_size
         batch_sh = jax.NamedSharding(mesh, jax.P())
@@ -361,6 +389,42 @@ class Ours:
             self.hidden, self.head, self.batch).compile()
         self.loss_mem = self.loss_compiled.memory_analysis()
 
+        self._recipe_steps(model_cfg, mesh, rules, opt_cfg)
+
+    def _recipe_steps(self, model_cfg, mesh, rules, opt_cfg) -> None:
+        """The CLM, paper and shipped steps on the same weights and batch (module docstring)."""
+        import dataclasses
+
+        from fusion_jax.config import loader as config_loader
+        from fusion_jax.config.schema import TrainConfig
+        from fusion_jax.fusion.losses import LossConfig
+        from fusion_jax.train.step import abstract_state, init_state, jit_train_step, make_train_step
+
+        jax = self.jax
+        demo = config_loader.load(TrainConfig, str(ROOT / "configs" / "demo.yaml"))
+        losses = {"clm": LossConfig(lm_weight=1.0), "paper": LossConfig(lm_weight=0.9),
+                  "shipped": dataclasses.replace(demo.loss, chunk_size=self.a.chunk_size)}
+        self.shipped_loss = config_loader.to_dict(demo.loss)
+        sh = jax.NamedSharding(mesh, jax.P())
+        self.recipes = {}
+        for name, loss_cfg in losses.items():
+            step_fn, opt = make_train_step(model_cfg, demo.fusion, loss_cfg, opt_cfg, 1000, rules)
+            abstract = abstract_state(model_cfg, opt, mesh, rules)
+            params = jax.tree.map(jax.numpy.copy, self.head_params)
+            batch = dict(self.batch, teachers=[] if name == "clm" else self.batch["teachers"])
+            spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), batch)
+            with jax.set_mesh(mesh):
+                compiled = jit_train_step(step_fn, abstract, spec, mesh).lower(init_state(params, opt, abstract),
+                                                                               batch).compile()
+            self.recipes[name] = [compiled, init_state(params, opt, abstract), batch]
+
+    def recipe_step(self, name: str) -> float:
+        r = self.recipes[name]
+        t0 = time.perf_counter()
+        r[1], m = r[0](r[1], r[2])
+        float(m["loss"])
+        return time.perf_counter() - t0
+
     def step(self) -> list[float]:
         self.state, m = self.compiled(self.state, self.batch)
         return [float(m["loss"]), float(m["clm"]), float(m["fusion"])]  # float() waits for the step
@@ -385,7 +449,7 @@ class Ours:
             "compile_s": self.compile_s, "step_xla_temp": self.step_mem.temp_size_in_bytes,
             "loss_side_peak_rss": max(peaks), "loss_side_xla": lm.temp_size_in_bytes + lm.output_size_in_bytes,
             "loss_side_xla_temp": lm.temp_size_in_bytes, "loss_side_xla_out": lm.output_size_in_bytes,
-            "devices": self.jax.device_count(),
+            "devices": self.jax.device_count(), "shipped_loss": self.shipped_loss,
             "loss_side_analytic": {"fused_target_ids_probs": B * T * K * k * 8, "logits_chunk_fp32": 4 * B * C * V,
                                    "dlogits_chunk_fp32": 4 * B * C * V},
         }
@@ -407,6 +471,8 @@ def serve(a: argparse.Namespace) -> None:
             reply = {"s": time.perf_counter() - t0, "losses": losses}
             if rss0 is None:  # after the first step: the later steps' peak from here on
                 rss0 = reset_peak()
+        elif cmd.startswith("recipe "):
+            reply = {"s": side.recipe_step(cmd.split()[1])}
         elif cmd == "loss":
             t0 = time.perf_counter()
             value = side.loss_side()
@@ -480,6 +546,13 @@ def run_both(a: argparse.Namespace, model_dir: str, tmp: Path) -> tuple[dict, di
             res[name]["losses"].append(r["losses"])
             if i >= a.warmup:
                 res[name]["steps"].append(r["s"])
+    recipes = {"clm": [], "paper": [], "shipped": []}
+    for i in range(a.warmup + a.repeats):
+        for name in recipes:
+            s = ours(f"recipe {name}")["s"]
+            if i >= a.warmup:
+                recipes[name].append(s)
+    res["ours"]["recipe_step_s"] = {name: statistics.median(v) for name, v in recipes.items()}
     for name, c in (("ours", ours), ("baseline", base)):
         c("loss")  # warm-up
     for _ in range(3):
@@ -574,6 +647,11 @@ def main() -> None:
     print(f"loss side, baseline: peak ΔRSS {mib(base_mem)} MiB; by construction "
           + ", ".join(f"{k} {mib(v)}" for k, v in base["loss_side_analytic"].items()) + " MiB")
     print(f"whole step, ours: XLA temporaries {mib(ours['step_xla_temp'])} MiB")
+    rs = ours["recipe_step_s"]
+    fusion_over_clm = {"paper": round(rs["paper"] / rs["clm"], 3), "shipped": round(rs["shipped"] / rs["clm"], 3)}
+    print(f"fused step / CLM step (same model and batch, median s: clm {rs['clm']:.3f}, paper {rs['paper']:.3f}, "
+          f"shipped {rs['shipped']:.3f}): paper {fusion_over_clm['paper']:.3f}, shipped {fusion_over_clm['shipped']:.3f}"
+          f"  (shipped loss: {ours['shipped_loss']})")
     l_ours, l_base = ours["losses"][0][0], base["losses"][0][0]
     rel = abs(l_ours - l_base) / abs(l_base)
     ok_speed = ours_tps / base_tps >= 2.0
@@ -589,6 +667,7 @@ def main() -> None:
               "maxrss_bytes": {"ours": ours["maxrss"], "baseline": base["maxrss"]},
               "ratio_min_step": round(base["step_min_s"] / ours["step_min_s"], 3),
               "baseline_collate_s": round(base["collate_s"], 4), "step1_loss": {"ours": l_ours, "baseline": l_base},
+              "fusion_over_clm_step": fusion_over_clm, "shipped_loss": ours["shipped_loss"],
               "pass": {"speed_2x": ok_speed, "memory_10x": ok_mem}, "config": small}
     print(json.dumps(result))
     if rel > 1e-3 and a.dtype == "float32":

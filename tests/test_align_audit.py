@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fusion_jax.cli import align as audit_cli
-from fusion_jax.align.audit import CATEGORIES, MODES, PairReport, audit, audit_pair, load_documents
+from fusion_jax.align.audit import APPROX_NAME, CATEGORIES, MODES, PairReport, audit, audit_pair, load_documents
 from fusion_jax.align.bytes import GROUP_KINDS
 from fusion_jax.align.vocab import vocab_map
 from fusion_jax.tokenizers import load_tokenizer
@@ -50,7 +50,7 @@ def _check_invariants(r: PairReport) -> None:
         assert s.positions == r.positions
         assert sum(s.mass.values()) == pytest.approx(1.0), mode
         assert sum(s.counts.values()) == s.positions
-        approx = "prefix" if mode == "default" else "mined"
+        approx = APPROX_NAME[mode]
         assert s.teacher == s.counts["exact"] + s.counts[approx]
         assert s.matched == s.teacher + s.counts["unmapped"]
         assert s.teacher + s.fallback == s.positions
@@ -61,6 +61,11 @@ def _check_invariants(r: PairReport) -> None:
             assert 0.0 <= cov.agrees <= cov.teacher <= 1.0
         counts = [w.count for w in s.worst]
         assert counts == sorted(counts, reverse=True), "worst mappings must be sorted by frequency"
+    if "in_context" in r.modes:  # exact = lands on the next target token; rows inside source tokens too
+        s = r.modes["in_context"]
+        assert s.agrees == pytest.approx(s.mass["exact"])
+        if "default" in r.modes:
+            assert s.teacher >= r.modes["default"].teacher and s.agrees >= r.modes["default"].agrees
 
 
 def _direct_coverage(tgt, docs, eos: bool) -> Counter:
@@ -130,8 +135,11 @@ def test_invariants_naive_default_and_direct_coverage(tiny, src_name, tgt_name, 
     assert (r.eos is not None) == eos
     # The pair really differs: not everything is 1:1 and something is lost in each mode.
     assert r.groups["1:1"] < 1.0
-    for s in r.modes.values():
-        assert s.mass["dropped"] > 0 and s.worst
+    for mode in ("default", "fusellm"):
+        assert r.modes[mode].mass["dropped"] > 0 and r.modes[mode].worst
+    # in context the oracle always lands on the next target token: only positions without any row drop
+    ctx = r.modes["in_context"]
+    assert ctx.counts["other"] == ctx.counts["unmapped"] == 0 and ctx.fallback < r.modes["default"].fallback
 
     # Positions: every target token but the first of each document is some row's next token.
     assert r.positions == sum(len(d.target.ids) - 1 + eos for d in docs)

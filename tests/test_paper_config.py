@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fusion_jax.config import loader as config_loader
+from fusion_jax.experiments import compare
 from fusion_jax.experiments import run as experiment
 from fusion_jax.config import schema
 from fusion_jax.cli import train as train_cli
@@ -199,6 +200,20 @@ def test_yaml_is_the_papers_setting():
     assert [t.name for t in pipeline.teacher_list(cfg)] == ["target", "openllama", "mpt"]
     assert cfg.data.corpus.format == "hf" and cfg.data.max_tokens == 2000
     assert (cfg.mesh.data, cfg.mesh.fsdp) == (1, -1)
+    # the paper's recipe: the report compares nothing more (compare.paper_config leaves it as it is)
+    assert all(not s.continuation and not s.in_context for s in cfg.sources) and cfg.loss.likelihood_weight == 0
+    assert compare.paper_config(cfg) == cfg
+
+
+def test_paper_config_resets_the_recipe_only():
+    cfg = config_loader.load(schema.TrainConfig, str(CONFIG), [
+        "loss.lm_weight=0.0", "loss.lm_weight_schedule=hard_and_decay", "loss.likelihood_weight=0.5",
+        "fusion.granularity=token", "fusion.teacher_temperature=2.0", "sources[0].continuation=true",
+        "sources[1].in_context=true", "loader.k=5", "train.steps=7"])
+    paper = compare.paper_config(cfg)
+    assert paper == compare.paper_config(config_loader.load(schema.TrainConfig, str(CONFIG),
+                                                            ["loader.k=5", "train.steps=7"]))
+    assert (paper.loader.k, paper.train.steps) == (5, 7)  # everything but the recipe is kept
 
 
 def test_sources_are_loadable_checkpoints(ckpts):

@@ -391,3 +391,20 @@ def test_report_json_is_strict_json(tmp_path):
                             "settings": {"peak": float("inf"), "per_step": np.array([1.0, np.nan])}})
     saved = json.loads((tmp_path / "report.json").read_text(), parse_constant=reject)
     assert saved["bpb"]["fused"]["all"] is None and saved["settings"] == {"peak": None, "per_step": [1.0, None]}
+
+
+def test_paper_recipe_row(tmp_path):
+    """A run whose recipe is not the paper's shows the paper's row: its bpb, the difference and both gaps closed."""
+    bpb = {"fused": {"all": 1.00, "code": 0.70}, "paper": {"all": 1.10, "code": 0.76}, "clm": {"all": 1.20, "code": 0.80},
+           "source:a": {"all": 0.90, "code": 0.60}}
+    out = _write_quiet(tmp_path, {"bpb": bpb})
+    assert out["gap_closed"]["code"] == pytest.approx(0.5) and out["gap_closed_paper"]["code"] == pytest.approx(0.2)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    headline = md.split("## Bits per byte")[0]
+    assert "The paper's recipe" in headline
+    row = next(line for line in headline.splitlines() if line.startswith("| code |") and "0.7600" in line)
+    assert "-0.0600" in row and "+20.0 %" in row and "+50.0 %" in row
+    assert "`paper`" in md.split("## Bits per byte")[1]  # a row of the full table too
+    without = _write_quiet(tmp_path / "plain", {"bpb": {k: v for k, v in bpb.items() if k != "paper"}})
+    assert "gap_closed_paper" not in without
+    assert "The paper's recipe" not in (tmp_path / "plain" / "report.md").read_text(encoding="utf-8")

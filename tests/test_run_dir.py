@@ -323,3 +323,10 @@ def test_a_key_added_later_at_its_old_meaning_leaves_the_identity_unchanged():
     other = {"target": "/t", "sources": [{**source, "continuation": True}], "train": {"steps": 3}}
     assert pipeline.differing_keys(pipeline.run_identity(before), pipeline.run_identity(other)) == [
         "sources[0].continuation"]
+    # in a section: loss.likelihood_weight / likelihood_temperature, added with likelihood matching
+    before = {"target": "/t", "loss": {"lm_weight": 0.9}}
+    now = {"target": "/t", "loss": {"lm_weight": 0.9, "likelihood_weight": 0.0, "likelihood_temperature": 100.0}}
+    assert pipeline.run_identity(before) == pipeline.run_identity(now)
+    other = {"target": "/t", "loss": {"lm_weight": 0.9, "likelihood_weight": 0.5, "likelihood_temperature": 100.0}}
+    assert pipeline.differing_keys(pipeline.run_identity(before), pipeline.run_identity(other)) == [
+        "loss.likelihood_weight"]

@@ -11,6 +11,9 @@ t+1) falls in one category:
   token has the same bytes as the source's next token), ``prefix`` (it is a strict byte-prefix), else dropped:
   ``unmapped`` (a source row predicts from the same text but its next token maps to nothing, e.g. a special token) or
   ``fallback`` (no source row predicts from the same text: one-hot on the next target token).
+* ``in_context`` mode (the default transfer with ``continuation`` and ``in_context``, ``align.continuation``): rows
+  inside source tokens too, and the text's next source token mapped to the target's next token. ``exact`` (the row
+  lands on the target's next token), ``other`` (a teacher row that lands elsewhere), else dropped as above.
 * ``fusellm`` mode (``align.fusellm.FuseLLMPair.transfer`` with DTW and ``soft``/MinED, as the official code):
   ``exact`` (EM: the rewritten source string is the mapped target string), ``mined`` (reached only through the MinED
   map, a different string), else dropped: ``unmapped`` (accepted, nothing mapped) or ``fallback`` (the official
@@ -32,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from fusion_jax.align.bytes import GROUP_KINDS, align_bytes
+from fusion_jax.align.continuation import continuation_tables
 from fusion_jax.align.fusellm import FuseLLMPair
 from fusion_jax.align.transfer import ROW_ONEHOT, ROW_TEACHER, matching_positions, transfer_topk
 from fusion_jax.align.vocab import vocab_map
@@ -48,8 +52,8 @@ ORACLE_NOTE = (
     "oracle teacher: at each source position the teacher's top-1 (probability 1) is the source's actual next "
     "token; the mass shown is what an always-right teacher would transfer, not a real model's mass"
 )
-MODES: tuple[str, ...] = ("default", "fusellm")
-APPROX_NAME = {"default": "prefix", "fusellm": "mined"}  # the second mass category per mode
+MODES: tuple[str, ...] = ("default", "in_context", "fusellm")
+APPROX_NAME = {"default": "prefix", "in_context": "other", "fusellm": "mined"}  # the second mass category per mode
 CATEGORIES: tuple[str, ...] = ("all", "special", "digits", "whitespace", "non_ascii")
 # Per-position outcome codes.
 EXACT, APPROX, UNMAPPED, FALLBACK = 0, 1, 2, 3
@@ -352,6 +356,23 @@ def _default_doc(src_ids, src_be, tgt_ids, tgt_be, pmap, pmap_same):
     return code, x, mapped, agree
 
 
+def _in_context_doc(src_ids, src_be, tgt_ids, tgt_be, pmap, tables):
+    """in_context mode on one document → (code, x, mapped, agree) over target positions 0..m−2; x is the source
+    token the oracle's row predicts (the next one at a matched position, the one holding the position inside it)."""
+    n = len(src_ids)
+    oid, olp = _oracle(src_ids)
+    rows = transfer_topk(src_be, tgt_be, tgt_ids, oid, olp, pmap, fallback="onehot_next", continuation=tables,
+                         src_ids=src_ids, in_context=True)
+    pos = matching_positions(src_be, tgt_be)[:-1]
+    inside = np.clip(np.searchsorted(np.asarray(src_be), np.asarray(tgt_be)[:-1], side="right"), 0, n - 1)
+    x = np.where(pos >= 0, src_ids[np.clip(pos + 1, 0, n - 1)], src_ids[inside])
+    teacher = rows.kind[:-1] == ROW_TEACHER
+    mapped = np.where(teacher, rows.ids[:-1, 0], -1)
+    agree = teacher & (mapped == tgt_ids[1:])
+    code = np.where(agree, EXACT, np.where(teacher, APPROX, FALLBACK)).astype(np.int8)
+    return code, x, mapped, agree
+
+
 def _fusellm_doc(pair: FuseLLMPair, src_ids, tgt_ids):
     """fusellm mode (DTW + soft/MinED) on one document → (code, x, mapped, agree) over target positions 0..m−2."""
     n, m = len(src_ids), len(tgt_ids)
@@ -473,7 +494,7 @@ class _VocabMaps:
 def _vocab_maps(src: Tokenizer, tgt: Tokenizer, modes: Sequence[str], cache_dir: str | Path | None,
                 prefix_table: np.ndarray | None, mined_table: np.ndarray | None) -> _VocabMaps:
     maps = _VocabMaps()
-    if "default" in modes:
+    if "default" in modes or "in_context" in modes:
         maps.prefix = prefix_table if prefix_table is not None else vocab_map(src, tgt, "prefix", cache_dir=cache_dir)
         maps.same, _ = _same_and_prefix(src, tgt, maps.prefix)
         maps.vocab.append(vocab_stats(src, tgt, maps.prefix, "prefix"))
@@ -519,6 +540,9 @@ def _walk_documents(src: Tokenizer, tgt: Tokenizer, documents: Sequence[Document
         walk.empty.append(tgt_be[1:] == tgt_be[:-1])
         if "default" in modes:
             walk.per_mode["default"].append(_default_doc(src_ids, src_be, tgt_ids, tgt_be, maps.prefix, maps.same))
+        if "in_context" in modes:
+            walk.per_mode["in_context"].append(_in_context_doc(src_ids, src_be, tgt_ids, tgt_be, maps.prefix,
+                                                               continuation_tables(src, tgt)))
         if "fusellm" in modes:
             walk.per_mode["fusellm"].append(_fusellm_doc(maps.pair, src_ids, tgt_ids))
     return walk
@@ -543,7 +567,7 @@ def _worst_mask(mode: str, code: np.ndarray, x: np.ndarray, mapped: np.ndarray, 
                 tgt: Tokenizer) -> np.ndarray:
     """The positions the worst-mappings list counts: default mode, the lossy ones (prefix or unmapped); fusellm mode,
     those whose source token is mapped to a target token with different bytes."""
-    if mode == "default":
+    if mode in ("default", "in_context"):
         return (code == APPROX) | (code == UNMAPPED)
     worst_mask = code <= APPROX
     if worst_mask.any():

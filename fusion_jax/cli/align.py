@@ -2,7 +2,8 @@
 
 Audit how well each source tokenizer's next-token predictions carry over to the target's tokens, before any compute
 is spent: per source → target pair, the target positions by byte-group type, the positions with a teacher row in
-each alignment mode (default: byte alignment + prefix vocab map; fusellm: the official DTW + MinED), the share of
+each alignment mode (default: byte alignment + prefix vocab map; in_context: that with rows inside source tokens and
+the text's next token mapped in context; fusellm: the official DTW + MinED), the share of
 teacher top-1 mass transferred exactly / by prefix / by MinED / dropped, the most frequent lossy mappings, and the
 coverage of special tokens, digits, whitespace runs and non-ASCII text.
 
@@ -35,9 +36,10 @@ def parse(argv: list[str] | None = None) -> AuditConfig:
                              "for several (one report per source → target pair)")
     parser.add_argument("--target", metavar="TOK", help="target tokenizer")
     parser.add_argument("--text", nargs="+", action="extend", metavar="FILE", help="UTF-8 text file(s)")
-    parser.add_argument("--mode", metavar="{default,fusellm,both}",
-                        help="default: byte alignment + prefix vocab map; fusellm: official DTW + MinED (soft); "
-                             "both (default)")
+    parser.add_argument("--mode", metavar="{default,in_context,fusellm,all}",
+                        help="default: byte alignment + prefix vocab map; in_context: that with rows inside source "
+                             "tokens and the next token mapped in context; fusellm: official DTW + MinED (soft); "
+                             "all (default)")
     parser.add_argument("--top", type=int, metavar="N", help="worst mappings to list per mode (default 10)")
     parser.add_argument("--max-tokens", type=int, metavar="N",
                         help="cut each file into documents of whole lines with at most N target tokens (default "

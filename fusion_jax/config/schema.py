@@ -460,9 +460,10 @@ class AuditConfig:
                                      "directory; one report per source → target pair (--source, repeatable)", ())
     target: str = _help("the target tokenizer (--target)", "")
     texts: tuple[str, ...] = _help("UTF-8 text files (--text FILE ...)", ())
-    alignments: Literal["default", "fusellm", "both"] = _help(
-        "which alignments to audit (--mode): default: byte alignment + prefix vocab map; fusellm: official DTW + MinED "
-        "(soft); both", "both")
+    alignments: Literal["default", "in_context", "fusellm", "all"] = _help(
+        "which alignments to audit (--mode): default: byte alignment + prefix vocab map; in_context: that with rows "
+        "inside source tokens and the text's next token mapped in context (sources' continuation + in_context); "
+        "fusellm: official DTW + MinED (soft); all", "all")
     top: int = _help("worst mappings listed per mode", 10)
     max_tokens: int = _help("cut each file into documents of whole lines with at most this many target tokens (DTW is "
                             "quadratic in it)", 2048)
@@ -480,7 +481,7 @@ class AuditConfig:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        return ("default", "fusellm") if self.alignments == "both" else (self.alignments,)
+        return ("default", "in_context", "fusellm") if self.alignments == "all" else (self.alignments,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -554,6 +555,8 @@ class DemoConfig:
     prose_bytes: int = _help("prose domain: UTF-8 bytes of pydoc topics and docstrings (Python 3.11 has ≈ 1.1 MB "
                              "at 12 kB per document; a larger budget takes all of it)", 1_200_000, minimum=1)
     mix_bytes: int = _help("bytes of each domain in the fusion run's corpus", 450_000, minimum=1)
+    in_context: bool = _help("the demo's sources transfer with continuation and in_context (rows inside source tokens, "
+                             "the text's next token mapped in context); false: the plain byte transfer", False)
     max_document_bytes: int = _help("longer files are cut at a line boundary", 12_000, minimum=1)
     target: DemoModel = _help("the target, pretrained briefly on both domains", default_factory=_target)
     code: DemoModel = _help("source A, pretrained on code", default_factory=_code)
@@ -637,6 +640,9 @@ class TrainConfig:
     baseline: bool = _help("also train the CLM baseline (λ = 1, no teachers) from the same start on the same batches "
                            "in <run_dir>/clm, evaluate the sources and the starting target on the same held-out "
                            "documents, audit the alignments, and write report.md with plots", False)
+    compare_paper: bool = _help("with baseline: when this run's recipe is not the paper's, also train the paper's "
+                                "(λ = 0.9, MinCE per block, top-k CE, the plain byte transfer) from the same start on "
+                                "the same batches in <run_dir>/paper, as a row of the report", True)
     demo: DemoConfig = _help("the built-in demo (configs/demo.yaml): corpus, tokenizers and models made at run time",
                              default_factory=DemoConfig)
 

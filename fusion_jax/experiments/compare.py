@@ -3,12 +3,14 @@
 After the fusion run in ``<run_dir>``:
 
 1. the CLM baseline: the same target start, the same documents, batches (the loader's packing depends on the target
-   tokens and the seed only), optimizer and steps, with λ = 1 and no teachers, in ``<run_dir>/clm``;
+   tokens and the seed only), optimizer and steps, with λ = 1 and no teachers, in ``<run_dir>/clm``; and, when the
+   run's recipe is not the paper's (``compare_paper``), the paper's recipe the same way in ``<run_dir>/paper``
+   (:func:`paper_config`);
 2. held-out bits per byte of the starting target and of every source (each with its own tokenizer; bits per byte is
    comparable across tokenizers) on the documents the runs were evaluated on (``fusion_jax.evaluate.bpb``), cached in
    ``<run_dir>/evaluations.json`` by model and settings;
-3. the alignment audit of every source → target pair on the held-out text (``fusion_jax.align.audit``, both modes);
-4. ``report.md``, ``plots/*.png`` and ``report.json`` with ``{"bpb": {"fused"|"clm"|"target_init"|"source:<name>":
+3. the alignment audit of every source → target pair on the held-out text (``fusion_jax.align.audit``, every mode);
+4. ``report.md``, ``plots/*.png`` and ``report.json`` with ``{"bpb": {"fused"|"clm"|"paper"|"target_init"|"source:<name>":
    {"<domain>"|"all": bits per byte}}}`` (``fusion_jax.experiments.report``).
 """
 
@@ -41,11 +43,28 @@ _RECOMPUTED = "a cache of this comparison: delete it and it is recomputed"
 
 def baseline_config(cfg: TrainConfig, documents: str) -> TrainConfig:
     """The CLM baseline of ``cfg``: no teachers, λ = 1, same start, documents, loader, optimizer and steps."""
+    clm = dataclasses.replace(cfg, sources=(), target_as_teacher=False,
+                              loss=dataclasses.replace(cfg.loss, lm_weight=1.0, lm_weight_schedule="constant",
+                                                       likelihood_weight=0.0))
+    return _run_config(clm, "clm", documents)
+
+
+def paper_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the paper's recipe (FuseLLM: λ = 0.9 constant, MinCE per block, top-k CE on the fused
+    distribution, teacher temperature 1) and the plain byte transfer (no ``continuation``, no ``in_context``);
+    everything else — start, documents, sources, k, batches, optimizer, steps — unchanged."""
     return dataclasses.replace(
-        cfg, run_dir=str(Path(cfg.run_dir) / "clm"), sources=(), target_as_teacher=False,
-        loss=dataclasses.replace(cfg.loss, lm_weight=1.0, lm_weight_schedule="constant"),
-        data=dataclasses.replace(cfg.data, documents=documents),
-        train=dataclasses.replace(cfg.train, export=False), baseline=False, demo=DemoConfig())
+        cfg, sources=tuple(dataclasses.replace(s, continuation=False, in_context=False) for s in cfg.sources),
+        fusion=dataclasses.replace(cfg.fusion, method="min_ce", granularity="sequence", teacher_temperature=1.0),
+        loss=dataclasses.replace(cfg.loss, lm_weight=0.9, lm_weight_schedule="constant", fusion_loss="ce",
+                                 likelihood_weight=0.0))
+
+
+def _run_config(cfg: TrainConfig, name: str, documents: str) -> TrainConfig:
+    """A comparison run of ``cfg`` in ``<run_dir>/<name>``: the same documents, no export, no comparison of its own."""
+    return dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir) / name),
+                               data=dataclasses.replace(cfg.data, documents=documents),
+                               train=dataclasses.replace(cfg.train, export=False), baseline=False, demo=DemoConfig())
 
 
 def _bpb(report: dict) -> dict[str, float]:
@@ -101,10 +120,11 @@ def heldout_texts(documents: str, out_dir: Path, max_documents: int = 0) -> list
 
 
 def audit_stage(cfg: TrainConfig, documents: str, run: Path) -> dict:
-    """The alignment audit of every source → target pair on the held-out text, both modes (cached in audit.json)."""
+    """The alignment audit of every source → target pair on the held-out text, every mode (cached in audit.json)."""
     path = run / "audit.json"
     sources = [s.tokenizer or s.checkpoint for s in cfg.sources]
-    key = {"sources": sources, "target": cfg.target_tokenizer or cfg.target, "documents": documents}
+    key = {"sources": sources, "target": cfg.target_tokenizer or cfg.target, "documents": documents,
+           "modes": list(alignment_audit.MODES)}
     if path.exists():
         cached = read_json(path, RunDirError, fix=_RECOMPUTED)
         if cached.get("key") == key:
@@ -130,8 +150,15 @@ def main(cfg: TrainConfig, fused_report: dict) -> dict:
     documents = pipeline.documents_stage(cfg)
     clm_report = pipeline.fusion_run(baseline_config(cfg, documents))
     times["clm baseline"] = time.perf_counter() - t
-    t = time.perf_counter()
     bpb = {"fused": _bpb(fused_report["eval"]), "clm": _bpb(clm_report["eval"])}
+    curves = {"fused": str(run / "metrics.jsonl"), "clm": str(run / "clm" / "metrics.jsonl")}
+    paper = paper_config(cfg)
+    if cfg.compare_paper and cfg.sources and paper != cfg:
+        t = time.perf_counter()
+        bpb["paper"] = _bpb(pipeline.fusion_run(_run_config(paper, "paper", documents))["eval"])
+        curves["paper"] = str(run / "paper" / "metrics.jsonl")
+        times["paper recipe"] = time.perf_counter() - t
+    t = time.perf_counter()
     bpb.update(evaluate_models(cfg, documents, run / "evaluations.json"))
     times["evaluate sources and start"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -139,15 +166,19 @@ def main(cfg: TrainConfig, fused_report: dict) -> dict:
     times["alignment audit"] = time.perf_counter() - t
     if jax.process_index() != 0:
         return fused_report
-    settings = {"steps": cfg.train.steps, "lm_weight": cfg.loss.lm_weight, "fusion": cfg.fusion.method,
+    settings = {"steps": cfg.train.steps, "lm_weight": cfg.loss.lm_weight,
+                "lm_weight_schedule": cfg.loss.lm_weight_schedule, "likelihood_weight": cfg.loss.likelihood_weight,
+                "fusion": cfg.fusion.method,
                 "granularity": cfg.fusion.granularity, "score": cfg.fusion.score,
                 "learning_rate": cfg.optimizer.learning_rate, "batch": cfg.loader.global_batch_size,
                 "seq_len": cfg.loader.seq_len, "k": cfg.loader.k, "target": cfg.target,
-                "sources": ", ".join(f"{s.name} ({s.align}/{s.vocab_map})" for s in cfg.sources),
+                "sources": ", ".join(f"{s.name} ({s.align}/{s.vocab_map}"
+                                     + "".join(f"+{k}" for k in ("continuation", "in_context") if getattr(s, k))
+                                     + ")" for s in cfg.sources),
                 "target_as_teacher": cfg.target_as_teacher}
     if cfg.demo.enabled:
         settings["seed"] = cfg.demo.seed
-    results = {"bpb": bpb, "curves": {"fused": str(run / "metrics.jsonl"), "clm": str(run / "clm" / "metrics.jsonl")},
+    results = {"bpb": bpb, "curves": curves,
                "audit": audit, "settings": settings, "timings": {**fused_report.get("timings", {}), **times},
                "config": config_loader.to_dict(cfg)}
     return write_report(run, results)

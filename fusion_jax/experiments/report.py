@@ -34,14 +34,13 @@ from fusion_jax.files import atomic_write_json, atomic_write_text
 __all__ = ["PLOTS", "best_sources", "gap_closed", "margin", "model_order", "read_metrics", "write_report"]
 
 PLOTS: tuple[str, ...] = ("bpb.png", "curves.png", "win_rate.png")
-WELL_KNOWN = ("fused", "clm", "target_init")
+WELL_KNOWN = ("fused", "paper", "clm", "target_init")
 NA = "n/a"
 DPI = 130
 MAX_WIDTH = 22.0  # inches, for the bar chart of many domains
 # Fixed colors for the well-known models; sources (and teachers, by the same name) take the rest of tab10 in order.
-FIXED_COLORS = {"fused": "tab:blue", "clm": "tab:orange", "target_init": "tab:gray"}
-OTHER_COLORS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
-                "#1f3d7a", "#7a5c1f", "#5c1f7a", "#1f7a5c", "#7a1f3d")
+FIXED_COLORS = {"fused": "tab:blue", "paper": "tab:cyan", "clm": "tab:orange", "target_init": "tab:gray"}
+OTHER_COLORS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "#1f3d7a", "#7a5c1f", "#5c1f7a", "#1f7a5c", "#7a1f3d")
 # Domains in the eval panel: "all" black, the rest from Dark2, so they are not mistaken for the models' colors.
 DOMAIN_COLORS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
 
@@ -427,11 +426,12 @@ def best_sources(bpb: dict) -> dict[str, tuple[str, float]]:
     return best
 
 
-def gap_closed(bpb: dict) -> dict[str, float | None]:
-    """{domain: (CLM − fused) / (CLM − best source)}: the share of the distance from the CLM baseline to the domain's
-    best source that fusion covered (1 = as good as that source, 0 = no better than CLM, < 0 = worse than CLM).
-    None where no source beats the CLM baseline (or a number is missing)."""
-    fused, clm = bpb.get("fused") or {}, bpb.get("clm") or {}
+def gap_closed(bpb: dict, run: str = "fused") -> dict[str, float | None]:
+    """{domain: (CLM − run) / (CLM − best source)}: the share of the distance from the CLM baseline to the domain's
+    best source that the run (``fused``, or ``paper``: the paper recipe's row) covered (1 = as good as that source, 0
+    = no better than CLM, < 0 = worse than CLM). None where no source beats the CLM baseline (or a number is
+    missing)."""
+    fused, clm = bpb.get(run) or {}, bpb.get("clm") or {}
     best = best_sources(bpb)
     out: dict[str, float | None] = {}
     for d in _domain_order([*fused, *clm]):
@@ -478,7 +478,25 @@ def _headline(bpb: dict, settings: dict) -> list[str]:
                             "gap closed"], rows, [False, True, True, True, True, False, True, True]) + [""]
     lines += ["_Gap closed: (CLM − fused) / (CLM − best source), the share of the way from the CLM baseline to the "
               "domain's best source; n/a where no source beats CLM._", ""]
+    if "paper" in bpb:
+        lines += _paper_rows(bpb, domains)
     return lines
+
+
+def _paper_rows(bpb: dict, domains: list[str]) -> list[str]:
+    """The run's recipe against the paper's (trained from the same start on the same batches)."""
+    fused, paper, clm = bpb["fused"], bpb["paper"], bpb["clm"]
+    closed, closed_paper = gap_closed(bpb), gap_closed(bpb, "paper")
+    rows = []
+    for d in domains:
+        f, p = _num(fused.get(d)), _num(paper.get(d))
+        diff = NA if f is None or p is None else f"{f - p:+.4f}"
+        gaps = [NA if g.get(d) is None else f"{100 * g[d]:+.1f} %" for g in (closed_paper, closed)]
+        rows.append([d, _fmt(p), _fmt(f), diff, _fmt(_num(clm.get(d))), *gaps])
+    return ["The paper's recipe (λ = 0.9, MinCE per block, top-k CE, the plain byte transfer) from the same start on "
+            "the same batches, against this run's:", ""] + _table(
+        ["domain", "paper recipe", "this run", "Δ bpb (run − paper)", "CLM baseline", "gap closed, paper",
+         "gap closed, this run"], rows, [False, True, True, True, True, True, True]) + [""]
 
 
 def _gap_sentence(closed: dict[str, float | None]) -> str:
@@ -659,7 +677,8 @@ def write_report(run_dir: str | Path, results: dict) -> dict:
       rates, the alignment audit, settings and timings — each part only when its input is in ``results``;
     * ``run_dir/plots/{bpb,curves,win_rate}.png`` (plots of a part that is now missing are removed);
     * ``run_dir/report.json``: ``results`` merged over the existing report.json's keys, with ``"gap_closed":
-      {domain: share or null}`` (:func:`gap_closed`), as strict JSON (NaN and ±inf are written as null).
+      {domain: share or null}`` (:func:`gap_closed`; and ``"gap_closed_paper"`` for the paper recipe's row when
+      ``bpb`` has one), as strict JSON (NaN and ±inf are written as null).
 
     results: {"bpb": {model: {domain: bpb}}, "curves": {run: metrics.jsonl path}, "audit": AuditReport JSON (or the
     AuditReport), "settings": {name: value}, "timings": {stage: seconds}}; see the module docstring. Returns the
@@ -674,6 +693,8 @@ def write_report(run_dir: str | Path, results: dict) -> dict:
     bpb = {m: d for m, d in (results.get("bpb") or {}).items() if isinstance(d, dict)}
     if bpb:
         results["gap_closed"] = gap_closed(bpb)
+        if "paper" in bpb:
+            results["gap_closed_paper"] = gap_closed(bpb, "paper")
     settings = results.get("settings") or {}
     runs = _load_curves(results.get("curves") or {}, run_dir)
 

@@ -14,7 +14,7 @@ from fusion_jax.files import json_dumps
 # computes: they may change between invocations of one run (a run resumes on another mesh, with accumulation for
 # memory, more or fewer evaluations). Every other key defines the run.
 NOT_IDENTITY = (
-    "run_dir", "dry_run", "baseline", "remat", "mesh", "allow_tokenizer_mismatch",
+    "run_dir", "dry_run", "baseline", "compare_paper", "remat", "mesh", "allow_tokenizer_mismatch",
     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.eval_documents", "train.peak_flops", "train.export", "train.progress", "train.extend", "train.stall_steps",
     "capture.batch_size", "capture.fit_rows", "optimizer.accumulation", "loss.chunk_size",
@@ -22,7 +22,9 @@ NOT_IDENTITY = (
 )
 # Keys added after runs were recorded, with the value that means what the runs before them did: left out of the
 # identity at that value, so that those runs are still recognised.
-ADDED_LATER = {"sources": {"continuation": False, "in_context": False}}
+ADDED_LATER = {"sources": {"continuation": False, "in_context": False},
+               "loss": {"likelihood_weight": 0.0, "likelihood_temperature": 100.0},
+               "demo": {"in_context": False}}
 # What the demo fills in from its own settings (which its stages check): not part of a demo run's identity. The
 # sources a user adds to the demo's are (an empty list is left out, as it was before users could add any).
 DEMO_FILLED = ("target", "target_tokenizer", "data.documents", "data.corpus")
@@ -54,7 +56,8 @@ def _drop_not_identity(out: dict) -> None:
     if is_demo and not out.get("sources"):
         out.pop("sources", None)
     for section, defaults in ADDED_LATER.items():
-        for item in out.get(section) or ():
+        node = out.get(section)
+        for item in [node] if isinstance(node, dict) else node or ():  # a section, or a list of them
             for key, value in defaults.items():
                 if isinstance(item, dict) and key in item and item[key] == value:
                     item.pop(key)

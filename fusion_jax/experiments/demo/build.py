@@ -255,7 +255,9 @@ def apply(cfg: TrainConfig) -> TrainConfig:
     """The TrainConfig with the built demo's target and corpus filled in, and its sources before the config's own
     (the fusion run's inputs)."""
     assets = build(cfg)
-    demo_sources = tuple(TeacherConfig(name=name, checkpoint=path) for name, path in assets.sources.items())
+    ctx = cfg.demo.in_context
+    demo_sources = tuple(TeacherConfig(name=name, checkpoint=path, continuation=ctx, in_context=ctx)
+                         for name, path in assets.sources.items())
     sources = demo_sources + cfg.sources
     corpus = CorpusConfig(format="jsonl", paths=(assets.mix,), id_field="id", domain_field="domain")
     return dataclasses.replace(cfg, target=assets.target, target_tokenizer="", sources=sources,
