@@ -21,6 +21,9 @@ recipe), one fusion run per variant — the paper's recipe with one change — i
   continuation_lambda_0.5, continuation_lambda_rise   that and λ = 0.5, or λ rising from 0
   transfer      continuation and in_context (the text's next source token maps to the target's next token)
   transfer_lambda_0.5, transfer_lambda_0.0, transfer_lambda_rise   that and λ = 0.5, 0, or rising from 0
+  tail, tail_lambda_0.5, tail_lambda_0.0, tail_lambda_rise   transfer with the teacher's mass outside each row's top-k
+                given to the text's next token (sources' tail = next_token) instead of renormalised, and λ
+  tail_lambda_rise_0.5   tail, λ from 0.5 rising linearly to 1
   transfer_lambda_rise_temp2   that, rising λ and the teachers' distributions at temperature 2
   likelihood_0.5, likelihood_1.0   transfer, and likelihood matching on byte chunks as that share μ of the fusion
                 term (loss.likelihood_weight; τ = 100, tokenkit's); likelihood_0.5_t1, likelihood_1.0_t1: τ = 1
@@ -94,6 +97,7 @@ def _sources(**kw) -> Change:
 
 _continuation = _sources(continuation=True)
 _transfer = _sources(continuation=True, in_context=True)
+_tail = _sources(continuation=True, in_context=True, tail="next_token")
 _RISE = {"lm_weight": 0.0, "lm_weight_schedule": "hard_and_decay"}
 
 
@@ -120,6 +124,10 @@ VARIANTS: dict[str, Change] = {
     "transfer": _transfer,
     **{f"transfer_lambda_{lam}": _both(_transfer, _loss(lm_weight=lam)) for lam in (0.5, 0.0)},
     "transfer_lambda_rise": _both(_transfer, _loss(**_RISE)),
+    "tail": _tail,
+    **{f"tail_lambda_{lam}": _both(_tail, _loss(lm_weight=lam)) for lam in (0.5, 0.0)},
+    "tail_lambda_rise": _both(_tail, _loss(**_RISE)),
+    "tail_lambda_rise_0.5": _both(_tail, _loss(lm_weight=0.5, lm_weight_schedule="hard_and_decay")),
     "transfer_lambda_rise_temp2": _both(_transfer, _loss(**_RISE), _fusion(teacher_temperature=2.0)),
     **{f"likelihood_{mu}": _both(_transfer, _loss(likelihood_weight=mu)) for mu in (0.5, 1.0)},
     **{f"likelihood_{mu}_t1": _both(_transfer, _loss(likelihood_weight=mu, likelihood_temperature=1.0))

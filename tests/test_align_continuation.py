@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fusion_jax.align.continuation import continuation_tables, inner_rows
-from fusion_jax.align.transfer import ROW_TEACHER, transfer_topk
+from fusion_jax.align.transfer import ROW_TEACHER, transfer_topk, with_next_token
 from fusion_jax.align.vocab import canonical_ids_by_bytes, prefix_map
 from fusion_jax.tokenizers import load_tokenizer
 from tiny_tokenizers import CORPUS, train_byte_level, train_sentencepiece
@@ -226,3 +226,74 @@ def test_continuation_needs_the_source_ids(pair):
     with pytest.raises(ValueError, match="continuation and in_context need src_ids"):
         transfer_topk(s.byte_end, t.byte_end, t.ids, topk, lp, prefix_map(src, tgt),
                       continuation=continuation_tables(src, tgt))
+
+
+def test_the_next_token_takes_the_last_place_where_the_top_k_lacks_it(pair):
+    """with_next_token by hand; and in a transfer, every teacher row then holds the target's next token, with the
+    teacher's own probability of the text's next source token (renormalised with the rest of the row)."""
+    src, tgt = pair
+    text = TEXTS[1]
+    s, t = src.encode(text, eos=True), tgt.encode(text, eos=True)
+    n, k = len(s.ids), 4
+    rng = np.random.default_rng(0)
+    topk = rng.integers(0, src.vocab_size, size=(n, k)).astype(np.int32)
+    topk[::2, 0] = np.append(s.ids[1:], 0)[::2]  # every other row has the next token among its top-k already
+    lp = np.log(np.sort(rng.dirichlet(np.ones(k + 1), n)[:, :k], axis=1)[:, ::-1]).astype(np.float32)
+    nxt_lp = np.append(np.log(rng.uniform(1e-4, 1e-2, n - 1)), np.nan)
+    ids, lps = with_next_token(s.ids, topk, lp, nxt_lp)
+    for r in range(n):
+        has = r < n - 1 and s.ids[r + 1] in topk[r]
+        if r == n - 1 or has:
+            np.testing.assert_array_equal(ids[r], topk[r])
+            np.testing.assert_array_equal(lps[r], lp[r])
+        else:
+            assert list(ids[r]) == [*topk[r, :-1], s.ids[r + 1]] and lps[r, -1] == np.float32(nxt_lp[r])
+    rows = transfer_topk(s.byte_end, t.byte_end, t.ids, topk, lp, prefix_map(src, tgt), k_out=k,
+                         continuation=continuation_tables(src, tgt), src_ids=s.ids, in_context=True,
+                         src_next_logprob=nxt_lp)
+    teach = np.flatnonzero(rows.kind[:-1] == ROW_TEACHER)
+    assert len(teach) > 0.8 * (len(t.ids) - 1)
+    for i in teach:
+        assert t.ids[i + 1] in rows.ids[i][np.isfinite(rows.logprobs[i])], i
+
+
+def test_the_tail_goes_to_the_next_token(pair):
+    """tail=next_token: at a matched row every candidate keeps the teacher's own probability and the target's next
+    token gets the rest (naive reference from the source row); rows inside a source token stay renormalised."""
+    src, tgt = pair
+    text = TEXTS[0]
+    s, t = src.encode(text, eos=True), tgt.encode(text, eos=True)
+    n, k = len(s.ids), 4
+    rng = np.random.default_rng(3)
+    topk = rng.integers(0, src.vocab_size, size=(n, k)).astype(np.int32)
+    lp = np.log(np.sort(rng.dirichlet(np.ones(k + 2), n)[:, :k], axis=1)[:, ::-1]).astype(np.float32)
+    nxt_lp = np.append(np.log(rng.uniform(1e-3, 1e-2, n - 1)), np.nan)
+    vmap, tables = prefix_map(src, tgt), continuation_tables(src, tgt)
+    kw = dict(k_out=k + 1, continuation=tables, src_ids=s.ids, in_context=True, src_next_logprob=nxt_lp)
+    rows = transfer_topk(s.byte_end, t.byte_end, t.ids, topk, lp, vmap, tail="next_token", **kw)
+    plain = transfer_topk(s.byte_end, t.byte_end, t.ids, topk, lp, vmap, **kw)
+    ids, lps = with_next_token(s.ids, topk, lp, nxt_lp)
+    checked = 0
+    for i in range(len(t.ids) - 1):
+        src_rows = [r for r in range(n - 1) if s.byte_end[r] == t.byte_end[i] and s.byte_end[r + 1] > s.byte_end[r]]
+        if t.byte_end[i] not in s.byte_end:  # a row inside a source token: as renormalised
+            np.testing.assert_array_equal(rows.logprobs[i], plain.logprobs[i])
+            continue
+        if not src_rows or t.byte_end[i + 1] == t.byte_end[i]:
+            continue
+        r = src_rows[0]
+        want: dict[int, float] = {}
+        p = np.exp(lps[r].astype(np.float64))
+        for c, pc in zip(ids[r], p):
+            j = int(t.ids[i + 1]) if c == s.ids[r + 1] else int(vmap[c])
+            if j >= 0:
+                want[j] = want.get(j, 0.0) + pc
+        want[int(t.ids[i + 1])] += 1.0 - p.sum()
+        total = sum(want.values())
+        got = {int(a): float(np.exp(b)) for a, b in zip(rows.ids[i], rows.logprobs[i]) if np.isfinite(b)}
+        assert got.keys() == want.keys()
+        np.testing.assert_allclose([got[j] for j in sorted(got)], [want[j] / total for j in sorted(got)], rtol=1e-5)
+        checked += 1
+    assert checked > 5
+    with pytest.raises(ValueError, match="tail must be one of"):
+        transfer_topk(s.byte_end, t.byte_end, t.ids, topk, lp, vmap, tail="spread", **kw)

@@ -465,14 +465,16 @@ def test_fusellm_teacher_with_more_model_rows_than_tokenizer_ids(world, tmp_path
         pair.transfer(rec.ids, doc.ids, rec.topk_ids, rec.topk_logprobs, vocab_align)
 
 
-def test_continuation_rows_in_the_batches(world):
+@pytest.mark.parametrize("extra", [{}, {"in_context": True, "tail": "next_token"}], ids=["plain", "in_context"])
+def test_continuation_rows_in_the_batches(world, extra):
     """A bytes-mode teacher with ``continuation``: each block's rows are the direct transfer with the pair's
     continuation tables, and more positions get teacher rows than without."""
     from fusion_jax.align.continuation import continuation_tables
 
     w = world
-    spec = TeacherConfig(cache=str(w.cache_bpe), tokenizer=str(w.bpe_path), name="bpe", continuation=True)
-    with_, without = (loader(w, teachers=(dataclasses.replace(spec, continuation=c),)) for c in (True, False))
+    spec = TeacherConfig(cache=str(w.cache_bpe), tokenizer=str(w.bpe_path), name="bpe", continuation=True, **extra)
+    with_, without = (loader(w, teachers=(spec if c else TeacherConfig(cache=spec.cache, tokenizer=spec.tokenizer,
+                                                                        name="bpe"),)) for c in (True, False))
     cache, tables = TeacherCache(w.cache_bpe), continuation_tables(w.bpe, w.target)
     vmap = vocab_map(w.bpe, w.target, "prefix", w.cache_dir)
     counts = [0, 0]
@@ -489,12 +491,21 @@ def test_continuation_rows_in_the_batches(world):
                 be = np.append(enc.byte_end, len(text.encode())).astype(np.int32)
                 rec = cache[d]
                 rows = transfer_topk(rec.byte_end, be, ids, rec.topk_ids, rec.topk_logprobs, vmap, "onehot_next", 4,
-                                     continuation=tables, src_ids=rec.ids)
+                                     continuation=tables, src_ids=rec.ids, src_next_logprob=-rec.token_ce, **extra)
                 dst = slice(o, o + e - s)
                 np.testing.assert_array_equal(got["ids"][r, dst], rows.ids[s:e])
                 np.testing.assert_array_equal(got["logprobs"][r, dst], rows.logprobs[s:e])
                 np.testing.assert_array_equal(got["kind"][r, dst], rows.kind[s:e])
     assert counts[0] > counts[1]
+
+
+def test_tail_needs_in_context():
+    from fusion_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tail='next_token' needs in_context=true"):
+        TeacherConfig(name="x", checkpoint="m", tail="next_token").validate()
+    with pytest.raises(ConfigError, match="in_context needs align=bytes and mode=cached"):
+        TeacherConfig(name="x", checkpoint="m", in_context=True, mode="online").validate()
 
 
 def test_continuation_needs_cached_bytes_mode():

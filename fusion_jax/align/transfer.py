@@ -17,8 +17,12 @@ of candidates that land on the same target id, drops unmapped ones (−1) and re
 With ``in_context``, the candidate that *is* the text's next source token maps to the target's actual next token
 instead (:func:`in_context_ids`): the target tokenizer's own choice for those bytes in that context, which the
 longest-prefix map misses where the target cuts shorter (code indentation: ``'    '`` → ``▁▁▁▁`` where the target
-emits ``▁▁▁`` before a word) or longer (a row before an n:1 group) than the prefix. A row
-where nothing is left, and every non-transferred position, falls back to ``onehot_next`` (probability 1 on the
+emits ``▁▁▁`` before a word) or longer (a row before an n:1 group) than the prefix. Given the teacher's exact
+log-probability of each next source token (``src_next_logprob``, the cache's per-token CE), that candidate takes the
+last place of a row whose top-k lacks it (:func:`with_next_token`), so a row never leaves out the text's own
+continuation; with ``tail="next_token"`` it also takes the teacher's mass outside the row's candidates
+(:func:`tail_to_next`) instead of the top-k sharing it by renormalisation (matched rows; rows inside a source token
+are conditionals and stay renormalised). A row where nothing is left, and every non-transferred position, falls back to ``onehot_next`` (probability 1 on the
 actual next target token; the last position of a document, which has no next token, is empty) or ``mask`` (empty).
 """
 
@@ -35,6 +39,8 @@ ROW_TEACHER, ROW_ONEHOT, ROW_EMPTY = 0, 1, 2
 ROW_KINDS = ("teacher", "onehot", "empty")
 Fallback = Literal["onehot_next", "mask"]
 FALLBACKS: tuple[str, ...] = ("onehot_next", "mask")
+Tail = Literal["renormalize", "next_token"]
+TAILS: tuple[str, ...] = ("renormalize", "next_token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +133,36 @@ def in_context_ids(mapped: np.ndarray, cand: np.ndarray, src_next: np.ndarray, t
     return np.where(hit, np.asarray(tgt_next)[:, None], mapped)
 
 
+def with_next_token(src_ids: np.ndarray, src_topk_ids: np.ndarray, src_topk_logprobs: np.ndarray,
+                    src_next_logprob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each source row's top-k with the text's next source token in it: where the top-k lacks that token, it takes the
+    place of the last (least likely) candidate, with its own log-probability.
+
+    src_ids int[n], src_topk_ids int[n, k], src_topk_logprobs float[n, k] (descending), src_next_logprob float[n]
+    (log p(src_ids[s+1]) at row s; NaN where unknown, e.g. the last row) → (ids int32[n, k], logprobs float32[n, k])."""
+    n, k = src_topk_ids.shape
+    nxt = np.zeros(n, np.int64)
+    nxt[:-1] = np.asarray(src_ids)[1:]
+    lp = np.asarray(src_next_logprob, np.float64)
+    add = np.isfinite(lp) & ~(src_topk_ids == nxt[:, None]).any(axis=1)
+    add[-1:] = False
+    ids = np.array(src_topk_ids, np.int32)
+    lps = np.array(src_topk_logprobs, np.float32)
+    ids[add, -1], lps[add, -1] = nxt[add], lp[add]
+    return ids, lps
+
+
+def tail_to_next(probs: np.ndarray, is_next: np.ndarray) -> np.ndarray:
+    """probs float64[r, k] (a row's candidates, summing to ≤ 1), is_next bool[r, k] (the candidate that is the text's
+    next token; at most one per row) → probs with the row's missing mass ``1 − Σ probs`` added to that candidate.
+
+    A top-k row says nothing about where the rest of the teacher's mass goes; renormalising spreads it over the top-k
+    in proportion (a weak teacher's top-10 then claims far more than it believes), while this keeps every candidate
+    at the teacher's own probability and lets the text's own continuation take the rest, as the CLM label would."""
+    rest = np.clip(1.0 - probs.sum(axis=1, keepdims=True), 0.0, 1.0)
+    return probs + np.where(is_next, rest, 0.0)
+
+
 def _next_tokens(src_ids, src_byte_end, s, tgt_ids, tgt_byte_end, t):
     """Source rows ``s`` matched to target rows ``t`` → (src_next, tgt_next, valid): the next token on each side, valid
     where both exist and both own bytes or both span none (an EOS stands only for an EOS)."""
@@ -164,14 +200,21 @@ def transfer_topk(
     continuation: Continuation | None = None,
     src_ids: np.ndarray | None = None,
     in_context: bool = False,
+    src_next_logprob: np.ndarray | None = None,
+    tail: Tail = "renormalize",
 ) -> SparseRows:
     """Default-mode transfer (module docstring) → SparseRows with m rows of k_out (default k) entries.
 
     src_byte_end int[n], tgt_byte_end int[m], tgt_ids int[m]; src_topk_ids int[n, k], src_topk_logprobs float[n, k]
     (log-probabilities over the full source vocab, −inf pads allowed); vocab_map int32[V_src] (−1 = unmapped);
     continuation: the pair's tables for rows inside a source token; in_context: the text's next source token maps
-    to the target's next token (module docstring); both need src_ids int[n] (the source's tokens).
+    to the target's next token (module docstring); both need src_ids int[n] (the source's tokens); src_next_logprob
+    float[n] (in_context): the teacher's log p(src_ids[s+1]) at row s, to add that candidate where the top-k lacks it;
+    tail (in_context): the mass outside a matched row's candidates is renormalised away (``renormalize``) or given to
+    the text's next token (``next_token``, :func:`tail_to_next`).
     """
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     src_topk_ids = np.asarray(src_topk_ids)
@@ -183,6 +226,8 @@ def transfer_topk(
     _check_topk(src_topk_ids, src_topk_logprobs, len(src_byte_end), vocab_map)
     k = src_topk_ids.shape[1]
     k_out = k if k_out is None else k_out
+    if in_context and src_next_logprob is not None and len(src_ids):
+        src_topk_ids, src_topk_logprobs = with_next_token(src_ids, src_topk_ids, src_topk_logprobs, src_next_logprob)
     rows = empty_rows(m, k_out)
     if (continuation is not None or in_context) and (src_ids is None or len(src_ids) != len(src_byte_end)):
         raise ValueError("continuation and in_context need src_ids, one per source token")
@@ -190,10 +235,12 @@ def transfer_topk(
     at = np.flatnonzero(pos >= 0)
     if at.size:
         mapped = vocab_map[src_topk_ids[pos[at]]]
-        if in_context:
-            mapped = in_context_ids(mapped, src_topk_ids[pos[at]], *_next_tokens(
-                src_ids, src_byte_end, pos[at], tgt_ids, tgt_byte_end, at))
         probs = np.exp(src_topk_logprobs[pos[at]].astype(np.float64))
+        if in_context:
+            src_next, tgt_next, valid = _next_tokens(src_ids, src_byte_end, pos[at], tgt_ids, tgt_byte_end, at)
+            mapped = in_context_ids(mapped, src_topk_ids[pos[at]], src_next, tgt_next, valid)
+            if tail == "next_token":
+                probs = tail_to_next(probs, src_topk_ids[pos[at]] == src_next[:, None])
         ids, lp = merge_rows(mapped, probs, k_out)
         ok = np.isfinite(lp[:, 0])
         rows.ids[at[ok]], rows.logprobs[at[ok]], rows.kind[at[ok]] = ids[ok], lp[ok], ROW_TEACHER

@@ -253,6 +253,10 @@ class TeacherConfig:
         "bytes mode, cached: the candidate that is the text's actual next source token maps to the target's actual "
         "next token (the target tokenizer's own choice for those bytes in context), the others through vocab_map",
         False)
+    tail: Literal["renormalize", "next_token"] = _help(
+        "in_context: the teacher's mass outside a row's top-k is renormalised over it (renormalize, the paper's) or "
+        "given to the text's next token (next_token: every candidate keeps the teacher's own probability)",
+        "renormalize")
 
     def __post_init__(self) -> None:
         for key in ("checkpoint", "tokenizer", "cache"):  # models often live under the home directory
@@ -276,6 +280,9 @@ class TeacherConfig:
 
     def validate(self) -> None:
         check_choices(self, f"teacher {self.label}: ")
+        if self.tail != "renormalize" and not self.in_context:
+            raise ConfigError(f"teacher {self.label}: tail={self.tail!r} needs in_context=true (the text's next token "
+                              "takes the tail)")
         for key in ("continuation", "in_context"):
             if getattr(self, key) and (self.online or self.align != "bytes"):
                 raise ConfigError(f"teacher {self.label}: {key} needs align=bytes and mode=cached, got "

@@ -94,7 +94,7 @@ class TeacherReader:
             return transfer_topk(rec.byte_end, tgt_byte_end, tgt_ids, rec.topk_ids, rec.topk_logprobs,
                                  covering(self.table, rec.topk_ids), fallback=s.fallback, k_out=k,
                                  continuation=self.continuation(target) if s.continuation else None, src_ids=rec.ids,
-                                 in_context=s.in_context)
+                                 in_context=s.in_context, src_next_logprob=-rec.token_ce, tail=s.tail)
         return self.pair(target).transfer(rec.ids, tgt_ids, rec.topk_ids[:, :k], rec.topk_logprobs[:, :k],
                                           vocab_align=s.vocab_align, onehot_target=s.onehot_target,
                                           tie_order=s.tie_order, drop_beyond_vocab=True)

@@ -54,7 +54,8 @@ def paper_config(cfg: TrainConfig) -> TrainConfig:
     distribution, teacher temperature 1) and the plain byte transfer (no ``continuation``, no ``in_context``);
     everything else — start, documents, sources, k, batches, optimizer, steps — unchanged."""
     return dataclasses.replace(
-        cfg, sources=tuple(dataclasses.replace(s, continuation=False, in_context=False) for s in cfg.sources),
+        cfg, sources=tuple(dataclasses.replace(s, continuation=False, in_context=False, tail="renormalize")
+                           for s in cfg.sources),
         fusion=dataclasses.replace(cfg.fusion, method="min_ce", granularity="sequence", teacher_temperature=1.0),
         loss=dataclasses.replace(cfg.loss, lm_weight=0.9, lm_weight_schedule="constant", fusion_loss="ce",
                                  likelihood_weight=0.0))

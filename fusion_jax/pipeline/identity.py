@@ -22,7 +22,7 @@ NOT_IDENTITY = (
 )
 # Keys added after runs were recorded, with the value that means what the runs before them did: left out of the
 # identity at that value, so that those runs are still recognised.
-ADDED_LATER = {"sources": {"continuation": False, "in_context": False},
+ADDED_LATER = {"sources": {"continuation": False, "in_context": False, "tail": "renormalize"},
                "loss": {"likelihood_weight": 0.0, "likelihood_temperature": 100.0},
                "demo": {"in_context": False}}
 # What the demo fills in from its own settings (which its stages check): not part of a demo run's identity. The

@@ -133,7 +133,7 @@ def _admit(cfg: TrainConfig, run: Path, record: dict | None) -> tuple[dict, bool
         return _new_record(settings, run), True
     legacy = record.pop("legacy", False)
     want = run_identity(settings)
-    diffs = differences(record["identity"], want)
+    diffs = differences(run_identity(record["identity"]), want)  # recorded with a key added later, at its old value
     if not diffs:
         return record, legacy
     keys = [k for k, _, _ in diffs]
