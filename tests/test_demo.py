@@ -46,10 +46,12 @@ def test_every_stage_produces_its_output(demo_run):
     for p in ("corpus/code.jsonl", "corpus/prose.jsonl", "corpus/mix.jsonl", "corpus/stage.json",
               "documents/documents.json", "cache/target/train/manifest.json", "cache/mpt_code/validation/manifest.json",
               "cache/neox_prose/train/manifest.json", "checkpoints/4", "metrics.jsonl", "export/config.json",
-              "clm/metrics.jsonl", "clm/checkpoints/4", "evaluations.json", "audit.json", "report.md",
+              "clm/metrics.jsonl", "clm/checkpoints/4", "paper/metrics.jsonl", "paper/checkpoints/4",
+              "evaluations.json", "audit.json", "report.md",
               "plots/bpb.png", "plots/curves.png", "plots/win_rate.png"):
         assert (assets.parent / p).exists() or (assets / p).exists(), p
-    assert not (run / "clm" / "cache").exists() and not (run / "clm" / "export").exists()
+    for other in ("clm", "paper"):  # the comparison runs read the main run's documents and caches, export nothing
+        assert not (run / other / "cache").exists() and not (run / other / "export").exists()
     for p in run.glob("plots/*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -75,15 +77,21 @@ def test_report_holds_every_model_and_finite_numbers(demo_run):
     run, report = demo_run
     saved = json.loads((run / "report.json").read_text())
     bpb = saved["bpb"]
-    assert set(bpb) == {"fused", "clm", "target_init", "source:mpt_code", "source:neox_prose"}
+    assert set(bpb) == {"fused", "paper", "clm", "target_init", "source:mpt_code", "source:neox_prose"}
+    assert set(saved["gap_closed"]) == set(saved["gap_closed_paper"]) == {"code", "prose", "all"}
+    # the demo runs the transfer recipe; the paper's is the report's "paper" row
+    sources = saved["config"]["sources"]
+    assert [(x["continuation"], x["in_context"], x["tail"]) for x in sources] == [(True, True, "next_token")] * 2
+    assert saved["config"]["loss"]["lm_weight_schedule"] == "hard_and_decay"
+    assert "The paper's recipe" in (run / "report.md").read_text()
     for model, domains in bpb.items():
         assert {"code", "prose", "all"} <= set(domains), model
         assert all(math.isfinite(v) and 0 < v < 20 for v in domains.values()), (model, domains)
     assert report["bpb"] == bpb
     md = (run / "report.md").read_text()
     assert "CLM baseline" in md and "source:mpt_code" in md and "plots/bpb.png" in md
-    for name in ("fused", "clm"):
-        lines = [json.loads(x) for x in (run / ("" if name == "fused" else "clm") / "metrics.jsonl").read_text()
+    for name in ("fused", "clm", "paper"):
+        lines = [json.loads(x) for x in (run / ("" if name == "fused" else name) / "metrics.jsonl").read_text()
                  .splitlines()]
         train_lines = [x for x in lines if x["kind"] == "train"]
         assert [x["step"] for x in train_lines] == [1, 2, 3, 4]
@@ -159,3 +167,8 @@ def test_real_teacher_config_is_the_demo_plus_smollm2():
     cfg = config_loader.load(schema.TrainConfig, str(ROOT / "configs" / "real_teacher.yaml"))
     assert cfg.demo.enabled and cfg.baseline and [s.name for s in cfg.sources] == ["smollm2"]
     assert cfg.sources[0].checkpoint == str(Path.home() / ".cache/fusion_jax/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    # the demo's recipe, SmolLM2's rows included
+    demo = config_loader.load(schema.TrainConfig, str(ROOT / "configs" / "demo.yaml"))
+    assert cfg.loss == demo.loss and cfg.fusion == demo.fusion and cfg.demo.in_context == demo.demo.in_context
+    s = cfg.sources[0]
+    assert (s.continuation, s.in_context, s.tail) == (True, True, "next_token")

@@ -562,8 +562,8 @@ class DemoConfig:
     prose_bytes: int = _help("prose domain: UTF-8 bytes of pydoc topics and docstrings (Python 3.11 has ≈ 1.1 MB "
                              "at 12 kB per document; a larger budget takes all of it)", 1_200_000, minimum=1)
     mix_bytes: int = _help("bytes of each domain in the fusion run's corpus", 450_000, minimum=1)
-    in_context: bool = _help("the demo's sources transfer with continuation and in_context (rows inside source tokens, "
-                             "the text's next token mapped in context); false: the plain byte transfer", False)
+    in_context: bool = _help("the demo's sources transfer as the transfer recipe does: continuation, in_context and "
+                             "tail=next_token (README \"Choosing a recipe\"); false: the plain byte transfer", False)
     max_document_bytes: int = _help("longer files are cut at a line boundary", 12_000, minimum=1)
     target: DemoModel = _help("the target, pretrained briefly on both domains", default_factory=_target)
     code: DemoModel = _help("source A, pretrained on code", default_factory=_code)

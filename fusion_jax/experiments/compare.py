@@ -153,8 +153,8 @@ def main(cfg: TrainConfig, fused_report: dict) -> dict:
     times["clm baseline"] = time.perf_counter() - t
     bpb = {"fused": _bpb(fused_report["eval"]), "clm": _bpb(clm_report["eval"])}
     curves = {"fused": str(run / "metrics.jsonl"), "clm": str(run / "clm" / "metrics.jsonl")}
-    paper = paper_config(cfg)
-    if cfg.compare_paper and cfg.sources and paper != cfg:
+    paper = dataclasses.replace(paper_config(cfg), cache_dir=cfg.cache_dir or str(run / "cache"))  # the same captures
+    if cfg.compare_paper and cfg.sources and paper_config(cfg) != cfg:
         t = time.perf_counter()
         bpb["paper"] = _bpb(pipeline.fusion_run(_run_config(paper, "paper", documents))["eval"])
         curves["paper"] = str(run / "paper" / "metrics.jsonl")

@@ -256,7 +256,8 @@ def apply(cfg: TrainConfig) -> TrainConfig:
     (the fusion run's inputs)."""
     assets = build(cfg)
     ctx = cfg.demo.in_context
-    demo_sources = tuple(TeacherConfig(name=name, checkpoint=path, continuation=ctx, in_context=ctx)
+    demo_sources = tuple(TeacherConfig(name=name, checkpoint=path, continuation=ctx, in_context=ctx,
+                                       tail="next_token" if ctx else "renormalize")
                          for name, path in assets.sources.items())
     sources = demo_sources + cfg.sources
     corpus = CorpusConfig(format="jsonl", paths=(assets.mix,), id_field="id", domain_field="domain")
