@@ -408,3 +408,9 @@ def test_paper_recipe_row(tmp_path):
     without = _write_quiet(tmp_path / "plain", {"bpb": {k: v for k, v in bpb.items() if k != "paper"}})
     assert "gap_closed_paper" not in without
     assert "The paper's recipe" not in (tmp_path / "plain" / "report.md").read_text(encoding="utf-8")
+
+
+def test_headline_names_a_rising_lambda(tmp_path):
+    bpb = {"fused": {"all": 1.0}, "clm": {"all": 1.1}}
+    _write_quiet(tmp_path, {"bpb": bpb, "settings": {"lm_weight": 0.5, "lm_weight_schedule": "hard_and_decay"}})
+    assert "the fused run used λ rising linearly from 0.5 to 1." in (tmp_path / "report.md").read_text()

@@ -451,7 +451,7 @@ def _headline(bpb: dict, settings: dict) -> list[str]:
     domains = _domain_order([*fused, *clm])
     lam = _num(settings.get("lm_weight"))
     lines = ["Held-out bits per byte (lower is better) of the fused target against its CLM baseline (λ = 1, the same "
-             "start and batches)" + (f"; the fused run used λ = {lam:g}." if lam is not None else ".")]
+             "start and batches)" + (f"; the fused run used {_lambda_text(lam, settings)}." if lam is not None else ".")]
     best, closed = best_sources(bpb), gap_closed(bpb)
     rows, wins, scored = [], 0, 0
     for d in domains:
@@ -497,6 +497,12 @@ def _paper_rows(bpb: dict, domains: list[str]) -> list[str]:
             "the same batches, against this run's:", ""] + _table(
         ["domain", "paper recipe", "this run", "Δ bpb (run − paper)", "CLM baseline", "gap closed, paper",
          "gap closed, this run"], rows, [False, True, True, True, True, True, True]) + [""]
+
+
+def _lambda_text(lam: float, settings: dict) -> str:
+    if settings.get("lm_weight_schedule") == "hard_and_decay":
+        return f"λ rising linearly from {lam:g} to 1"
+    return f"λ = {lam:g}"
 
 
 def _gap_sentence(closed: dict[str, float | None]) -> str:
