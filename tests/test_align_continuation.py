@@ -51,12 +51,19 @@ def naive_inner(text: str, src, tgt, src_ids, src_end, tgt_end, topk_ids, topk_l
             if tgt_ids is not None and c == src_ids[s] and t + 1 < len(tgt_ids):
                 hits = [(0, int(tgt_ids[t + 1]))]
             if hits:
-                target = max(hits)[1]
-                mass[target] = mass.get(target, 0.0) + float(np.exp(np.float64(lp)))
+                _add(mass, max(hits)[1], lp)
         if mass:
-            total = sum(mass.values())
-            out[t] = {i: p / total for i, p in mass.items()}
+            out[t] = _normalised(mass)
     return out
+
+
+def _add(mass: dict, target: int, logprob) -> None:
+    mass[target] = mass.get(target, 0.0) + float(np.exp(np.float64(logprob)))
+
+
+def _normalised(mass: dict) -> dict:
+    total = sum(mass.values())
+    return {i: p / total for i, p in mass.items()}
 
 
 def naive_matched(text: str, src, tgt, src_ids, src_end, tgt_ids, tgt_end, topk_ids, topk_lp):
@@ -83,21 +90,16 @@ def naive_matched(text: str, src, tgt, src_ids, src_end, tgt_ids, tgt_end, topk_
                 if src.special[c] or not hits:
                     continue
                 target = max(hits)[1]
-            mass[target] = mass.get(target, 0.0) + float(np.exp(np.float64(lp)))
+            _add(mass, target, lp)
         if mass:
-            total = sum(mass.values())
-            out[t] = {i: p / total for i, p in mass.items()}
+            out[t] = _normalised(mass)
     return out
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_in_context_matches_the_naive_reference(pair, seed):
     """Both kinds of rows in context (continuation + in_context) against the text-level references."""
-    src, tgt = pair
-    text = TEXTS[seed]
-    s, t = src.encode(text, eos=True), tgt.encode(text, eos=True)
-    k = 6
-    topk, lp = _random_topk(src, s.ids, k, seed + 10)
+    src, tgt, text, s, t, k, topk, lp = _case(pair, seed, seed + 10)
     rows = transfer_topk(s.byte_end, t.byte_end, t.ids, topk, lp, prefix_map(src, tgt), k_out=k,
                          continuation=continuation_tables(src, tgt), src_ids=s.ids, in_context=True)
     want = naive_inner(text, src, tgt, list(s.ids), list(s.byte_end), list(t.byte_end), topk, lp, tgt_ids=t.ids)
@@ -136,6 +138,15 @@ def test_in_context_an_always_right_teacher_lands_on_the_next_target_token(pair)
     assert missed_before > 0 and rows_in_context > 0.9 * positions
 
 
+def _case(pair, text_index: int, seed: int, k: int = 6):
+    """(src, tgt, text, source encoding, target encoding, k, top-k ids, top-k log-probs) of TEXTS[text_index]."""
+    src, tgt = pair
+    text = TEXTS[text_index]
+    s, t = src.encode(text, eos=True), tgt.encode(text, eos=True)
+    topk, lp = _random_topk(src, s.ids, k, seed)
+    return src, tgt, text, s, t, k, topk, lp
+
+
 def _random_topk(src, s_ids, k, seed):
     rng = np.random.default_rng(seed)
     topk = rng.integers(0, src.vocab_size, size=(len(s_ids), k))
@@ -148,12 +159,8 @@ def _random_topk(src, s_ids, k, seed):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_transfer_with_continuation_matches_the_naive_reference(pair, seed):
-    src, tgt = pair
-    text = TEXTS[seed]
-    s, t = src.encode(text, eos=True), tgt.encode(text, eos=True)
     # top-k of the real next token and of other tokens sharing its first bytes (prefix siblings), then random ones
-    k = 6
-    topk, lp = _random_topk(src, s.ids, k, seed)
+    src, tgt, text, s, t, k, topk, lp = _case(pair, seed, seed)
     siblings = {}
     for i, b in enumerate(src.token_bytes):
         if b and not src.special[i]:
