@@ -51,7 +51,8 @@ def baseline_config(cfg: TrainConfig, documents: str) -> TrainConfig:
 
 def paper_config(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the paper's recipe (FuseLLM: λ = 0.9 constant, MinCE per block, top-k CE on the fused
-    distribution, teacher temperature 1) and the plain byte transfer (no ``continuation``, no ``in_context``);
+    distribution, teacher temperature 1, no likelihood matching) and the plain byte transfer (no ``continuation``, no
+    ``in_context``, the tail renormalised);
     everything else — start, documents, sources, k, batches, optimizer, steps — unchanged."""
     return dataclasses.replace(
         cfg, sources=tuple(dataclasses.replace(s, continuation=False, in_context=False, tail="renormalize")
@@ -153,9 +154,10 @@ def main(cfg: TrainConfig, fused_report: dict) -> dict:
     times["clm baseline"] = time.perf_counter() - t
     bpb = {"fused": _bpb(fused_report["eval"]), "clm": _bpb(clm_report["eval"])}
     curves = {"fused": str(run / "metrics.jsonl"), "clm": str(run / "clm" / "metrics.jsonl")}
-    paper = dataclasses.replace(paper_config(cfg), cache_dir=cfg.cache_dir or str(run / "cache"))  # the same captures
-    if cfg.compare_paper and cfg.sources and paper_config(cfg) != cfg:
+    paper = paper_config(cfg)
+    if cfg.compare_paper and cfg.sources and paper != cfg:
         t = time.perf_counter()
+        paper = dataclasses.replace(paper, cache_dir=cfg.cache_dir or str(run / "cache"))  # the same captures
         bpb["paper"] = _bpb(pipeline.fusion_run(_run_config(paper, "paper", documents))["eval"])
         curves["paper"] = str(run / "paper" / "metrics.jsonl")
         times["paper recipe"] = time.perf_counter() - t
@@ -175,6 +177,7 @@ def main(cfg: TrainConfig, fused_report: dict) -> dict:
                 "seq_len": cfg.loader.seq_len, "k": cfg.loader.k, "target": cfg.target,
                 "sources": ", ".join(f"{s.name} ({s.align}/{s.vocab_map}"
                                      + "".join(f"+{k}" for k in ("continuation", "in_context") if getattr(s, k))
+                                     + ("+tail" if s.tail == "next_token" else "")
                                      + ")" for s in cfg.sources),
                 "target_as_teacher": cfg.target_as_teacher}
     if cfg.demo.enabled:
