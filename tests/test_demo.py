@@ -50,8 +50,14 @@ def test_every_stage_produces_its_output(demo_run):
               "evaluations.json", "audit.json", "report.md",
               "plots/bpb.png", "plots/curves.png", "plots/win_rate.png"):
         assert (assets.parent / p).exists() or (assets / p).exists(), p
-    for other in ("clm", "paper"):  # the comparison runs read the main run's documents and caches, export nothing
-        assert not (run / other / "cache").exists() and not (run / other / "export").exists()
+    for other in ("clm", "paper"):  # the comparison runs read the main run's documents and caches
+        assert not (run / other / "cache").exists()
+    assert not (run / "paper" / "export").exists()
+    # the CLM baseline is exported next to the fused target, as a Hugging Face checkpoint of the same family
+    import transformers
+
+    assert transformers.AutoConfig.from_pretrained(run / "clm" / "export").model_type == "llama"
+    assert (run / "clm" / "export" / "tokenizer.json").exists()
     for p in run.glob("plots/*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -3,7 +3,8 @@
 After the fusion run in ``<run_dir>``:
 
 1. the CLM baseline: the same target start, the same documents, batches (the loader's packing depends on the target
-   tokens and the seed only), optimizer and steps, with λ = 1 and no teachers, in ``<run_dir>/clm``; and, when the
+   tokens and the seed only), optimizer and steps, with λ = 1 and no teachers, in ``<run_dir>/clm`` (exported to
+   ``<run_dir>/clm/export`` like the fused target); and, when the
    run's recipe is not the paper's (``compare_paper``), the paper's recipe the same way in ``<run_dir>/paper``
    (:func:`paper_config`);
 2. held-out bits per byte of the starting target and of every source (each with its own tokenizer; bits per byte is
@@ -42,11 +43,12 @@ _RECOMPUTED = "a cache of this comparison: delete it and it is recomputed"
 
 
 def baseline_config(cfg: TrainConfig, documents: str) -> TrainConfig:
-    """The CLM baseline of ``cfg``: no teachers, λ = 1, same start, documents, loader, optimizer and steps."""
+    """The CLM baseline of ``cfg``: no teachers, λ = 1, same start, documents, loader, optimizer and steps; exported
+    (``<run_dir>/clm/export``, when the run exports) so that it can be evaluated wherever the fused target is."""
     clm = dataclasses.replace(cfg, sources=(), target_as_teacher=False,
                               loss=dataclasses.replace(cfg.loss, lm_weight=1.0, lm_weight_schedule="constant",
                                                        likelihood_weight=0.0))
-    return _run_config(clm, "clm", documents)
+    return _run_config(clm, "clm", documents, export=cfg.train.export)
 
 
 def paper_config(cfg: TrainConfig) -> TrainConfig:
@@ -62,11 +64,11 @@ def paper_config(cfg: TrainConfig) -> TrainConfig:
                                  likelihood_weight=0.0))
 
 
-def _run_config(cfg: TrainConfig, name: str, documents: str) -> TrainConfig:
-    """A comparison run of ``cfg`` in ``<run_dir>/<name>``: the same documents, no export, no comparison of its own."""
+def _run_config(cfg: TrainConfig, name: str, documents: str, export: bool = False) -> TrainConfig:
+    """A comparison run of ``cfg`` in ``<run_dir>/<name>``: the same documents, no comparison of its own."""
     return dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir) / name),
                                data=dataclasses.replace(cfg.data, documents=documents),
-                               train=dataclasses.replace(cfg.train, export=False), baseline=False, demo=DemoConfig())
+                               train=dataclasses.replace(cfg.train, export=export), baseline=False, demo=DemoConfig())
 
 
 def _bpb(report: dict) -> dict[str, float]:
