@@ -64,6 +64,17 @@ def continuation_tables(src: Tokenizer, tgt: Tokenizer) -> Continuation:
     return Continuation(token_bytes, lengths, suffix)
 
 
+def in_context_ids(mapped: np.ndarray, cand: np.ndarray, src_next: np.ndarray, tgt_next: np.ndarray,
+                   valid: np.ndarray) -> np.ndarray:
+    """Rows whose text goes on with source token ``src_next`` and target token ``tgt_next`` (both starting at the
+    row's end offset): the candidate equal to ``src_next`` maps to ``tgt_next``, the others keep their map.
+
+    mapped int[r, k] (the vocab map's ids), cand int[r, k] (the source candidates), src_next int[r], tgt_next int[r],
+    valid bool[r] (rows that have both next tokens) → int[r, k]."""
+    hit = (cand == np.asarray(src_next)[:, None]) & np.asarray(valid, bool)[:, None]
+    return np.where(hit, np.asarray(tgt_next)[:, None], mapped)
+
+
 def inner_rows(src_ids: np.ndarray, src_byte_end: np.ndarray, tgt_byte_end: np.ndarray, src_topk_ids: np.ndarray,
                src_topk_logprobs: np.ndarray, tables: Continuation,
                tgt_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,9 +105,8 @@ def inner_rows(src_ids: np.ndarray, src_byte_end: np.ndarray, tgt_byte_end: np.n
     same = ((tables.token_bytes[cand] == emitted[:, None, :]) | ~within[:, None, :]).all(axis=2)
     keep = same & in_vocab & (tables.lengths[cand] > depth[:, None]) & (probs > 0)
     ids = np.where(keep, tables.suffix[cand, depth[:, None]], -1)
-    if tgt_ids is not None:
+    if tgt_ids is not None:  # the candidate that is token s itself: the target's next token
         m = len(tgt_ids)
-        actual = cand == np.asarray(src_ids)[s][:, None]
-        ids = np.where(keep & actual & (rows + 1 < m)[:, None], np.asarray(tgt_ids)[np.minimum(rows + 1, m - 1)][:, None],
-                       ids)
+        ids = np.where(keep, in_context_ids(ids, cand, np.asarray(src_ids)[s],
+                                            np.asarray(tgt_ids)[np.minimum(rows + 1, m - 1)], rows + 1 < m), -1)
     return rows, ids.astype(np.int32), probs

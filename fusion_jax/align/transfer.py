@@ -33,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from fusion_jax.align.continuation import Continuation, inner_rows
+from fusion_jax.align.continuation import Continuation, in_context_ids, inner_rows
 
 ROW_TEACHER, ROW_ONEHOT, ROW_EMPTY = 0, 1, 2
 ROW_KINDS = ("teacher", "onehot", "empty")
@@ -120,17 +120,6 @@ def covering(table: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:
     if top <= len(table):
         return table
     return np.concatenate([table, np.full(top - len(table), -1, table.dtype)])
-
-
-def in_context_ids(mapped: np.ndarray, cand: np.ndarray, src_next: np.ndarray, tgt_next: np.ndarray,
-                   valid: np.ndarray) -> np.ndarray:
-    """Rows whose text goes on with source token ``src_next`` and target token ``tgt_next`` (both starting at the
-    row's end offset): the candidate equal to ``src_next`` maps to ``tgt_next``, the others keep their map.
-
-    mapped int[r, k] (the vocab map's ids), cand int[r, k] (the source candidates), src_next int[r], tgt_next int[r],
-    valid bool[r] (rows that have both next tokens) → int[r, k]."""
-    hit = (cand == np.asarray(src_next)[:, None]) & np.asarray(valid, bool)[:, None]
-    return np.where(hit, np.asarray(tgt_next)[:, None], mapped)
 
 
 def with_next_token(src_ids: np.ndarray, src_topk_ids: np.ndarray, src_topk_logprobs: np.ndarray,
@@ -226,11 +215,11 @@ def transfer_topk(
     _check_topk(src_topk_ids, src_topk_logprobs, len(src_byte_end), vocab_map)
     k = src_topk_ids.shape[1]
     k_out = k if k_out is None else k_out
-    if in_context and src_next_logprob is not None and len(src_ids):
-        src_topk_ids, src_topk_logprobs = with_next_token(src_ids, src_topk_ids, src_topk_logprobs, src_next_logprob)
     rows = empty_rows(m, k_out)
     if (continuation is not None or in_context) and (src_ids is None or len(src_ids) != len(src_byte_end)):
         raise ValueError("continuation and in_context need src_ids, one per source token")
+    if in_context and src_next_logprob is not None and len(src_ids):
+        src_topk_ids, src_topk_logprobs = with_next_token(src_ids, src_topk_ids, src_topk_logprobs, src_next_logprob)
     pos = matching_positions(src_byte_end, tgt_byte_end)
     at = np.flatnonzero(pos >= 0)
     if at.size:
@@ -240,7 +229,7 @@ def transfer_topk(
             src_next, tgt_next, valid = _next_tokens(src_ids, src_byte_end, pos[at], tgt_ids, tgt_byte_end, at)
             mapped = in_context_ids(mapped, src_topk_ids[pos[at]], src_next, tgt_next, valid)
             if tail == "next_token":
-                probs = tail_to_next(probs, src_topk_ids[pos[at]] == src_next[:, None])
+                probs = tail_to_next(probs, (src_topk_ids[pos[at]] == src_next[:, None]) & valid[:, None])
         ids, lp = merge_rows(mapped, probs, k_out)
         ok = np.isfinite(lp[:, 0])
         rows.ids[at[ok]], rows.logprobs[at[ok]], rows.kind[at[ok]] = ids[ok], lp[ok], ROW_TEACHER

@@ -81,6 +81,12 @@ def binary_kl(teacher_logprob: jax.Array, student_logprob: jax.Array, temperatur
     return a * (la - lb) + (1.0 - a) * (_log1mexp(la) - _log1mexp(lb))
 
 
+def chunk_shares(chunks: TeacherChunks, weights: jax.Array) -> jax.Array:
+    """float32[B, T, K]: each teacher's share of the fused target (``weights``) where its chunk ends, else 0; a
+    position counts for likelihood matching where any is positive."""
+    return jnp.where(jnp.asarray(chunks.start) >= 0, jnp.asarray(weights, jnp.float32), 0.0)
+
+
 def likelihood_terms(token_logprob: jax.Array, chunks: TeacherChunks, weights: jax.Array,
                      temperature: float) -> tuple[jax.Array, jax.Array]:
     """Per-position likelihood-matching loss and where it counts.
@@ -88,10 +94,9 @@ def likelihood_terms(token_logprob: jax.Array, chunks: TeacherChunks, weights: j
     token_logprob float32[B, T], chunks (start/logprob [B, T, K]), weights float32[B, T, K] (each teacher's share of
     the fused target) → (loss float32[B, T], 0 where it does not count; mask bool[B, T])."""
     start = jnp.asarray(chunks.start, jnp.int32)
-    has = start >= 0                                                         # [B, T, K]
     student = chunk_logprobs(token_logprob, start)
-    ell = jnp.where(has, binary_kl(jnp.asarray(chunks.logprob, jnp.float32), student, temperature), 0.0)
-    w = jnp.where(has, jnp.asarray(weights, jnp.float32), 0.0)
+    ell = jnp.where(start >= 0, binary_kl(jnp.asarray(chunks.logprob, jnp.float32), student, temperature), 0.0)
+    w = chunk_shares(chunks, weights)                                        # [B, T, K]
     total = jnp.sum(w, -1)
     mask = total > 0
     return jnp.where(mask, jnp.sum(w * ell, -1) / jnp.where(mask, total, 1.0), 0.0), mask

@@ -35,7 +35,7 @@ import optax
 from fusion_jax.config.model import ModelConfig
 from fusion_jax.fusion import online as online_lib
 from fusion_jax.fusion.fuse import FusedTarget, FusionConfig, fuse
-from fusion_jax.fusion.likelihood import TeacherChunks
+from fusion_jax.fusion.likelihood import TeacherChunks, chunk_shares
 from fusion_jax.fusion.losses import LossConfig, block_means, fusion_term, lm_weight, sparse_losses
 from fusion_jax.models import decoder
 from fusion_jax.train.optim import OptimizerConfig, make_optimizer, schedule
@@ -177,7 +177,7 @@ def _likelihood_counts(loss_cfg: LossConfig, chunks: TeacherChunks, target: Fuse
     """The whole batch's count of likelihood-matching positions and of blocks holding one (each at least 1)."""
     if loss_cfg.likelihood_weight == 0:
         return jnp.float32(1.0), jnp.float32(1.0)
-    mask = ((chunks.start >= 0) & (target.weights > 0)).any(-1)
+    mask = (chunk_shares(chunks, target.weights) > 0).any(-1)
     return (jnp.maximum(mask.sum(), 1).astype(jnp.float32),
             jnp.maximum(mask.any(1).sum(), 1).astype(jnp.float32))
 
