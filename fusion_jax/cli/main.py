@@ -10,6 +10,7 @@ COMMANDS = {
     "prepare": "a corpus → a document store (split, filtered, held-out validation)",
     "capture": "one teacher over a document store → its top-k cache",
     "evaluate": "held-out bits per byte of a model",
+    "generate": "continue prompts with a model (greedy or sampled, KV cache, batched)",
     "forward": "a forward pass of a model on the mesh (a smoke test and a throughput figure)",
     "convert": "Hugging Face ⇄ fusion_jax model directories",
     "align": "alignment audit of tokenizer pairs (no model)",

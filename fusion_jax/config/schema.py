@@ -460,6 +460,51 @@ class EvaluateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is picked from the model's logits."""
+
+    temperature: float = _help("0: greedy (the argmax); > 0: sample from softmax(logits / temperature)", 0.0,
+                               minimum=0)
+    top_k: int = _help("sample only among the k most likely tokens (0: all)", 0, minimum=0)
+    top_p: float = _help("sample only among the fewest most likely tokens whose probabilities sum to top_p (1: all)",
+                         1.0, exclusive_minimum=0, maximum=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """`python -m fusion_jax.generate`: continue prompts with a model on the mesh (a KV cache, batched prompts)."""
+
+    checkpoint: str = _help("the model: a fusion_jax checkpoint or a Hugging Face directory", "")
+    tokenizer: str = _help("the model's tokenizer (file or directory); default: the checkpoint directory", "")
+    prompts: tuple[str, ...] = _help("the prompts (or give prompts_file)", ())
+    prompts_file: str = _help("a text file of prompts, one per line, or a .jsonl file of {\"prompt\": ...} objects", "")
+    max_new_tokens: int = _help("tokens generated per prompt at most", 64, minimum=1)
+    stop: tuple[str, ...] = _help("a generation ends before the first of these strings (and at the tokenizer's EOS)", ())
+    sampling: SamplingConfig = _help("greedy or sampled decoding", default_factory=SamplingConfig)
+    seed: int = _help("the sampling seed (a prompt's sample depends on the seed and its place in the prompt list, not "
+                      "on the batch it ran in)", 0)
+    batch_size: int = _help("prompts decoded together (a multiple of the data·fsdp mesh size)", 8, minimum=1)
+    bos: bool = _help("prepend the tokenizer's BOS to every prompt (only for tokenizers with one)", False)
+    param_dtype: DType = _help("dtype the params are loaded in", "bfloat16")
+    compute_dtype: DType = _help("dtype of the activations and the KV cache (logits are float32 either way)",
+                                 "bfloat16")
+    output: str = _help("write the generations as JSONL to this file (optional)", "")
+    allow_tokenizer_mismatch: bool = _help("generate with a tokenizer other than the one the checkpoint was saved "
+                                           "with (warn instead of refusing)", False)
+    mesh: MeshConfig = _help("device mesh and sharding rules", default_factory=MeshConfig)
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("checkpoint is required (--set checkpoint=DIR)")
+        if bool(self.prompts) == bool(self.prompts_file):
+            raise ConfigError("give exactly one of prompts (--set 'prompts=[\"Once upon a time\"]') and prompts_file "
+                             "(--set prompts_file=FILE)")
+        if any(not s for s in self.stop):
+            raise ConfigError("stop strings must not be empty")
+        check_choices(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class AuditConfig:
     """`python -m fusion_jax.align audit`: how well source tokenizers' rows carry over to a target's (no model)."""
 

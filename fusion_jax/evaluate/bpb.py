@@ -35,7 +35,6 @@ import functools
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,20 +48,19 @@ from fusion_jax import mesh as mesh_lib
 from fusion_jax.config import loader as config_loader
 from fusion_jax.config.model import ModelConfig
 from fusion_jax.config.schema import EvaluateConfig
-from fusion_jax.convert import checkpoint
 from fusion_jax.data.corpus import Document, read_documents
 from fusion_jax.data.documents import DocumentStore
 from fusion_jax.data.scoring import Batch, RowStep, pack_batches, row_lengths, score_rows
 from fusion_jax.errors import CheckpointError, ConfigError, InputError
 from fusion_jax.files import atomic_write_text
 from fusion_jax.models.head import ce_step
-from fusion_jax.tokenizers import Tokenizer, check_vocab_size, load_tokenizer, token_from_config
+from fusion_jax.evaluate.model import bos_token_id, load_model
+from fusion_jax.tokenizers import Tokenizer, check_vocab_size
 
 __all__ = ["EvaluateConfig", "bos_token_id", "ce_step", "evaluate_bpb", "main", "windows"]
 
 log = logging.getLogger("fusion_jax.evaluate.bpb")
 LN2 = math.log(2.0)
-BOS_PIECES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 
 
 # ------------------------------------------------------------------------------------------------ the device step
@@ -286,32 +284,6 @@ def evaluate_bpb(
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _tokenizer_file(path: Path) -> Path:
-    if path.is_dir():
-        for c in [path / "tokenizer.json", path / "tokenizer.model", *sorted(path.glob("*.model"))]:
-            if c.is_file():
-                return c
-    return path
-
-
-def bos_token_id(path: str | os.PathLike, tok: Tokenizer) -> int | None:
-    """The BOS id of the tokenizer loaded from `path`: tokenizer_config.json's bos_token, else SentencePiece's
-    bos_id, else a special token spelled like one of BOS_PIECES; None if it has none."""
-    file = _tokenizer_file(Path(path))
-    bos = token_from_config(file, "bos_token", tok.pieces)
-    if bos is not None:
-        return bos
-    by_piece = {p: i for i, p in enumerate(tok.pieces) if p}
-    if tok.kind == "sentencepiece":
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
-        proto = pb.ModelProto()
-        proto.ParseFromString(file.read_bytes())
-        bos = int(proto.trainer_spec.bos_id)
-        return bos if 0 <= bos < tok.vocab_size else None
-    return next((by_piece[p] for p in BOS_PIECES if p in by_piece and tok.special[by_piece[p]]), None)
-
-
 def format_table(report: dict) -> str:
     """Overall and per-domain documents, tokens (scored), bytes, bits/byte and tokens/byte of an evaluate_bpb report."""
     head = f"{'domain':<24} {'documents':>10} {'tokens':>14} {'bytes':>15} {'bits/byte':>10} {'tokens/byte':>12}"
@@ -348,15 +320,6 @@ def main(cfg: EvaluateConfig) -> dict:
     cfg.validate()
     mesh_lib.initialize_distributed(cfg.mesh)
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    checkpoint.kind(cfg.checkpoint)  # a clear error for a missing model before anything else is read
-    tok_path = cfg.tokenizer or cfg.checkpoint
-    tok = load_tokenizer(tok_path)
-    checkpoint.check_tokenizer(cfg.checkpoint, tok, tok_path, allow_mismatch=cfg.allow_tokenizer_mismatch)
-    bos_id = None
-    if cfg.bos:
-        bos_id = bos_token_id(tok_path, tok)
-        if bos_id is None:
-            raise ConfigError(f"tokenizer {tok.name!r} ({tok_path}) has no BOS token; set bos=false")
     if cfg.corpus is not None:
         documents: Sequence[Document] | DocumentStore = list(read_documents(cfg.corpus))
         source = {"corpus": config_loader.to_dict(cfg.corpus)}
@@ -366,9 +329,10 @@ def main(cfg: EvaluateConfig) -> dict:
     if not len(documents):
         raise InputError("no documents to evaluate: " + (f"the corpus {list(cfg.corpus.paths)} is empty"
                          if cfg.corpus is not None else f"split {cfg.split!r} of {cfg.documents} is empty"))
-    model_cfg, params = checkpoint.load(cfg.checkpoint, mesh, cfg.mesh.rules, param_dtype=cfg.param_dtype,
-                                        compute_dtype=cfg.compute_dtype)
-    check_vocab_size(tok, model_cfg.vocab_size, cfg.checkpoint)
+    model = load_model(cfg.checkpoint, cfg.tokenizer, mesh, cfg.mesh.rules, param_dtype=cfg.param_dtype,
+                       compute_dtype=cfg.compute_dtype, bos=cfg.bos,
+                       allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch)
+    model_cfg, params, tok, bos_id = model.cfg, model.params, model.tokenizer, model.bos_id
     context = cfg.seq_len // 2 if cfg.context == -1 else cfg.context
     t0 = time.perf_counter()
     result = evaluate_bpb(model_cfg, params, tok, documents, mesh=mesh, rules=cfg.mesh.rules,

@@ -108,3 +108,16 @@ def ce_step(cfg: ModelConfig, chunk: int, rules, params, tokens, segment_ids, sc
     hidden = decoder.hidden_states(cfg, params, tokens, segment_ids, rules=rules)
     ce = head_over_chunks(cfg, params, hidden, next_tokens(tokens), chunk, token_ce)
     return jnp.where(score, ce, 0.0)
+
+
+def token_ce_and_greedy(logits: jax.Array, nxt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The per-chunk function of :func:`ce_greedy_step`: (−log p(nxt) [b, C], nxt is the argmax bool[b, C])."""
+    return token_ce(logits, nxt), jnp.argmax(logits, axis=-1) == nxt
+
+
+def ce_greedy_step(cfg: ModelConfig, chunk: int, rules, params, tokens, segment_ids, score):
+    """:func:`ce_step` and, beside it, bool[B, T]: tokens[t+1] is the model's most likely next token (False where
+    not score[t]): the log-likelihood and greedy flags of lm-evaluation-harness's requests."""
+    hidden = decoder.hidden_states(cfg, params, tokens, segment_ids, rules=rules)
+    ce, greedy = head_over_chunks(cfg, params, hidden, next_tokens(tokens), chunk, token_ce_and_greedy)
+    return jnp.where(score, ce, 0.0), score & greedy

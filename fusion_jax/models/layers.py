@@ -99,13 +99,12 @@ def attention_mask(cfg: ModelConfig, segment_ids: jax.Array) -> jax.Array:
     return (allowed[None] & same)[:, None]
 
 
-def attention(
-    cfg: ModelConfig, p: dict, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array] | None, positions: jax.Array
-) -> jax.Array:
-    """Self-attention. x [B, T, D]; mask bool [B, 1, T, T]; rope (cos, sin) [B, T, R] or None → [B, T, D].
+def project_qkv(
+    cfg: ModelConfig, p: dict, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B, T, D] → q [B, T, N, H], k, v [B, T, K, H]: projections, biases, MPT's clip and RoPE.
 
-    p: q [D, N, H], k/v [D, K, H], o [N, H, D] (+ q_bias [N, H], k_bias/v_bias [K, H], o_bias [D]).
-    Grouped-query attention is native to `jax.nn.dot_product_attention` (no repeat of K/V).
+    p: q [D, N, H], k/v [D, K, H] (+ q_bias [N, H], k_bias/v_bias [K, H]); rope (cos, sin) [B, T, R] or None.
     """
     dt = x.dtype
     q = jnp.einsum("btd,dnh->btnh", x, p["q"].astype(dt))
@@ -117,11 +116,24 @@ def attention(
         q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return q, k, v
+
+
+def attend(
+    cfg: ModelConfig, p: dict, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+    q_positions: jax.Array, k_positions: jax.Array,
+) -> jax.Array:
+    """q [B, T, N, H] over k, v [B, S, K, H] (S = T, or a KV cache's length) → output projection [B, T, D].
+
+    mask bool [B, 1, T, S]; q_positions int [B, T], k_positions int [B, S] (ALiBi's distances). p: o [N, H, D]
+    (+ o_bias [D]). Grouped-query attention is native to `jax.nn.dot_product_attention` (no repeat of K/V).
+    """
+    dt = q.dtype
     bias = None
     if cfg.position == "alibi":
         # Softmax is shift-invariant per row, so slope·(k − q) equals MPT's slope·(k − T + 1); both use positions
         # within each segment, so packed documents match separate runs.
-        rel = (positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)
+        rel = (k_positions[:, None, :] - q_positions[:, :, None]).astype(jnp.float32)
         bias = (jnp.asarray(alibi_slopes(cfg.num_heads, cfg.alibi_bias_max))[None, :, None, None] * rel[:, None]).astype(dt)
     scale = cfg.attention_scale if cfg.attention_scale is not None else 1.0 / math.sqrt(cfg.dim_per_head)
     impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
@@ -130,6 +142,14 @@ def attention(
     if cfg.out_bias:
         y = y + p["o_bias"].astype(dt)
     return y
+
+
+def attention(
+    cfg: ModelConfig, p: dict, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array] | None, positions: jax.Array
+) -> jax.Array:
+    """Self-attention. x [B, T, D]; mask bool [B, 1, T, T]; rope (cos, sin) [B, T, R] or None → [B, T, D]."""
+    q, k, v = project_qkv(cfg, p, x, rope)
+    return attend(cfg, p, q, k, v, mask, positions, positions)
 
 
 def mlp(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
@@ -153,8 +173,13 @@ def mlp(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
 
 
 def block(cfg: ModelConfig, p: dict, x: jax.Array, mask: jax.Array, rope, positions: jax.Array) -> jax.Array:
-    """One decoder layer. p: attn_norm, attn, mlp_norm, mlp. Sequential or GPT-NeoX parallel residual."""
-    a = attention(cfg, p["attn"], norm(cfg, p["attn_norm"], x), mask, rope, positions)
+    """One decoder layer. p: attn_norm, attn, mlp_norm, mlp."""
+    return residual(cfg, p, x, attention(cfg, p["attn"], norm(cfg, p["attn_norm"], x), mask, rope, positions))
+
+
+def residual(cfg: ModelConfig, p: dict, x: jax.Array, a: jax.Array) -> jax.Array:
+    """The layer's output from its input x [B, T, D] and its attention's output a [B, T, D] (of the attn-normed x):
+    sequential (x + a, then the MLP on it) or GPT-NeoX's parallel residual (x + a + MLP(x))."""
     if cfg.parallel_residual:
         return x + a + mlp(cfg, p["mlp"], norm(cfg, p["mlp_norm"], x))
     x = x + a
