@@ -7,6 +7,7 @@ not divide stays replicated, so one config works from 1 CPU to a pod.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -169,3 +170,18 @@ def max_over_processes(x: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(np.max(multihost_utils.process_allgather(np.asarray([x], np.int64))))
+
+
+def allgather_json(obj) -> list:
+    """Every process's `obj` (JSON-serialisable), in process order."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    n = max_over_processes(len(data))
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int64))).reshape(-1)
+    buf = np.zeros(n, np.uint8)
+    buf[:len(data)] = data
+    everyone = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(lengths), n)
+    return [json.loads(everyone[i, :lengths[i]].tobytes()) for i in range(len(lengths))]

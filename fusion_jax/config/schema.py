@@ -417,6 +417,27 @@ class CaptureConfig(CaptureSettings):
 
 
 @dataclasses.dataclass(frozen=True)
+class TasksConfig:
+    """Benchmark tasks through lm-evaluation-harness on the model (fusion_jax.evaluate.harness)."""
+
+    names: tuple[str, ...] = _help("lm-eval task or group names (its registry's, or those of the YAMLs in include); "
+                                   "empty: none", ())
+    include: tuple[str, ...] = _help("directories of lm-eval task YAMLs (local tasks over local files)", ())
+    num_fewshot: int = _help("few-shot examples per prompt (-1: each task's default)", -1, minimum=-1)
+    limit: int = _help("evaluate only the first N documents of each task (0: all)", 0, minimum=0)
+    max_length: int = _help("tokens of context + continuation at most (longer requests are cut from the left)", 2048,
+                            minimum=2)
+    max_gen_toks: int = _help("tokens generated at most per generate_until request (unless a task sets its own)", 256,
+                              minimum=1)
+    batch_size: int = _help("rows per forward and prompts per generation batch", 8, minimum=1)
+
+    def validate(self) -> None:
+        if self.max_gen_toks >= self.max_length:
+            raise ConfigError(f"tasks.max_gen_toks ({self.max_gen_toks}) must be less than tasks.max_length "
+                             f"({self.max_length})")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
     checkpoint: str = _help("model to evaluate: a fusion_jax checkpoint or a Hugging Face directory", "")
     tokenizer: str = _help("the model's tokenizer (file or directory); default: the checkpoint directory", "")
@@ -439,7 +460,10 @@ class EvaluateConfig:
                       False)
     param_dtype: DType = _help("dtype the params are loaded in", "bfloat16")
     compute_dtype: DType = _help("dtype of the forward's activations (logits are float32 either way)", "bfloat16")
-    output: str = _help("write the report as JSON to this file (optional)", "")
+    tasks: TasksConfig = _help("benchmark tasks through lm-evaluation-harness (tasks.names=[...]); with or "
+                                 "without documents/corpus for bits per byte", default_factory=TasksConfig)
+    output: str = _help("write the report (bits per byte, and lm-eval's results under \"tasks\") as JSON to this "
+                        "file (optional)", "")
     allow_tokenizer_mismatch: bool = _help("score with a tokenizer other than the one the checkpoint was saved with "
                                            "(warn instead of refusing)", False)
     mesh: MeshConfig = _help("device mesh and sharding rules", default_factory=MeshConfig)
@@ -447,9 +471,14 @@ class EvaluateConfig:
     def validate(self) -> None:
         if not self.checkpoint:
             raise ConfigError("checkpoint is required (--set checkpoint=DIR)")
-        if bool(self.documents) == (self.corpus is not None):
-            raise ConfigError("give exactly one of documents (a prepared store: --set documents=DIR) and corpus "
-                             "(--set corpus.paths=[FILE] ...)")
+        if self.documents and self.corpus is not None:
+            raise ConfigError("give one of documents (a prepared store: --set documents=DIR) and corpus "
+                             "(--set corpus.paths=[FILE] ...), not both")
+        if not self.documents and self.corpus is None and not self.tasks.names:
+            raise ConfigError("nothing to evaluate: give documents (--set documents=DIR) or corpus (--set "
+                             "corpus.paths=[FILE]) for bits per byte, and/or benchmark tasks (--set "
+                             "'tasks.names=[hellaswag]')")
+        self.tasks.validate()
         check_choices(self)
         if min(self.seq_len, self.batch_size, self.logits_chunk) <= 0 or self.max_documents < 0:
             raise ConfigError("seq_len, batch_size and logits_chunk must be positive, max_documents >= 0")

@@ -14,6 +14,7 @@ dispatched before the previous one is fetched, so the devices compute while the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -21,6 +22,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fusion_jax import mesh as mesh_lib
+from fusion_jax.config.model import ModelConfig
+from fusion_jax.errors import ConfigError
+from fusion_jax.models.head import ce_greedy_step, ce_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,3 +122,21 @@ def score_rows(run: RowStep, batches: Sequence[Batch], on_batch: Callable[[list,
         if in_flight is not None:
             on_batch(in_flight[0], run.fetch(in_flight[1]))
         in_flight = (batch.rows, launched) if launched is not None else None
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_ce_step(cfg: ModelConfig, chunk: int, rules_key: tuple, mesh, batch_size: int, seq_len: int,
+                     greedy: bool = False) -> tuple[Callable, jax.NamedSharding]:
+    """The jitted `ce_step` (`greedy`: `ce_greedy_step`) and the rows' sharding, built once per (model, mesh,
+    shape): the training loop evaluates many times without recompiling. rules_key: the rules as sorted (name,
+    axes) pairs (hashable)."""
+    rules = {k: tuple(v) for k, v in rules_key}
+    spec = mesh_lib.logical_to_spec(("batch", "seq"), rules, mesh, (batch_size, seq_len))
+    if jax.process_count() > 1 and spec[0] is None:
+        raise ConfigError(f"batch_size {batch_size} must be divisible by the batch mesh axes "
+                         f"({rules.get('batch')}) in a multi-host run, so each process feeds its own rows")
+    sharding = jax.NamedSharding(mesh, spec)
+    fn = ce_greedy_step if greedy else ce_step
+    with jax.set_mesh(mesh):
+        step = jax.jit(lambda p, t, s, m: fn(cfg, chunk, rules, p, t, s, m), out_shardings=sharding)
+    return step, sharding

@@ -26,6 +26,13 @@ process_count)`` and the sums are combined across processes, so every process re
 
   python -m fusion_jax.evaluate --set checkpoint=DIR --set documents=STORE --set split=validation
   python -m fusion_jax.evaluate --set checkpoint=DIR --set corpus.paths=[val.jsonl] --set corpus.domain_field=meta.set
+
+With ``tasks.names``, the model also runs benchmark tasks through lm-evaluation-harness (fusion_jax.evaluate.harness):
+from lm-eval's registry (their data from the hub, when online) or from task YAMLs over local files in
+``tasks.include`` directories; lm-eval's results go into the report under "tasks" and its table is printed.
+
+  python -m fusion_jax.evaluate --set checkpoint=DIR --set 'tasks.names=[hellaswag,arc_easy]' --set tasks.limit=200
+  python -m fusion_jax.evaluate --set checkpoint=DIR --set 'tasks.names=[my_task]' --set 'tasks.include=[my_tasks/]'
 """
 
 from __future__ import annotations
@@ -41,7 +48,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from fusion_jax import mesh as mesh_lib
@@ -50,7 +56,7 @@ from fusion_jax.config.model import ModelConfig
 from fusion_jax.config.schema import EvaluateConfig
 from fusion_jax.data.corpus import Document, read_documents
 from fusion_jax.data.documents import DocumentStore
-from fusion_jax.data.scoring import Batch, RowStep, pack_batches, row_lengths, score_rows
+from fusion_jax.data.scoring import Batch, RowStep, compiled_ce_step, pack_batches, row_lengths, score_rows
 from fusion_jax.errors import CheckpointError, ConfigError, InputError
 from fusion_jax.files import atomic_write_text
 from fusion_jax.models.head import ce_step
@@ -61,24 +67,6 @@ __all__ = ["EvaluateConfig", "bos_token_id", "ce_step", "evaluate_bpb", "main", 
 
 log = logging.getLogger("fusion_jax.evaluate.bpb")
 LN2 = math.log(2.0)
-
-
-# ------------------------------------------------------------------------------------------------ the device step
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled_step(cfg: ModelConfig, chunk: int, rules_key: tuple, mesh, batch_size: int, seq_len: int):
-    """The jitted step and the batch sharding, built once per (model, mesh, shape): the training loop evaluates
-    many times without recompiling."""
-    rules = {k: tuple(v) for k, v in rules_key}
-    spec = mesh_lib.logical_to_spec(("batch", "seq"), rules, mesh, (batch_size, seq_len))
-    if jax.process_count() > 1 and spec[0] is None:
-        raise ConfigError(f"batch_size {batch_size} must be divisible by the batch mesh axes "
-                         f"({rules.get('batch')}) in a multi-host run, so each process feeds its own rows")
-    sharding = jax.NamedSharding(mesh, spec)
-    with jax.set_mesh(mesh):
-        step = jax.jit(lambda p, t, s, m: ce_step(cfg, chunk, rules, p, t, s, m), out_shardings=sharding)
-    return step, sharding
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -130,19 +118,6 @@ def _read(documents, indices: list[int]) -> list[Document]:
     if hasattr(documents, "__getitems__"):
         return list(documents.__getitems__(indices))
     return [documents[i] for i in indices]
-
-
-def _allgather_json(obj) -> list:
-    """Every process's `obj` (JSON-serialisable), in process order."""
-    if jax.process_count() == 1:
-        return [obj]
-    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    n = mesh_lib.max_over_processes(len(data))
-    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int64))).reshape(-1)
-    buf = np.zeros(n, np.uint8)
-    buf[:len(data)] = data
-    everyone = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(lengths), n)
-    return [json.loads(everyone[i, :lengths[i]].tobytes()) for i in range(len(lengths))]
 
 
 _FIELDS = ("ce", "tokens", "bytes", "documents", "unscored_bytes")
@@ -219,7 +194,7 @@ def _add_ce(stats: dict[str, dict[str, float]], batch: list[list[_Piece]], ce: n
 def _merged_report(stats: dict[str, dict[str, float]], n_docs: int) -> dict:
     """Every process's stats summed (the same report on every process), overall and per domain."""
     merged: dict[str, dict[str, float]] = {}
-    for part in _allgather_json(stats):
+    for part in mesh_lib.allgather_json(stats):
         for domain, s in part.items():
             m = merged.setdefault(domain, dict.fromkeys(_FIELDS, 0))
             for k in _FIELDS:
@@ -262,7 +237,7 @@ def evaluate_bpb(
     pid, nproc = jax.process_index(), jax.process_count()
     local = batch_size // nproc
     rules_key = tuple(sorted((k, tuple(v)) for k, v in rules.items()))
-    step, sharding = _compiled_step(model_cfg, chunk, rules_key, mesh, batch_size, seq_len)
+    step, sharding = compiled_ce_step(model_cfg, chunk, rules_key, mesh, batch_size, seq_len)
     run = RowStep(step, params, mesh, sharding, sharding.spec, local, _row_arrays)
     windowing = _Windowing(tokenizer, append_eos, bos_id, seq_len, context)
     stats: dict[str, dict[str, float]] = {}
@@ -316,10 +291,8 @@ def _write_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
-def main(cfg: EvaluateConfig) -> dict:
-    cfg.validate()
-    mesh_lib.initialize_distributed(cfg.mesh)
-    mesh = mesh_lib.make_mesh(cfg.mesh)
+def _documents(cfg: EvaluateConfig) -> tuple[Sequence[Document] | DocumentStore, dict]:
+    """The documents to score and what they are, for the report."""
     if cfg.corpus is not None:
         documents: Sequence[Document] | DocumentStore = list(read_documents(cfg.corpus))
         source = {"corpus": config_loader.to_dict(cfg.corpus)}
@@ -329,31 +302,46 @@ def main(cfg: EvaluateConfig) -> dict:
     if not len(documents):
         raise InputError("no documents to evaluate: " + (f"the corpus {list(cfg.corpus.paths)} is empty"
                          if cfg.corpus is not None else f"split {cfg.split!r} of {cfg.documents} is empty"))
+    return documents, source
+
+
+def main(cfg: EvaluateConfig) -> dict:
+    cfg.validate()
+    mesh_lib.initialize_distributed(cfg.mesh)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    scored = _documents(cfg) if cfg.documents or cfg.corpus is not None else None
     model = load_model(cfg.checkpoint, cfg.tokenizer, mesh, cfg.mesh.rules, param_dtype=cfg.param_dtype,
                        compute_dtype=cfg.compute_dtype, bos=cfg.bos,
                        allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch)
-    model_cfg, params, tok, bos_id = model.cfg, model.params, model.tokenizer, model.bos_id
-    context = cfg.seq_len // 2 if cfg.context == -1 else cfg.context
-    t0 = time.perf_counter()
-    result = evaluate_bpb(model_cfg, params, tok, documents, mesh=mesh, rules=cfg.mesh.rules,
-                          batch_size=cfg.batch_size, seq_len=cfg.seq_len, append_eos=cfg.append_eos,
-                          max_documents=cfg.max_documents if cfg.corpus is None else 0, chunk=cfg.logits_chunk,
-                          context=context, bos_id=bos_id, progress=True)
-    seconds = time.perf_counter() - t0
-    check_finite_report(result, cfg.checkpoint, cfg.compute_dtype)
-    report = {
-        **result,
-        "checkpoint": cfg.checkpoint, "tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint,
-        "source": source,
-        "append_eos": cfg.append_eos, "bos": cfg.bos, "seq_len": cfg.seq_len, "context": context,
-        "compute_dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype, "seconds": seconds,
-    }
-    if jax.process_index() == 0:
-        what = f"{cfg.documents} ({cfg.split})" if cfg.corpus is None else ", ".join(cfg.corpus.paths)
-        on = lambda flag: "on" if flag else "off"
-        print(f"bits/byte of {cfg.checkpoint} (tokenizer {tok.name}) on {what}: EOS {on(cfg.append_eos)}, "
-              f"BOS {on(cfg.bos)}, seq_len {cfg.seq_len}, context {context}, {cfg.compute_dtype}; {seconds:.1f} s")
-        print(format_table(result))
-        if cfg.output:
-            _write_json(Path(cfg.output), report)
+    tok = model.tokenizer
+    report: dict = {"checkpoint": cfg.checkpoint, "tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint,
+                    "bos": cfg.bos, "compute_dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype}
+    if scored is not None:
+        documents, source = scored
+        context = cfg.seq_len // 2 if cfg.context == -1 else cfg.context
+        t0 = time.perf_counter()
+        result = evaluate_bpb(model.cfg, model.params, tok, documents, mesh=mesh, rules=cfg.mesh.rules,
+                              batch_size=cfg.batch_size, seq_len=cfg.seq_len, append_eos=cfg.append_eos,
+                              max_documents=cfg.max_documents if cfg.corpus is None else 0, chunk=cfg.logits_chunk,
+                              context=context, bos_id=model.bos_id, progress=True)
+        seconds = time.perf_counter() - t0
+        check_finite_report(result, cfg.checkpoint, cfg.compute_dtype)
+        report.update(result, source=source, append_eos=cfg.append_eos, seq_len=cfg.seq_len, context=context,
+                      seconds=seconds)
+        if jax.process_index() == 0:
+            what = f"{cfg.documents} ({cfg.split})" if cfg.corpus is None else ", ".join(cfg.corpus.paths)
+            on = lambda flag: "on" if flag else "off"
+            print(f"bits/byte of {cfg.checkpoint} (tokenizer {tok.name}) on {what}: EOS {on(cfg.append_eos)}, "
+                  f"BOS {on(cfg.bos)}, seq_len {cfg.seq_len}, context {context}, {cfg.compute_dtype}; {seconds:.1f} s")
+            print(format_table(result))
+    if cfg.tasks.names:
+        from fusion_jax.evaluate import harness  # lm-eval loads only when tasks are asked for
+
+        t0 = time.perf_counter()
+        report["tasks"] = harness.run_tasks(model, cfg.tasks)
+        if jax.process_index() == 0:
+            print(f"lm-eval tasks of {cfg.checkpoint}: {time.perf_counter() - t0:.1f} s")
+            print(harness.format_tasks_table(report["tasks"]))
+    if cfg.output and jax.process_index() == 0:
+        _write_json(Path(cfg.output), report)
     return report
