@@ -133,6 +133,97 @@ def test_extend_continues_over_the_new_total_and_refreshes_export_and_report(ass
     assert (run / "metrics.jsonl").read_text() == logged
 
 
+def test_export_dtype_rewrites_the_export_in_bfloat16(assets, prepared, finished, tmp_path):
+    """train.export_dtype=bfloat16 on a finished run replaces its float32 export: bf16 tensors, config.json's dtype,
+    the marker's; transformers and our loader read it back, and its logits stay near the float32 export's."""
+    torch = pytest.importorskip("torch")
+    import transformers
+    from safetensors import safe_open
+
+    run = _copy(finished, tmp_path / "run")
+    f32 = tmp_path / "f32"
+    shutil.copytree(run / "export", f32)
+    report = experiment.main(_cfg(assets, prepared, run, loop=dict(export_dtype="bfloat16")))
+    export = Path(report["export"])
+    with safe_open(str(export / "model.safetensors"), "np") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((export / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((export / "fusion_jax_export.json").read_text())["dtype"] == "bfloat16"
+    assert pipeline.export_step(export) == STEPS
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(export)
+    assert bf16.dtype == torch.bfloat16
+    ref = transformers.AutoModelForCausalLM.from_pretrained(f32, dtype=torch.float32)
+    ids = torch.as_tensor([[3, 4, 5, 6, 7, 8]])
+    with torch.inference_mode():
+        a, b = bf16.float()(ids).logits, ref(ids).logits
+    assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
+    from fusion_jax.convert import checkpoint
+    from fusion_jax import mesh as mesh_lib
+
+    cfg, _ = checkpoint.load(export, mesh_lib.make_mesh(MeshConfig()), MeshConfig().rules)
+    assert cfg.param_dtype == "bfloat16"
+    again = experiment.main(_cfg(assets, prepared, run, loop=dict(export_dtype="bfloat16")))  # kept, not rewritten
+    assert again["export"] == report["export"]
+
+
+def _wandb_records(path: Path):
+    """The records of a W&B transaction log (run-<id>.wandb): a 7-byte header, then LevelDB-style log records (crc,
+    length, type; FULL or FIRST..LAST pieces in 32 KiB blocks), each a protobuf Record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        pending += chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def test_wandb_offline_run_is_continued_when_the_run_resumes(assets, prepared, tmp_path, monkeypatch):
+    """train.trackers with wandb (offline mode): the run's settings are the W&B config, its id is kept in the run
+    directory, and the extended run logs steps 5-8 into the same W&B run after steps 1-4."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    loop = dict(trackers=("jsonl", "wandb"), wandb=schema.WandbConfig(mode="offline", project="test"))
+    experiment.main(_cfg(assets, prepared, run, loop=loop))
+    run_id = (run / "wandb_run_id").read_text().strip()
+    experiment.main(_cfg(assets, prepared, run, loop=dict(loop, steps=8, extend=True)))
+    assert (run / "wandb_run_id").read_text().strip() == run_id
+    logs = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [p.name for p in logs] == [f"run-{run_id}.wandb"] * 2
+    steps, config = [], {}
+    for log in logs:
+        for record in _wandb_records(log):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                assert record.run.run_id == run_id
+                config.update({u.key: json.loads(u.value_json) for u in record.run.config.update})
+            elif kind == "history":
+                items = {i.key or "/".join(i.nested_key) for i in record.history.item}
+                if "train/loss" in items:
+                    steps.append(record.history.step.num)
+    assert steps == list(range(1, 9))
+    assert config["optimizer"]["learning_rate"] == OPT.learning_rate and config["run_dir"] == str(run)
+    assert not (run / "tensorboard").exists()  # not in trackers
+
+
+def test_baseline_needs_the_jsonl_tracker(assets, prepared, tmp_path):
+    with pytest.raises(Exception, match="keep jsonl in train.trackers"):
+        _cfg(assets, prepared, tmp_path / "run", baseline=True, loop=dict(trackers=("tensorboard",))).validate()
+
+
 def test_run_from_before_run_config_json_is_recognised(assets, prepared, finished, tmp_path):
     """A run directory written before run_config.json (its settings in config.json) is checked against its
     settings, and adopted when they match."""

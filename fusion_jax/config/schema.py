@@ -669,6 +669,18 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases, when train.trackers has wandb (pip install 'fusion_jax[wandb]')."""
+
+    project: str = _help("the W&B project", "fusion_jax")
+    entity: str = _help("the W&B entity (team or user; empty: your default)", "")
+    name: str = _help("the run's display name (empty: its run_dir)", "")
+    tags: tuple[str, ...] = _help("tags of the run", ())
+    mode: Literal["", "online", "offline", "disabled"] = _help(
+        "online | offline (write locally, `wandb sync` later) | disabled; empty: $WANDB_MODE, else online", "")
+
+
+@dataclasses.dataclass(frozen=True)
 class LoopConfig:
     steps: int = _help("optimizer steps", 1000, minimum=1)
     checkpoint_every: int = _help("save every N steps (and at the end)", 100, minimum=1)
@@ -680,6 +692,15 @@ class LoopConfig:
     eval_documents: int = _help("held-out documents for bits per byte (0: all)", 0, minimum=0)
     peak_flops: float = _help("peak FLOP/s per device for MFU (0: by device kind)", 0.0, minimum=0)
     export: bool = _help("export the trained target as a Hugging Face checkpoint at the end", True)
+    export_dtype: Literal["float32", "bfloat16"] = _help(
+        "the dtype of the exported weights (and config.json's dtype); bfloat16 halves the files", "float32")
+    trackers: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = _help(
+        "where metrics go: jsonl (<run_dir>/metrics.jsonl, which the baseline report reads), tensorboard "
+        "(<run_dir>/tensorboard), wandb (Weights & Biases: train.wandb.*; a resumed run continues its W&B run)",
+        ("jsonl", "tensorboard"))
+    wandb: WandbConfig = _help("Weights & Biases settings (with wandb in train.trackers)", default_factory=WandbConfig)
+    tasks: TasksConfig = _help("lm-evaluation-harness tasks run on the target at each evaluation (train.eval_every) "
+                               "and at the end (tasks.names empty: none)", default_factory=TasksConfig)
     progress: bool = _help("progress bar", True)
     extend: bool = _help("continue this run_dir's run to a new train.steps (more steps than it was started with); "
                          "the learning-rate and λ schedules then span the new total, the warmup keeps its length "
@@ -728,6 +749,11 @@ class TrainConfig:
                              default_factory=DemoConfig)
 
     def validate(self) -> None:
+        if len(set(self.train.trackers)) != len(self.train.trackers):
+            raise ConfigError(f"train.trackers lists a tracker twice: {list(self.train.trackers)}")
+        if self.baseline and "jsonl" not in self.train.trackers:
+            raise ConfigError("baseline's report reads each run's metrics.jsonl: keep jsonl in train.trackers")
+        self.train.tasks.validate()
         if self.demo.enabled:
             if self.target or self.target_tokenizer or self.data.documents or self.data.corpus.paths:
                 raise ConfigError("demo.enabled builds the target and corpus itself: leave target, target_tokenizer, "

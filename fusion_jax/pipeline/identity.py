@@ -16,7 +16,8 @@ from fusion_jax.files import json_dumps
 NOT_IDENTITY = (
     "run_dir", "dry_run", "baseline", "compare_paper", "remat", "mesh", "allow_tokenizer_mismatch",
     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.eval_batches",
-    "train.eval_documents", "train.peak_flops", "train.export", "train.progress", "train.extend", "train.stall_steps",
+    "train.eval_documents", "train.peak_flops", "train.export", "train.export_dtype", "train.trackers", "train.wandb",
+    "train.tasks", "train.progress", "train.extend", "train.stall_steps",
     "capture.batch_size", "capture.fit_rows", "optimizer.accumulation", "loss.chunk_size",
     "loader.worker_count", "loader.prefetch", "loader.cache_dir", "loader.doc_cache", "loader.verify",
 )

@@ -43,6 +43,7 @@ from pathlib import Path
 import jax
 
 from fusion_jax import mesh as mesh_lib
+from fusion_jax.config import loader as config_loader
 from fusion_jax.config.model import ModelConfig
 from fusion_jax.config.schema import TeacherConfig, TrainConfig
 from fusion_jax.convert import checkpoint
@@ -104,7 +105,8 @@ def _fusion_run(cfg: TrainConfig, record: dict) -> dict:
         state, start = init_state(params, opt, abstract), 0
     _start_at(cfg, run, start, ckpts)
     train_step = jit_train_step(step_fn, abstract, loader.element_spec(), mesh, frozen=frozen)
-    metrics_log = MetricsLog(run, jax.process_index() == 0)
+    metrics_log = MetricsLog(run, jax.process_index() == 0, cfg.train.trackers, cfg.train.wandb,
+                             config_loader.to_dict(cfg))
     evaluate = Evaluator(cfg, teachers, documents, tgt_tok, model_cfg, mesh, rules, online, extra)
     loop = TrainLoop(cfg, model_cfg, ckpts, metrics_log, start=start, teacher_names=[t.name for t in teachers],
                      online_names=[t.name for t in online])
