@@ -25,6 +25,7 @@ from fusion_jax.data import prepare
 from fusion_jax.data.corpus import CorpusConfig, CorpusError, Document, read_documents, split_of
 from fusion_jax.data.documents import DocumentStore, DocumentWriter, StoreError, write_documents
 from fusion_jax.data.splitting import split_long
+from fusion_jax.errors import ConfigError
 from fusion_jax.tokenizers import TokenizationError, load_tokenizer
 from tiny_tokenizers import train_byte_level, train_sentencepiece
 
@@ -104,6 +105,35 @@ def test_hf_saved_directory(tmp_path):
         read(format="hf", paths=[tmp_path / "dd"], split="validation")
     with pytest.raises(CorpusError, match=r"field 'txt' is not in the records; available fields: text, domain"):
         read(format="hf", paths=[tmp_path / "dd"], text_field="txt")
+
+
+def test_hf_data_files_configs_and_streaming(tmp_path):
+    """format hf over local files: the json builder with data_files, a local dataset directory's named
+    configurations (README.md `configs:`), and streaming: the same documents as reading the files directly."""
+    pytest.importorskip("datasets")
+    (tmp_path / "ds").mkdir()
+    rows = {"code": [{"text": "def f(): pass", "d": "code"}, {"text": "x = 1", "d": "code"}],
+            "prose": [{"text": "Once upon a time.", "d": "prose"}]}
+    for name, records in rows.items():
+        (tmp_path / "ds" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "ds" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: code\n  data_files: code.jsonl\n- config_name: prose\n"
+        "  data_files: prose.jsonl\n---\n")
+    files = [str(tmp_path / "ds" / "code.jsonl"), str(tmp_path / "ds" / "prose.jsonl")]
+    direct = [d.text for d in read(format="jsonl", paths=files)]
+    for streaming in (False, True):
+        docs = read(format="hf", paths=["json"], data_files=files, streaming=streaming, domain_field="d")
+        assert [d.text for d in docs] == direct and [d.domain for d in docs] == ["code", "code", "prose"]
+        prose = read(format="hf", paths=[tmp_path / "ds"], hf_config="prose", streaming=streaming)
+        assert [d.text for d in prose] == ["Once upon a time."]
+    with pytest.raises(CorpusError, match=r"list them in corpus.data_files"):
+        read(format="hf", paths=["json"])
+    with pytest.raises(CorpusError, match=r"data_files .*nope.jsonl.* do not exist"):
+        read(format="hf", paths=["json"], data_files=[str(tmp_path / "nope.jsonl")])
+    with pytest.raises(CorpusError, match=r"nope"):
+        read(format="hf", paths=[tmp_path / "ds"], hf_config="nope")
+    with pytest.raises(ConfigError, match=r"are for format 'hf'"):
+        read(format="jsonl", paths=files, streaming=True)
 
 
 def test_hf_hub_id_offline(monkeypatch):

@@ -11,6 +11,7 @@ from typing import Any, Callable, TypeVar
 
 import yaml
 
+from fusion_jax import hub
 from fusion_jax.config import loader as config_loader
 from fusion_jax.errors import UserError
 
@@ -57,15 +58,16 @@ def override_text(key: str, value: Any) -> str:
 
 
 def run(main: Callable[[C], object], parse: Callable[[], C]) -> None:
-    """Parse the config and run `main`. What the user can fix ends in one `error: …` line (exit 1): the errors we
-    raise on purpose (`fusion_jax.errors.UserError` and its subclasses) and file-system errors (naming the path).
+    """Parse the config, resolve its Hugging Face hub ids (:mod:`fusion_jax.hub`) and run `main`. What the user can
+    fix ends in one `error: …` line (exit 1): the errors we raise on purpose (`fusion_jax.errors.UserError` and its
+    subclasses) and file-system errors (naming the path).
     Ctrl-C exits 130 with a note that the command resumes. Anything else, a bare ValueError included, is our bug
     (or a library's) and propagates with its full traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     logging.getLogger("jax").setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
-        main(parse())
+        main(hub.resolve_config(parse()))
     except KeyboardInterrupt:
         print("\ninterrupted: everything written so far is kept; run the same command again to resume",
               file=sys.stderr)

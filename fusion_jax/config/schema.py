@@ -200,6 +200,11 @@ class CorpusConfig:
     domain_field: str = _help("record field holding the domain (default: every document gets `domain`)", "")
     domain: str = _help("domain when domain_field is empty", "default")
     split: str = _help("hf/tfds split to read", "train")
+    hf_config: str = _help("hf: the dataset's configuration (subset) name, as load_dataset's second argument", "")
+    data_files: tuple[str, ...] = _help("hf: load_dataset's data_files (with paths = [json], [parquet], [csv] or "
+                                        "[text]: read these local files through the datasets library)", ())
+    streaming: bool = _help("hf: stream the records (load_dataset(streaming=True)) instead of preparing an Arrow "
+                            "copy of the whole dataset first", False)
     data_dir: str = _help("tfds data_dir (default: TFDS's own)", "")
     max_documents: int = _help("stop after this many documents (0 = all)", 0, minimum=0)
 
@@ -208,6 +213,8 @@ class CorpusConfig:
         :meth:`require` is the check before reading."""
         if self.format in ("hf", "tfds") and len(self.paths) != 1:
             raise ConfigError(f"format {self.format!r} reads one dataset, got {len(self.paths)} paths: {list(self.paths)}")
+        if self.format != "hf" and (self.hf_config or self.data_files or self.streaming):
+            raise ConfigError("hf_config, data_files and streaming are for format 'hf'")
         if self.format == "text" and (self.id_field or self.domain_field):
             raise ConfigError("format 'text' has no record fields: leave id_field and domain_field empty")
         if not self.text_field:

@@ -255,13 +255,20 @@ def _read_parquet(cfg: CorpusConfig) -> Iterator[tuple[str, Mapping, str]]:
             raise CorpusError(f"{path}: cannot be read as Parquet{where}: {e}{_format_hint(path, 'parquet')}") from None
 
 
-def _open_hf(name: str, split: str):
+def _open_hf(cfg: CorpusConfig):
+    """The split of a saved dataset directory (save_to_disk), or load_dataset's: a hub id, a local dataset
+    directory, or a packaged builder (json, parquet, csv, text) over cfg.data_files; streamed with cfg.streaming."""
     import datasets
 
+    (name,) = cfg.paths
+    split = cfg.split
     path = Path(name)
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         import pyarrow as pa
 
+        if cfg.hf_config or cfg.data_files:
+            raise CorpusError(f"{name}: a saved dataset (save_to_disk) has no configurations or data files: leave "
+                              "corpus.hf_config and corpus.data_files empty")
         try:
             ds = datasets.load_from_disk(str(path))
         except (json.JSONDecodeError, pa.ArrowException) as e:  # a truncated state.json, dataset_info.json, .arrow
@@ -272,23 +279,41 @@ def _open_hf(name: str, split: str):
                 raise CorpusError(f"{name}: no split {split!r} in this saved dataset; splits: {', '.join(ds)}. "
                                   "Set corpus.split to one of them")
             ds = ds[split]
-        return ds
-    if not path.exists() and (os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or datasets.config.HF_HUB_OFFLINE):
+        return ds.to_iterable_dataset() if cfg.streaming else ds
+    packaged = name in _PACKAGED_BUILDERS
+    if packaged and not cfg.data_files:
+        raise CorpusError(f"corpus.paths=[{name}] reads local files through the datasets library: list them in "
+                          "corpus.data_files")
+    missing = [f for f in cfg.data_files if "://" not in f and not any(c in f for c in "*?[") and not Path(f).exists()]
+    if missing:
+        raise CorpusError(f"corpus.data_files {missing} do not exist")
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or datasets.config.HF_HUB_OFFLINE
+    if not path.exists() and not packaged and offline:
         raise CorpusError(
             f"{name}: not a local directory, and hub downloads are off (HF_HUB_OFFLINE=1); save the dataset with "
             "`datasets.load_dataset(...).save_to_disk(DIR)` on a machine with network and set corpus.paths to DIR")
-    try:  # a hub id, or a local directory of data files (parquet/json/csv) that `load_dataset` understands
-        return datasets.load_dataset(name, split=split)
+    try:  # a hub id, a local dataset directory, or a packaged builder over local data files
+        return datasets.load_dataset(name, cfg.hf_config or None, split=split, data_files=list(cfg.data_files) or None,
+                                     streaming=cfg.streaming)
+    except ValueError as e:  # an unknown configuration or split
+        raise CorpusError(f"{name}: {e}") from None
     except (ConnectionError, OSError) as e:
         raise CorpusError(f"{name}: cannot load this dataset (split {split!r}): {e}") from e
 
 
+_PACKAGED_BUILDERS = ("json", "parquet", "csv", "text", "arrow")
+
+
 def _read_hf(cfg: CorpusConfig) -> Iterator[tuple[str, Mapping, str]]:
     (name,) = cfg.paths
-    ds = _open_hf(name, cfg.split)
-    source = f"hf dataset {name} (split {cfg.split})"
-    ds = ds.select_columns(_columns(cfg, list(ds.column_names), source))
+    ds = _open_hf(cfg)
+    source = f"hf dataset {name}" + (f" ({cfg.hf_config})" if cfg.hf_config else "") + f" (split {cfg.split})"
+    columns = ds.column_names
+    if columns is not None:  # a stream of unknown features is checked on its first record instead
+        ds = ds.select_columns(_columns(cfg, list(columns), source))
     for i, record in enumerate(ds):
+        if columns is None and i == 0:
+            _columns(cfg, list(record), source)
         yield f"{cfg.split}:{i}", record, f"{source} row {i}"
 
 

@@ -42,6 +42,12 @@ def normalised(settings: Mapping[str, Any]) -> dict:
                            for p in corpus.get("paths", [])]
         if corpus.get("data_dir"):
             corpus["data_dir"] = _absolute(corpus["data_dir"])
+        corpus.pop("streaming", None)  # how the records are read, not which
+        for key, before in (("hf_config", ""), ("data_files", [])):  # added later: stores made before lack them
+            if corpus.get(key, before) in (before, ()):
+                corpus.pop(key, None)
+        if corpus.get("data_files"):
+            corpus["data_files"] = [p if "://" in p else _absolute(p) for p in corpus["data_files"]]
     if "tokenizers" in out:
         out["tokenizers"] = [_absolute(p) for p in out["tokenizers"]]
     if "output" in out:
