@@ -62,6 +62,26 @@ def test_every_stage_produces_its_output(demo_run):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_has_benchmark_tasks_and_samples(demo_run):
+    """demo.tasks: the demo's lm-eval tasks ran on each run at its end (lm_eval.json beside its report), side by side
+    in report.md; samples of every model on held-out prompts."""
+    run, _ = demo_run
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["tasks"]) == {"fused", "clm", "paper"}
+    for model, tasks in report["tasks"].items():
+        assert {"demo_rolling_code", "demo_rolling_prose"} <= set(tasks), model
+        assert all(0 < v["bits_per_byte"] < 20 for k, v in tasks.items() if k.startswith("demo_rolling")), tasks
+        assert all(0 <= v["acc"] <= 1 for k, v in tasks.items() if k.startswith("demo_next_line")), tasks
+    for sub in ("", "clm", "paper"):
+        results = json.loads((run / sub / "lm_eval.json").read_text())
+        assert "demo_rolling_code" in results["results"]
+    samples = report["samples"]
+    assert set(samples["outputs"]) == {"fused", "clm", "target_init", "source:mpt_code", "source:neox_prose"}
+    assert len(samples["prompts"]) == 4 and all(len(v) == 4 for v in samples["outputs"].values())
+    md = (run / "report.md").read_text()
+    assert "## Benchmark tasks" in md and "## Samples" in md and "demo_rolling_prose" in md
+
+
 def test_sources_are_hugging_face_checkpoints_of_three_families(demo_run):
     import transformers
 
@@ -178,3 +198,18 @@ def test_real_teacher_config_is_the_demo_plus_smollm2():
     assert cfg.loss == demo.loss and cfg.fusion == demo.fusion and cfg.demo.in_context == demo.demo.in_context
     s = cfg.sources[0]
     assert (s.continuation, s.in_context, s.tail) == (True, True, "next_token")
+
+
+def test_next_line_items_hold_the_true_next_line():
+    from fusion_jax.experiments.demo.tasks import CHOICES, MIN_CONTEXT_CHARS, next_line_items
+
+    texts = [f"# file {i}\n" + "".join(f"line {i}.{j} of some length here\n" for j in range(8)) for i in range(6)]
+    items = next_line_items(texts, seed=0)
+    assert len(items) == 6 and items == next_line_items(texts, seed=0)
+    for i, item in enumerate(items):
+        text = texts[i]
+        assert text.startswith(item["context"]) and len(item["context"]) >= MIN_CONTEXT_CHARS
+        assert text[len(item["context"]):].split("\n")[0] == item["choices"][item["answer"]]
+        assert len(set(item["choices"])) == CHOICES
+        assert all(f"line {i}." not in c for k, c in enumerate(item["choices"]) if k != item["answer"])
+    assert len({x["answer"] for x in items}) > 1  # the true line is not always in one place

@@ -646,6 +646,9 @@ class DemoConfig:
     in_context: bool = _help("the demo's sources transfer as the transfer recipe does: continuation, in_context and "
                              "tail=next_token (README \"Choosing a recipe\"); false: the plain byte transfer", False)
     max_document_bytes: int = _help("longer files are cut at a line boundary", 12_000, minimum=1)
+    tasks: bool = _help("benchmark every run on the demo's own lm-eval tasks over the held-out documents (next-line "
+                        "multiple choice and rolling log-likelihood per domain; fusion_jax.experiments.demo.tasks)",
+                        False)
     target: DemoModel = _help("the target, pretrained briefly on both domains", default_factory=_target)
     code: DemoModel = _help("source A, pretrained on code", default_factory=_code)
     prose: DemoModel = _help("source B, pretrained on prose", default_factory=_prose)
@@ -706,8 +709,10 @@ class LoopConfig:
         "(<run_dir>/tensorboard), wandb (Weights & Biases: train.wandb.*; a resumed run continues its W&B run)",
         ("jsonl", "tensorboard"))
     wandb: WandbConfig = _help("Weights & Biases settings (with wandb in train.trackers)", default_factory=WandbConfig)
-    tasks: TasksConfig = _help("lm-evaluation-harness tasks run on the target at each evaluation (train.eval_every) "
-                               "and at the end (tasks.names empty: none)", default_factory=TasksConfig)
+    tasks: TasksConfig = _help("lm-evaluation-harness tasks run on the target at the end (and every tasks_every "
+                               "steps); results in <run_dir>/lm_eval.json and the report (tasks.names empty: none)",
+                               default_factory=TasksConfig)
+    tasks_every: int = _help("run train.tasks every N steps too (0: only at the end)", 0, minimum=0)
     progress: bool = _help("progress bar", True)
     extend: bool = _help("continue this run_dir's run to a new train.steps (more steps than it was started with); "
                          "the learning-rate and λ schedules then span the new total, the warmup keeps its length "
@@ -752,6 +757,8 @@ class TrainConfig:
     compare_paper: bool = _help("with baseline: when this run's recipe is not the paper's, also train the paper's "
                                 "(λ = 0.9, MinCE per block, top-k CE, the plain byte transfer) from the same start on "
                                 "the same batches in <run_dir>/paper, as a row of the report", True)
+    samples: int = _help("with baseline: greedy continuations of the beginnings of this many held-out documents by "
+                         "every model (fused and CLM from their exports), in the report", 4, minimum=0)
     demo: DemoConfig = _help("the built-in demo (configs/demo.yaml): corpus, tokenizers and models made at run time",
                              default_factory=DemoConfig)
 

@@ -226,6 +226,18 @@ def run_tasks(model: LoadedModel, tasks: TasksConfig, seed: int = 0) -> dict:
     return json.loads(json.dumps(results, default=utils.handle_non_serializable))
 
 
+def task_metrics(results: dict) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} of a results dict: the numbers only, without lm-eval's "none" filter suffix and
+    without stderrs (what training logs and reports compare)."""
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in results.get("results", {}).items():
+        for key, value in metrics.items():
+            metric, comma, filt = key.partition(",")  # "acc,none"; "alias", "sample_len" are not metrics
+            if comma and isinstance(value, (int, float)) and not isinstance(value, bool) and not metric.endswith("_stderr"):
+                out.setdefault(task, {})[metric if filt in ("", "none") else f"{metric} ({filt})"] = float(value)
+    return out
+
+
 def format_tasks_table(results: dict) -> str:
     """lm-eval's markdown table of a results dict."""
     from lm_eval.utils import make_table

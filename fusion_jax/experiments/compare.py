@@ -11,7 +11,10 @@ After the fusion run in ``<run_dir>``:
    comparable across tokenizers) on the documents the runs were evaluated on (``fusion_jax.evaluate.bpb``), cached in
    ``<run_dir>/evaluations.json`` by model and settings;
 3. the alignment audit of every source → target pair on the held-out text (``fusion_jax.align.audit``, every mode);
-4. ``report.md``, ``plots/*.png`` and ``report.json`` with ``{"bpb": {"fused"|"clm"|"paper"|"target_init"|"source:<name>":
+4. greedy samples of every model (fused and CLM from their exports, the start, the sources) on the beginnings of
+   ``samples`` held-out documents (``fusion_jax.evaluate.generate``), cached in ``<run_dir>/samples.json``; with
+   ``train.tasks``, each run's benchmark results side by side;
+5. ``report.md``, ``plots/*.png`` and ``report.json`` with ``{"bpb": {"fused"|"clm"|"paper"|"target_init"|"source:<name>":
    {"<domain>"|"all": bits per byte}}}`` (``fusion_jax.experiments.report``).
 """
 
@@ -144,6 +147,53 @@ def audit_stage(cfg: TrainConfig, documents: str, run: Path) -> dict:
     return report
 
 
+SAMPLE_TOKENS = 48  # new tokens per sample
+SAMPLE_PROMPT_CHARS = 160  # a sample's prompt: the beginning of a held-out document, cut at a line end near this
+
+
+def sample_prompts(documents: str, n: int) -> list[dict[str, str]]:
+    """The beginnings of `n` held-out documents, the domains taken in turn: {"text", "domain"} each."""
+    store = DocumentStore(documents, "validation")
+    by_domain: dict[str, list[int]] = {}
+    for i in range(len(store)):
+        by_domain.setdefault(store[i].domain, []).append(i)
+    order = [ids[j] for j in range(max(map(len, by_domain.values()), default=0)) for _, ids in sorted(by_domain.items())
+             if j < len(ids)]
+    prompts = []
+    for i in order[:n]:
+        doc = store[i]
+        text = doc.text[:SAMPLE_PROMPT_CHARS]
+        cut = text.rfind("\n", SAMPLE_PROMPT_CHARS // 2)
+        prompts.append({"text": text[:cut + 1] if cut > 0 else text, "domain": doc.domain})
+    return prompts
+
+
+def samples_stage(cfg: TrainConfig, documents: str, models: dict[str, tuple[str, str]], cache: Path) -> dict:
+    """Greedy continuations of ``cfg.samples`` held-out prompts by each of `models` ({name: (checkpoint,
+    tokenizer)}) → {"prompts", "outputs": {name: [text]}, "max_new_tokens"}; cached in `cache` by checkpoint (and its
+    files' step, for exports) and prompts."""
+    from fusion_jax.evaluate.generate import Generator
+    from fusion_jax.evaluate.model import load_model
+
+    prompts = sample_prompts(documents, cfg.samples)
+    done = read_json(cache, RunDirError, fix=_RECOMPUTED) if cache.exists() else {}
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    outputs = {}
+    for name, (ckpt, tok) in models.items():
+        key = json.dumps({"checkpoint": str(Path(ckpt).absolute()), "step": pipeline.export_step(ckpt),
+                          "prompts": prompts, "max_new_tokens": SAMPLE_TOKENS}, sort_keys=True)
+        if key not in done:
+            model = load_model(ckpt, tok, mesh, cfg.mesh.rules, param_dtype="float32",
+                               compute_dtype=cfg.compute_dtype, allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch)
+            generated = Generator(model, batch_size=len(prompts)).generate([p["text"] for p in prompts],
+                                                                           max_new_tokens=SAMPLE_TOKENS)
+            done[key] = [g.text for g in generated]
+            if jax.process_index() == 0:
+                atomic_write_json(cache, done)
+        outputs[name] = done[key]
+    return {"prompts": prompts, "outputs": outputs, "max_new_tokens": SAMPLE_TOKENS}
+
+
 def main(cfg: TrainConfig, fused_report: dict) -> dict:
     """Baseline, evaluations, audit and report after the fusion run ``cfg`` (see the module docstring)."""
     from fusion_jax.experiments.report import write_report  # matplotlib: imported only when a report is written
@@ -155,17 +205,30 @@ def main(cfg: TrainConfig, fused_report: dict) -> dict:
     clm_report = pipeline.fusion_run(baseline_config(cfg, documents))
     times["clm baseline"] = time.perf_counter() - t
     bpb = {"fused": _bpb(fused_report["eval"]), "clm": _bpb(clm_report["eval"])}
+    reports = {"fused": fused_report, "clm": clm_report}
     curves = {"fused": str(run / "metrics.jsonl"), "clm": str(run / "clm" / "metrics.jsonl")}
     paper = paper_config(cfg)
     if cfg.compare_paper and cfg.sources and paper != cfg:
         t = time.perf_counter()
         paper = dataclasses.replace(paper, cache_dir=cfg.cache_dir or str(run / "cache"))  # the same captures
-        bpb["paper"] = _bpb(pipeline.fusion_run(_run_config(paper, "paper", documents))["eval"])
+        reports["paper"] = pipeline.fusion_run(_run_config(paper, "paper", documents))
+        bpb["paper"] = _bpb(reports["paper"]["eval"])
         curves["paper"] = str(run / "paper" / "metrics.jsonl")
         times["paper recipe"] = time.perf_counter() - t
     t = time.perf_counter()
     bpb.update(evaluate_models(cfg, documents, run / "evaluations.json"))
     times["evaluate sources and start"] = time.perf_counter() - t
+    tasks = {name: report["eval"].get("tasks") for name, report in reports.items()}
+    samples = {}
+    if cfg.samples and "export" in fused_report:
+        t = time.perf_counter()
+        models = {"fused": (fused_report["export"], fused_report["export"])}
+        if "export" in clm_report:
+            models["clm"] = (clm_report["export"], clm_report["export"])
+        models["target_init"] = (cfg.target, cfg.target_tokenizer or cfg.target)
+        models.update({f"source:{s.name}": (s.checkpoint, s.tokenizer or s.checkpoint) for s in cfg.sources})
+        samples = samples_stage(cfg, documents, models, run / "samples.json")
+        times["samples"] = time.perf_counter() - t
     t = time.perf_counter()
     audit = audit_stage(cfg, documents, run) if jax.process_index() == 0 else {}  # host-side only
     times["alignment audit"] = time.perf_counter() - t
@@ -184,7 +247,7 @@ def main(cfg: TrainConfig, fused_report: dict) -> dict:
                 "target_as_teacher": cfg.target_as_teacher}
     if cfg.demo.enabled:
         settings["seed"] = cfg.demo.seed
-    results = {"bpb": bpb, "curves": curves,
+    results = {"bpb": bpb, "curves": curves, "tasks": {k: v for k, v in tasks.items() if v}, "samples": samples,
                "audit": audit, "settings": settings, "timings": {**fused_report.get("timings", {}), **times},
                "config": config_loader.to_dict(cfg)}
     return write_report(run, results)

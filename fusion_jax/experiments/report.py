@@ -628,6 +628,32 @@ def _audit_section(audit: dict) -> list[str]:
     return lines
 
 
+def _tasks_section(tasks: dict) -> list[str]:
+    """Benchmark tasks (lm-evaluation-harness): one row per task and metric, one column per model."""
+    models = [m for m, t in tasks.items() if isinstance(t, dict) and t]
+    if not models:
+        return []
+    keys = sorted({(task, metric) for m in models for task, metrics in tasks[m].items() for metric in metrics})
+    rows = [[task, metric, *(_fmt((tasks[m].get(task) or {}).get(metric), 4) for m in models)] for task, metric in keys]
+    return ["## Benchmark tasks", "", "lm-evaluation-harness on each model, the same tasks and settings (train.tasks).",
+            "", *_table(["task", "metric", *models], rows, [False, False, *[True] * len(models)]), ""]
+
+
+def _samples_section(samples: dict) -> list[str]:
+    """Greedy continuations of held-out prompts by each model."""
+    prompts = samples.get("prompts") or []
+    outputs = samples.get("outputs") or {}
+    if not prompts or not outputs:
+        return []
+    lines = ["## Samples", "", f"Greedy continuations (at most {samples.get('max_new_tokens')} tokens) of the "
+             "beginnings of held-out documents.", ""]
+    for i, prompt in enumerate(prompts):
+        lines += [f"**Prompt {i + 1}** ({prompt.get('domain', '')})", "", "```", prompt["text"], "```", ""]
+        for model, texts in outputs.items():
+            lines += [f"_{model}_:", "", "```", texts[i] if i < len(texts) else "", "```", ""]
+    return lines
+
+
 def _settings_section(settings: dict) -> list[str]:
     if not settings:
         return []
@@ -687,8 +713,9 @@ def write_report(run_dir: str | Path, results: dict) -> dict:
       ``bpb`` has one), as strict JSON (NaN and ±inf are written as null).
 
     results: {"bpb": {model: {domain: bpb}}, "curves": {run: metrics.jsonl path}, "audit": AuditReport JSON (or the
-    AuditReport), "settings": {name: value}, "timings": {stage: seconds}}; see the module docstring. Returns the
-    merged report.json dict.
+    AuditReport), "tasks": {model: {task: {metric: value}}}, "samples": {"prompts": [{"text", "domain"}],
+    "outputs": {model: [text per prompt]}, "max_new_tokens"}, "settings": {name: value}, "timings": {stage:
+    seconds}}; see the module docstring. Returns the merged report.json dict.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -709,6 +736,8 @@ def write_report(run_dir: str | Path, results: dict) -> dict:
     md += _bpb_section(bpb, plots, written)
     md += _curves_section(runs, plots, written)
     md += _win_rate_section(runs, plots, written)
+    md += _tasks_section(results.get("tasks") or {})
+    md += _samples_section(results.get("samples") or {})
     md += _audit_section(results.get("audit") or {})
     md += _settings_section(settings)
     md += _timings_section(results.get("timings") or {})

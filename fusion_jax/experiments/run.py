@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 from fusion_jax import mesh as mesh_lib
 from fusion_jax import pipeline
@@ -14,6 +15,7 @@ from fusion_jax.data.documents import DocumentStore
 from fusion_jax.errors import InputError
 from fusion_jax.experiments import compare
 from fusion_jax.experiments.demo import build
+from fusion_jax.experiments.demo import tasks as demo_tasks
 
 
 def main(cfg: TrainConfig) -> dict:
@@ -36,6 +38,12 @@ def _main(cfg: TrainConfig) -> dict:
         t = time.perf_counter()
         cfg = build.apply(cfg)
         dataclasses.replace(cfg, demo=dataclasses.replace(cfg.demo, enabled=False)).validate()  # as a user's run
+        if cfg.demo.tasks and not cfg.dry_run:
+            task_dir = Path(cfg.run_dir) / "tasks"
+            names = demo_tasks.write_tasks(pipeline.documents_stage(cfg), task_dir, cfg.demo.seed)
+            tasks = dataclasses.replace(cfg.train.tasks, names=tuple(dict.fromkeys(cfg.train.tasks.names + names)),
+                                        include=tuple(dict.fromkeys(cfg.train.tasks.include + (str(task_dir),))))
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tasks=tasks))
         timings["demo assets"] = time.perf_counter() - t
     if cfg.dry_run:
         return pipeline.dry_run(cfg)

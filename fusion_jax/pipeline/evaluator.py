@@ -1,5 +1,6 @@
-"""The run's evaluation: held-out bits per byte (per domain) on the validation documents, and the CLM and fusion
-losses and per-teacher win rates on the first ``train.eval_batches`` batches of the validation caches."""
+"""The run's evaluation: held-out bits per byte (per domain) on the validation documents, the CLM and fusion
+losses and per-teacher win rates on the first ``train.eval_batches`` batches of the validation caches, and the
+lm-evaluation-harness tasks of ``train.tasks`` (at the end, and every ``train.tasks_every`` steps)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ from fusion_jax.config.schema import TeacherConfig, TrainConfig
 from fusion_jax.data.documents import DocumentStore
 from fusion_jax.data.loader import FusionLoader
 from fusion_jax.evaluate.bpb import evaluate_bpb
+from fusion_jax.evaluate.model import LoadedModel
 from fusion_jax.pipeline.stages import loader_config
 from fusion_jax.tokenizers import load_tokenizer
 from fusion_jax.train.step import eval_losses
 
 
 class Evaluator:
-    """Held-out bits per byte (per domain) and the fusion metrics on the validation caches: ``evaluator(params)`` →
-    {"bits_per_byte", "domains", "clm", "fusion", "win_rate"} (the first two without validation documents, the
-    others without validation batches)."""
+    """Held-out bits per byte (per domain), the fusion metrics on the validation caches and the benchmark tasks:
+    ``evaluator(params, step)`` → {"bits_per_byte", "domains", "clm", "fusion", "win_rate", "tasks"} (the first two
+    without validation documents, the next three without validation batches, tasks when they run at this step:
+    {task: {metric: value}})."""
 
     def __init__(self, cfg: TrainConfig, teachers: list[TeacherConfig], documents: str, tgt_tok: str,
                  model_cfg: ModelConfig, mesh, rules, online=(), extra=()):
@@ -35,9 +38,18 @@ class Evaluator:
         self.batches = [self.loader.global_batch(i) for i in range(cfg.train.eval_batches)] if self.loader else []
         with jax.set_mesh(mesh):
             self.losses = jax.jit(eval_losses(model_cfg, cfg.fusion, cfg.loss, rules, online))
+        self.task_results: dict | None = None  # lm-eval's results of the last evaluation with tasks
 
-    def __call__(self, params) -> dict:
+    def __call__(self, params, step: int) -> dict:
         out: dict[str, Any] = {}
+        tasks = self.cfg.train.tasks
+        every = self.cfg.train.tasks_every
+        if tasks.names and (step == self.cfg.train.steps or (every and step % every == 0)):
+            from fusion_jax.evaluate import harness  # lm-eval loads only when tasks are asked for
+
+            model = LoadedModel(self.cfg.target, self.model_cfg, params, self.tokenizer, None, self.mesh, self.rules)
+            self.task_results = harness.run_tasks(model, tasks)
+            out["tasks"] = harness.task_metrics(self.task_results)
         if len(self.store):
             bpb = evaluate_bpb(self.model_cfg, params, self.tokenizer, self.store, mesh=self.mesh, rules=self.rules,
                                batch_size=self.cfg.loader.global_batch_size, seq_len=self.cfg.loader.seq_len,

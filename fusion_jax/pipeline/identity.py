@@ -14,10 +14,10 @@ from fusion_jax.files import json_dumps
 # computes: they may change between invocations of one run (a run resumes on another mesh, with accumulation for
 # memory, more or fewer evaluations). Every other key defines the run.
 NOT_IDENTITY = (
-    "run_dir", "dry_run", "baseline", "compare_paper", "remat", "mesh", "allow_tokenizer_mismatch",
+    "run_dir", "dry_run", "baseline", "compare_paper", "samples", "remat", "mesh", "allow_tokenizer_mismatch",
     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.eval_documents", "train.peak_flops", "train.export", "train.export_dtype", "train.trackers", "train.wandb",
-    "train.tasks", "train.progress", "train.extend", "train.stall_steps",
+    "train.tasks", "train.tasks_every", "train.progress", "train.extend", "train.stall_steps",
     "capture.batch_size", "capture.fit_rows", "optimizer.accumulation", "loss.chunk_size",
     "loader.worker_count", "loader.prefetch", "loader.cache_dir", "loader.doc_cache", "loader.verify",
 )
@@ -25,7 +25,7 @@ NOT_IDENTITY = (
 # identity at that value, so that those runs are still recognised.
 ADDED_LATER = {"sources": {"continuation": False, "in_context": False, "tail": "renormalize"},
                "loss": {"likelihood_weight": 0.0, "likelihood_temperature": 100.0},
-               "demo": {"in_context": False}}
+               "demo": {"in_context": False, "tasks": False}}
 # What the demo fills in from its own settings (which its stages check): not part of a demo run's identity. The
 # sources a user adds to the demo's are (an empty list is left out, as it was before users could add any).
 DEMO_FILLED = ("target", "target_tokenizer", "data.documents", "data.corpus")

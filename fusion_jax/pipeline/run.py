@@ -113,14 +113,14 @@ def _fusion_run(cfg: TrainConfig, record: dict) -> dict:
     try:
         state, last = loop.run(train_step, state, loader, evaluate, extra)
         ckpts.wait()
-        final_eval = evaluate(state["params"])
+        final_eval = evaluate(state["params"], cfg.train.steps)
         metrics_log.write(cfg.train.steps, "eval", final_eval)
     finally:
         loop.close()
         ckpts.close()
         metrics_log.close()
         loader.close()
-    return _report(cfg, model_cfg, state["params"], start, last, final_eval)
+    return _report(cfg, model_cfg, state["params"], start, last, final_eval, evaluate.task_results)
 
 
 def _check_tokenizers(cfg: TrainConfig, teachers: list[TeacherConfig], tgt_tok: str) -> None:
@@ -155,9 +155,11 @@ def _start_at(cfg: TrainConfig, run: Path, start: int, ckpts: Checkpoints) -> No
             (run / name).unlink(missing_ok=True)
 
 
-def _report(cfg: TrainConfig, model_cfg: ModelConfig, params, start: int, last: dict, final_eval: dict) -> dict:
+def _report(cfg: TrainConfig, model_cfg: ModelConfig, params, start: int, last: dict, final_eval: dict,
+            task_results: dict | None) -> dict:
     """The run's report, after the export (when asked for, or to bring an earlier one up to date); process 0 writes
-    it to ``<run_dir>/report.json``."""
+    it to ``<run_dir>/report.json``, and lm-eval's results of the final evaluation (train.tasks) to
+    ``<run_dir>/lm_eval.json``."""
     run = Path(cfg.run_dir)
     report = {"run_dir": str(run), "steps": cfg.train.steps, "step": cfg.train.steps, "resumed_from": start,
               "train": last, "eval": final_eval}
@@ -165,5 +167,7 @@ def _report(cfg: TrainConfig, model_cfg: ModelConfig, params, start: int, last: 
         report["export"] = export_stage(cfg, model_cfg, params, cfg.train.steps)
         report["export_step"] = cfg.train.steps
     if jax.process_index() == 0:
+        if task_results is not None:
+            atomic_write_json(run / "lm_eval.json", task_results)
         atomic_write_json(run / "report.json", report)  # NaN (MFU on CPU) as null: strict JSON
     return report

@@ -93,7 +93,7 @@ class TrainLoop:
                     self.ckpts.save(step, state, loader.state())
                     self.last_good = step
                 if train.eval_every and step % train.eval_every == 0 and step != train.steps:
-                    self.metrics_log.write(step, "eval", evaluate(state["params"]))
+                    self.metrics_log.write(step, "eval", evaluate(state["params"], step))
         if pending is not None:
             last = self._finish(*pending)
         return state, last
