@@ -10,7 +10,6 @@ silent one).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,12 @@ def resolve(spec: str, setting: str) -> str:
     online; from the cache when offline). `setting` names the config key for the error."""
     if not spec or not is_hub_id(spec):
         return spec
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, \
         RevisionNotFoundError
 
     repo, _, revision = spec.partition("@")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    offline = constants.is_offline_mode()  # HF_HUB_OFFLINE, read when huggingface_hub was imported
     try:
         return snapshot_download(repo, revision=revision or None)
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:

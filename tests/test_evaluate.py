@@ -257,8 +257,10 @@ def test_errors(setup, tmp_path):
                                      checkpoint=str(setup["root"] / "model")))
     with pytest.raises(ValueError, match="no BOS"):
         evaluate.main(EvaluateConfig(checkpoint=str(setup["root"] / "model"), bos=True, **base))
-    with pytest.raises(ValueError, match="exactly one of documents"):
+    with pytest.raises(ValueError, match="nothing to evaluate: give documents"):
         EvaluateConfig(checkpoint="x").validate()
+    with pytest.raises(ValueError, match="one of documents .* not both"):
+        EvaluateConfig(checkpoint="x", documents="y", corpus=CorpusConfig(paths=("z",))).validate()
     with pytest.raises(ValueError, match="context"):
         EvaluateConfig(checkpoint="x", documents="y", seq_len=8, context=8).validate()
 

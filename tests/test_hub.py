@@ -41,9 +41,18 @@ def test_what_is_a_hub_id(tmp_path, monkeypatch):
     assert hub.resolve("./not/here", "target") == "./not/here"  # not an id: later checks name the missing path
 
 
+def _hub_settings(monkeypatch, cache: Path, offline: bool, endpoint: str | None = None) -> None:
+    """huggingface_hub reads its environment once, at import: set its constants as that environment would."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    if endpoint is not None:
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+
+
 def test_offline_resolves_a_cached_snapshot(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hub_settings(monkeypatch, tmp_path / "cache", offline=True)
     snapshot = _fake_cache(tmp_path / "cache", "org/tiny", {"config.json": b"{}"})
     assert Path(hub.resolve("org/tiny", "target")) == snapshot
     cfg = TrainConfig(target="org/tiny", target_tokenizer="/local/tok",
@@ -61,17 +70,14 @@ def _timed_error(spec: str) -> tuple[str, float]:
 
 
 def test_offline_without_the_model_is_a_clear_error_at_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hub_settings(monkeypatch, tmp_path / "cache", offline=True)
     message, seconds = _timed_error("org/missing")
     assert seconds < 5
     assert "HF_HUB_OFFLINE" in message and "sources[0].checkpoint=/path/to/model" in message and "org/missing" in message
 
 
 def test_unreachable_hub_is_a_clear_error_at_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    _hub_settings(monkeypatch, tmp_path / "cache", offline=False, endpoint="http://127.0.0.1:9")  # refused
     message, seconds = _timed_error("org/missing")
     assert seconds < 5
     assert "could not be reached" in message and "HF_HUB_OFFLINE" in message and "local directory" in message

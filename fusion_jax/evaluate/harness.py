@@ -210,7 +210,12 @@ def run_tasks(model: LoadedModel, tasks: TasksConfig, seed: int = 0) -> dict:
     missing = [p for p in tasks.include if not Path(p).is_dir()]
     if missing:
         raise ConfigError(f"task directories {missing} do not exist (tasks.include: directories of lm-eval task YAMLs)")
-    manager = TaskManager(include_path=list(tasks.include) or None)
+    manager = None
+    if tasks.include:  # local tasks alone: lm-eval's own index of thousands of YAMLs takes seconds to build
+        manager = TaskManager(include_path=list(tasks.include), include_defaults=False)
+        if any(not manager.match_tasks([t]) for t in tasks.names):
+            manager = None
+    manager = manager or TaskManager(include_path=list(tasks.include) or None)
     unknown = [t for t in tasks.names if not manager.match_tasks([t])]
     if unknown:
         where = f" nor in {list(tasks.include)}" if tasks.include else ""
