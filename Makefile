@@ -23,10 +23,12 @@ $(TEST_STAMP): $(STAMP)
 
 setup: $(TEST_STAMP)
 
-# The layers contract first (pyproject.toml: imports point down), then the suite.
+# The layers contract first (pyproject.toml: imports point down), then the suite in TEST_WORKERS processes (pytest-xdist,
+# one test file per process at a time: a file's module fixtures stay in one process; TEST_WORKERS=0: one process).
+TEST_WORKERS ?= 2
 test: $(TEST_STAMP)
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q tests $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 # The main job on its built-in default (configs/demo.yaml; ARGS="--set ..." to change it). One CPU device: XLA
 # runs the small models faster on one host device than on 8 fake ones.
