@@ -185,3 +185,12 @@ def allgather_json(obj) -> list:
     buf[:len(data)] = data
     everyone = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(lengths), n)
     return [json.loads(everyone[i, :lengths[i]].tobytes()) for i in range(len(lengths))]
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a global array on this host (gathered from every process when it spans several)."""
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

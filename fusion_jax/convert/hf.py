@@ -18,6 +18,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from fusion_jax import mesh as mesh_lib
 from fusion_jax.config.model import ModelConfig
 from fusion_jax.convert.architectures import HF_CLASSES, TensorGroup, architecture
 from fusion_jax.errors import CheckpointError
@@ -214,14 +215,6 @@ def load_hf_params(ckpt: HFCheckpoint, cfg: ModelConfig, shardings) -> dict:
     return params
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def hf_config(cfg: ModelConfig, model_type: str, base: dict | None = None) -> dict:
     """config.json for `cfg`: the original HF config (ids, names, extras) updated with our architecture fields."""
     out = {k: v for k, v in (base or {}).items() if k not in ("rope_scaling", "rope_theta", "rotary_pct", "rotary_emb_base")}
@@ -254,7 +247,7 @@ def write_hf_dir(
             ours = []
             for path in g.ours:
                 x = functools.reduce(lambda d, k: d[k], path, params)
-                ours.append(_to_host(x[layer] if g.layered else x))
+                ours.append(mesh_lib.to_host(x[layer] if g.layered else x))
             for name, arr in zip(_layer_names(g, layer), g.to_hf(ours)):
                 arr = np.ascontiguousarray(arr)
                 if shard and sum(a.nbytes for a in shard.values()) + arr.nbytes > max_shard_bytes:

@@ -24,7 +24,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from fusion_jax import mesh as mesh_lib
 from fusion_jax.config.model import ModelConfig
@@ -63,12 +62,6 @@ def _compiled(cfg: ModelConfig, rules_key: tuple, mesh, batch: int, prompt_len: 
         step = jax.jit(lambda p, s: decode.decode(cfg, p, s, CHECK_EVERY, sampling, eos_ids, rules),
                        donate_argnums=1)
     return prefill, step, rows
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    if not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def _global(sharding: jax.NamedSharding, array: np.ndarray) -> jax.Array:
@@ -160,9 +153,9 @@ class Generator:
         while True:
             with jax.set_mesh(m.mesh):
                 state = step(m.params, state)
-            steps, done = int(_host(state["steps"])), _host(state["done"]).copy()
+            steps, done = int(mesh_lib.to_host(state["steps"])), mesh_lib.to_host(state["done"]).copy()
             if stop:
-                generated = _host(state["tokens"])[:, :steps]
+                generated = mesh_lib.to_host(state["tokens"])[:, :steps]
                 for r in np.flatnonzero(active & ~done):
                     if _cut(tok.decode_bytes(generated[r]).decode("utf-8", "ignore"), stop) is not None:
                         stopped[r] = done[r] = True
@@ -170,7 +163,7 @@ class Generator:
                     state["done"] = _global(state["done"].sharding, done)
             if steps >= max_new or done[active].all():
                 break
-        generated = _host(state["tokens"])[:, :steps]
+        generated = mesh_lib.to_host(state["tokens"])[:, :steps]
         return [self._finish(generated[r], stop) for r in range(len(prompts))]
 
     def _finish(self, tokens: np.ndarray, stop: tuple[str, ...]) -> Generation:
