@@ -37,6 +37,7 @@ demo: $(STAMP)
 
 bench: $(TEST_STAMP)
 	$(BIN)/python bench/forward.py
+	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/align.py
 	$(BIN)/python bench/capture.py
 	$(BIN)/python bench/train_step.py
