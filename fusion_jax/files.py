@@ -1,10 +1,11 @@
 """Files written so that a crash never leaves half of one, JSON that strict parsers read, the exclusive lock
 that keeps two commands out of one output directory, the checks that keep an output from replacing what it should
-not, and content hashes remembered across runs."""
+not, content hashes remembered across runs, and the check that every configured path is a local one."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from fusion_jax.errors import InputError, RunDirError, UserError
+from fusion_jax.errors import ConfigError, InputError, RunDirError, UserError
 
 LOCK_FILE = ".lock"
 
@@ -245,3 +246,29 @@ def cached_file_sha256(path: str | os.PathLike) -> str:
         except OSError:
             pass
     return digest
+
+
+# The config fields that hold a path the job reads or writes (model, tokenizer, data, cache, run and output paths),
+# in any section; a corpus's own paths (hub datasets, TFDS names, remote data files) are the datasets library's.
+PATH_FIELDS = ("run_dir", "cache_dir", "documents", "output", "checkpoint", "target", "target_tokenizer", "tokenizer",
+               "source", "cache", "prompts_file", "include", "dataset_dir", "tokenizers")
+
+
+def check_local_paths(cfg: Any, prefix: str = "") -> None:
+    """Refuse a URL (``gs://…``, ``s3://…``) in any :data:`PATH_FIELDS` field of the config dataclass `cfg`: every
+    path is a local (or mounted) one for now, and a URL taken as a local path would write into a directory named
+    ``gs:``. A corpus section is left to its reader."""
+    if not dataclasses.is_dataclass(cfg) or type(cfg).__name__ == "CorpusConfig":
+        return
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        values = value if isinstance(value, tuple) else (value,)
+        if f.name in PATH_FIELDS:
+            for v in values:
+                if isinstance(v, str) and "://" in v:
+                    raise ConfigError(
+                        f"{key}={v!r}: URL paths (object stores such as gs://) are not supported yet; give a local "
+                        "path, or mount the bucket (gcsfuse, Filestore) and give the mount's path")
+        for i, v in enumerate(values):
+            if dataclasses.is_dataclass(v):
+                check_local_paths(v, f"{key}[{i}]." if isinstance(value, tuple) else f"{key}.")

@@ -108,3 +108,24 @@ def test_a_command_takes_a_hub_id(tmp_path):
     r = subprocess.run(command + ["checkpoint=org/missing"], cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: checkpoint='org/missing'")
     assert "HF_HUB_OFFLINE" in r.stderr
+
+
+def test_url_paths_are_refused_until_supported(tmp_path, monkeypatch):
+    """A gs:// run_dir (or cache, or output) is refused with the alternative, not written into a local "gs:" dir."""
+    from fusion_jax.config.schema import CorpusConfig, DataConfig, GenerateConfig
+    from fusion_jax.files import check_local_paths
+    from fusion_jax.pipeline import open_run
+
+    monkeypatch.chdir(tmp_path)
+    for cfg, key in [(TrainConfig(target="/m", run_dir="gs://bucket/run"), "run_dir"),
+                     (TrainConfig(target="/m", sources=(TeacherConfig(name="a", checkpoint="/s", cache="s3://b/c"),)),
+                      "sources[0].cache"),
+                     (GenerateConfig(checkpoint="/m", output="gs://b/out.jsonl"), "output")]:
+        with pytest.raises(ConfigError, match=rf"^{key.replace('[', '.').replace(']', '.')}=.*not supported yet.*mount"):
+            check_local_paths(cfg)
+    check_local_paths(TrainConfig(target="/m", data=DataConfig(corpus=CorpusConfig(
+        format="hf", paths=("json",), data_files=("hf://datasets/x/y.jsonl",)))))  # a corpus is its reader's
+    with pytest.raises(ConfigError, match="not supported yet"):
+        with open_run(TrainConfig(target="/m", run_dir="gs://bucket/run")):
+            pass
+    assert not (tmp_path / "gs:").exists()

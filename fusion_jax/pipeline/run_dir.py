@@ -18,7 +18,7 @@ from fusion_jax.config import loader as config_loader
 from fusion_jax.config.schema import OptimizerConfig, TrainConfig
 from fusion_jax.convert.checkpoint import META
 from fusion_jax.errors import RunDirError, UserError
-from fusion_jax.files import LOCK_FILE, DirectoryLock, atomic_write_json, json_dumps, read_json
+from fusion_jax.files import check_local_paths, LOCK_FILE, DirectoryLock, atomic_write_json, json_dumps, read_json
 from fusion_jax.pipeline.identity import differences, run_identity
 from fusion_jax.train.optim import warmup_steps
 
@@ -183,6 +183,7 @@ def open_run(cfg: TrainConfig) -> Iterator[dict]:
     process fails when it refuses. Nested runs hold their own directories (the demo's pretraining runs, the CLM
     baseline in ``<run_dir>/clm``); a directory this process holds already is held once (``main`` →
     ``fusion_run``)."""
+    check_local_paths(cfg)  # a gs:// run_dir taken as a local path would be a directory named gs:
     run = Path(cfg.run_dir)
     key = os.path.realpath(run)
     if key in _open_runs:
