@@ -209,6 +209,7 @@ def test_next_line_items_hold_the_true_next_line():
     for i, item in enumerate(items):
         text = texts[i]
         assert text.startswith(item["context"]) and len(item["context"]) >= MIN_CONTEXT_CHARS
+        assert item["context"].endswith("\n")
         assert text[len(item["context"]):].split("\n")[0] == item["choices"][item["answer"]]
         assert len(set(item["choices"])) == CHOICES
         assert all(f"line {i}." not in c for k, c in enumerate(item["choices"]) if k != item["answer"])

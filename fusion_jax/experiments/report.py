@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -646,12 +647,18 @@ def _samples_section(samples: dict) -> list[str]:
     if not prompts or not outputs:
         return []
     lines = ["## Samples", "", f"Greedy continuations (at most {samples.get('max_new_tokens')} tokens) of the "
-             "beginnings of held-out documents.", ""]
+             "beginnings of held-out documents, as escaped strings (a newline is \\n), so that whitespace shows.", ""]
     for i, prompt in enumerate(prompts):
-        lines += [f"**Prompt {i + 1}** ({prompt.get('domain', '')})", "", "```", prompt["text"], "```", ""]
-        for model, texts in outputs.items():
-            lines += [f"_{model}_:", "", "```", texts[i] if i < len(texts) else "", "```", ""]
+        lines += [f"**Prompt {i + 1}** ({prompt.get('domain', '')})", "", "```", prompt["text"].rstrip("\n"), "```", ""]
+        rows = [[f"`{model}`", _escaped(texts[i] if i < len(texts) else "")] for model, texts in outputs.items()]
+        lines += [*_table(["model", "continuation"], rows), ""]
     return lines
+
+
+def _escaped(text: str) -> str:
+    """A sample as one table cell: JSON-escaped (newlines, tabs), runs of spaces shown as ␣, pipes escaped."""
+    body = json.dumps(text, ensure_ascii=False)[1:-1].replace("|", "\\|").replace("`", "'")
+    return "`" + re.sub(r" {2,}", lambda m: "␣" * len(m.group()), body) + "`" if body else NA
 
 
 def _settings_section(settings: dict) -> list[str]:
