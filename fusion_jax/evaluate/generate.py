@@ -41,7 +41,8 @@ PAD_TO = 64  # prompt lengths and cache slots are rounded up to a multiple of th
 @dataclasses.dataclass(frozen=True)
 class Generation:
     text: str                                 # the continuation, cut before a stop string, without the EOS
-    tokens: tuple[int, ...]                   # the tokens generated (the EOS included when it ended the text)
+    tokens: tuple[int, ...]                   # the tokens generated: the EOS included when it ended the text; past
+                                              # a stop string, up to the check that found it
     finish: Literal["eos", "stop", "length"]  # what ended it
 
 
@@ -99,13 +100,10 @@ class Generator:
         return ids
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-                 stop: Sequence[str] = (), seed: int = 0, max_prompt_tokens: int = 0) -> list[Generation]:
-        """One Generation per prompt, in order. `max_prompt_tokens` > 0 keeps only the last that many tokens of a
-        longer prompt."""
-        ids = [self.encode(p) for p in prompts]
-        if max_prompt_tokens > 0:
-            ids = [x[-max_prompt_tokens:] for x in ids]
-        return self.generate_ids(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop, seed=seed)
+                 stop: Sequence[str] = (), seed: int = 0) -> list[Generation]:
+        """One Generation per prompt, in order."""
+        return self.generate_ids([self.encode(p) for p in prompts], max_new_tokens=max_new_tokens, sampling=sampling,
+                                 stop=stop, seed=seed)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                      sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
@@ -149,17 +147,16 @@ class Generator:
         with jax.set_mesh(m.mesh):
             state = prefill(m.params, _global(rows, tokens), _global(rows, valid), _global(replicated, keys),
                             _global(replicated, active))
-        stopped = np.zeros(b, bool)
         while True:
             with jax.set_mesh(m.mesh):
                 state = step(m.params, state)
             steps, done = int(mesh_lib.to_host(state["steps"])), mesh_lib.to_host(state["done"]).copy()
             if stop:
-                generated = mesh_lib.to_host(state["tokens"])[:, :steps]
+                generated, stopped = mesh_lib.to_host(state["tokens"])[:, :steps], False
                 for r in np.flatnonzero(active & ~done):
                     if _cut(tok.decode_bytes(generated[r]).decode("utf-8", "ignore"), stop) is not None:
-                        stopped[r] = done[r] = True
-                if stopped.any():
+                        done[r] = stopped = True
+                if stopped:
                     state["done"] = _global(state["done"].sharding, done)
             if steps >= max_new or done[active].all():
                 break

@@ -23,7 +23,6 @@ the results are gathered, so every process returns all of them; generation runs 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,6 @@ from fusion_jax.data.scoring import RowStep, compiled_ce_step, pack_batches, row
 from fusion_jax.errors import ConfigError, InputError
 from fusion_jax.evaluate.generate import Generator
 from fusion_jax.evaluate.model import LoadedModel
-
-log = logging.getLogger(__name__)
 
 class FusionJaxLM(TemplateLM):
     """lm-eval's model API over a :class:`LoadedModel` (see the module docstring)."""
