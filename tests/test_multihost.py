@@ -8,7 +8,8 @@ first 4 steps are those of a 4-step run, eval at step 4 and at the end) is compa
 1. a 4-step run of the same config in 2 processes (``tests/multihost_worker.py``): the per-step losses, the
    teacher caches (byte for byte), the held-out evaluation, per-host loading, one writer per shared file;
 2. its resume in 2 processes with ``train.steps`` raised to 6: steps 5–6 and the final evaluation equal the
-   uninterrupted reference;
+   uninterrupted reference, lm-eval tasks included (train.tasks: log-likelihoods scored across the hosts, greedy
+   generation on both);
 3. the 2-process step-6 checkpoint restored here, in one process, onto another mesh (data=1 × fsdp=8): the same
    params and optimizer state as the reference's step 6, and the same loader state.
 """
@@ -44,14 +45,49 @@ RTOL = 1e-5
 from test_train import _train_losses, assets, config  # noqa: E402,F401
 
 
+TASKS = ("mh_choice", "mh_rolling", "mh_gen")
+
+
+def _write_tasks(assets: Path) -> Path:
+    """lm-eval tasks over the corpus's texts, run by every run at its end (train.tasks): a two-way choice between a
+    text's second half and another's, the texts' rolling log-likelihood, and a 4-token greedy continuation."""
+    from fusion_jax.experiments.demo.tasks import _metric, _task
+
+    out = assets / "tasks"
+    if out.is_dir():
+        return out
+    out.mkdir()
+    texts = [json.loads(line)["text"] for line in (assets / "corpus.jsonl").read_text().splitlines()][:12]
+    halves = [(" ".join(t.split()[:len(t.split()) // 2]), " " + " ".join(t.split()[len(t.split()) // 2:]))
+              for t in texts]
+    items = [{"context": c, "choices": [end, halves[(i + 1) % len(halves)][1]], "answer": 0}
+             for i, (c, end) in enumerate(halves)]
+    (out / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+    (out / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (out / "mh_choice.yaml").write_text(_task("mh_choice", out / "items.jsonl", output_type="multiple_choice",
+                                              doc_to_text="{{context}}", doc_to_choice="{{choices}}",
+                                              doc_to_target="answer", target_delimiter="",
+                                              metric_list=[_metric("acc", "mean", True)]))
+    (out / "mh_rolling.yaml").write_text(_task("mh_rolling", out / "texts.jsonl", output_type="loglikelihood_rolling",
+                                               doc_to_text="", doc_to_target="{{text}}",
+                                               metric_list=[_metric("bits_per_byte", "bits_per_byte", False)]))
+    (out / "mh_gen.yaml").write_text(_task("mh_gen", out / "items.jsonl", output_type="generate_until",
+                                           doc_to_text="{{context}}", doc_to_target="{{choices[0]}}",
+                                           generation_kwargs={"until": ["."], "max_gen_toks": 4, "do_sample": False},
+                                           metric_list=[_metric("exact_match", "mean", True)]))
+    return out
+
+
 def _cfg(assets: Path, run_dir: Path, steps: int, export: bool) -> schema.TrainConfig:
     # seq_len rows in the one-process reference too (a multi-process capture always uses them), so bytes compare
     capture = schema.CaptureSettings(k=4, seq_len=48, batch_size=8, docs_per_shard=8, param_dtype="float32",
                                      compute_dtype="float32", fit_rows=False)
+    tasks = schema.TasksConfig(names=TASKS, include=(str(_write_tasks(assets)),), max_length=32, max_gen_toks=4,
+                               batch_size=4)
     return config(assets, run_dir, capture=capture,
                   optimizer=schema.OptimizerConfig(learning_rate=1e-3, schedule="constant", warmup_ratio=0.0),
                   train=schema.LoopConfig(steps=steps, checkpoint_every=2, keep_checkpoints=3, log_every=1,
-                                         eval_every=4, eval_batches=1, progress=False, export=export),
+                                         eval_every=4, eval_batches=1, progress=False, export=export, tasks=tasks),
                   mesh=MeshConfig(data=2, fsdp=4))
 
 
@@ -77,7 +113,9 @@ def _two_processes(cfg: schema.TrainConfig, out: Path, cache: Path) -> list[dict
     for i in range(2):
         with open(logs[i], "w") as f:
             procs.append(subprocess.Popen([sys.executable, str(WORKER), str(args)], cwd=ROOT,
-                                          env={**env, "JAX_PROCESS_ID": str(i)}, stdout=f, stderr=subprocess.STDOUT))
+                                          env={**env, "JAX_PROCESS_ID": str(i),  # datasets' cache: one per process
+                                               "HF_DATASETS_CACHE": str(out / f"datasets-{i}")},
+                                          stdout=f, stderr=subprocess.STDOUT))
     try:
         for p in procs:
             p.wait(timeout=TIMEOUT_S)
@@ -113,6 +151,11 @@ def _assert_close_eval(got: dict, want: dict) -> None:
     np.testing.assert_allclose([got["clm"], got["fusion"]], [want["clm"], want["fusion"]], rtol=RTOL)
     for name, rate in want["win_rate"].items():
         np.testing.assert_allclose(got["win_rate"][name], rate, atol=1e-6)
+    if "tasks" in got and "tasks" in want:  # lm-eval (at a run's end): log-likelihoods scored across hosts
+        np.testing.assert_allclose(got["tasks"]["mh_rolling"]["bits_per_byte"],
+                                   want["tasks"]["mh_rolling"]["bits_per_byte"], rtol=RTOL)
+        for task, metric in (("mh_choice", "acc"), ("mh_gen", "exact_match")):
+            assert got["tasks"][task][metric] == want["tasks"][task][metric], (task, got["tasks"], want["tasks"])
 
 
 def _assert_same_cache(a: Path, b: Path) -> None:
@@ -126,7 +169,7 @@ def _assert_same_cache(a: Path, b: Path) -> None:
     assert ma == mb
 
 
-SHARED_FILES = ("metrics.jsonl", "report.json", "run_config.json", "tensorboard", "export", "documents")
+SHARED_FILES = ("metrics.jsonl", "report.json", "run_config.json", "tensorboard", "export", "documents", "lm_eval.json")
 
 
 def _shared(writes: list[str]) -> list[str]:
@@ -180,6 +223,7 @@ def test_two_processes_equal_one_process(assets, tmp_path):
     np.testing.assert_allclose(first[0]["report"]["train"]["loss"], ref_losses[4], rtol=RTOL)
     for r in first:
         _assert_close_eval(r["report"]["eval"], ref_evals[4])
+    assert first[0]["report"]["eval"]["tasks"] == first[1]["report"]["eval"]["tasks"]  # the same on every host
     assert sorted(_evals(run)) == [4]
     _assert_close_eval(_evals(run)[4], ref_evals[4])
     for teacher in ("target", "src"):
@@ -231,6 +275,8 @@ def test_two_processes_equal_one_process(assets, tmp_path):
     assert sorted(_evals(run)) == [4, 6]
     _assert_close_eval(_evals(run)[6], ref_evals[6])
     _assert_close_eval(second[1]["report"]["eval"], ref["eval"])
+    assert set(ref["eval"]["tasks"]) == set(TASKS) and second[0]["report"]["eval"]["tasks"] == \
+        second[1]["report"]["eval"]["tasks"]
     assert json.loads((run / "report.json").read_text())["resumed_from"] == 4
     assert _shared(second[1]["writes"]) == [], second[1]["writes"]
     from safetensors.numpy import load_file
