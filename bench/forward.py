@@ -41,6 +41,35 @@ def hf_config(a: argparse.Namespace) -> transformers.PretrainedConfig:
     return cls[a.arch](**common, num_key_value_heads=a.kv_heads, intermediate_size=a.intermediate)
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model options shared by the benches that compare with transformers (this one, bench/generate.py)."""
+    p.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "gpt_neox", "mpt"])
+    p.add_argument("--model", help="a Hugging Face checkpoint dir to use instead of a built model (sizes ignored)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=768)
+
+
+def build_models(a: argparse.Namespace, compute_dtype: str):
+    """(the transformers model in eval mode, our config, our params on one device) with the same weights."""
+    torch.manual_seed(0)
+    transformers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.model:
+            path = a.model
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            path = tmp
+            hf_model = transformers.AutoModelForCausalLM.from_config(hf_config(a), dtype=torch.float32)
+            hf_model.save_pretrained(path)
+        one_device = mesh_lib.make_mesh(mesh_lib.MeshConfig(), devices=jax.devices()[:1])
+        cfg, params = load(path, mesh=one_device, compute_dtype=compute_dtype)
+    return hf_model.eval(), cfg, params
+
+
 def interleaved_medians(fns, repeats: int) -> list[float]:
     """Median seconds of each fn; runs alternate (a, b, a, b, ...) so both see the same machine noise."""
     times = [[] for _ in fns]
@@ -54,33 +83,14 @@ def interleaved_medians(fns, repeats: int) -> list[float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "gpt_neox", "mpt"])
-    p.add_argument("--model", help="a Hugging Face checkpoint dir to use instead of a built model (sizes ignored)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=768)
+    add_model_arguments(p)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our compute dtype")
     a = p.parse_args()
 
-    torch.manual_seed(0)
-    transformers.utils.logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as tmp:
-        if a.model:
-            path = a.model
-            hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        else:
-            path = tmp
-            hf_model = transformers.AutoModelForCausalLM.from_config(hf_config(a), dtype=torch.float32)
-            hf_model.save_pretrained(path)
-        one_device = mesh_lib.make_mesh(mesh_lib.MeshConfig(), devices=jax.devices()[:1])
-        cfg, params = load(path, mesh=one_device, compute_dtype=a.dtype)
-    hf_model.eval()
+    hf_model, cfg, params = build_models(a, a.dtype)
 
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (a.batch, a.seq), dtype=np.int32)
     tokens_jax = jax.device_put(tokens, jax.devices()[0])

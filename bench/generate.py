@@ -18,53 +18,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forward import hf_config, interleaved_medians  # noqa: E402
+from forward import add_model_arguments, build_models, interleaved_medians  # noqa: E402
 
-from fusion_jax import mesh as mesh_lib  # noqa: E402
 from fusion_jax.config.schema import SamplingConfig  # noqa: E402
-from fusion_jax.convert import load  # noqa: E402
 from fusion_jax.models import decode  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "gpt_neox", "mpt"])
-    p.add_argument("--model", help="a Hugging Face checkpoint dir to use instead of a built model (sizes ignored)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=768)
+    add_model_arguments(p)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
 
-    torch.manual_seed(0)
-    transformers.utils.logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as tmp:
-        if a.model:
-            path = a.model
-            hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        else:
-            path = tmp
-            hf_model = transformers.AutoModelForCausalLM.from_config(hf_config(a), dtype=torch.float32)
-            hf_model.save_pretrained(path)
-        one_device = mesh_lib.make_mesh(mesh_lib.MeshConfig(), devices=jax.devices()[:1])
-        cfg, params = load(path, mesh=one_device, compute_dtype="float32")
-    hf_model.eval()
+    hf_model, cfg, params = build_models(a, "float32")
 
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (a.batch, a.prompt), dtype=np.int32)
     valid = np.ones_like(prompts, bool)
