@@ -1,6 +1,14 @@
 """Files written so that a crash never leaves half of one, JSON that strict parsers read, the exclusive lock
 that keeps two commands out of one output directory, the checks that keep an output from replacing what it should
-not, content hashes remembered across runs, and the check that every configured path is a local one."""
+not, content hashes remembered across runs, and the run paths that may be object-store URLs (``gs://``).
+
+Paths: :func:`as_path` makes a configured path a :class:`pathlib.Path` (local) or an :class:`etils.epath.Path`
+(``gs://bucket/dir``, through fsspec/gcsfs: the abstraction Orbax and grain use). Both answer the same methods
+(``/``, ``exists``, ``iterdir``, ``glob``, ``read_text``, ``open``, ``unlink``, ``mkdir``); what only works on local
+files is done here: an atomic write to an object store writes a local file and uploads it (an object appears whole
+or not at all), a directory is committed by copying it with its marker files last, a reader that needs a local file
+(ArrayRecord, safetensors) reads a downloaded copy (:func:`local_copy`), and the lock is an object created only if
+absent (:class:`DirectoryLock`)."""
 
 from __future__ import annotations
 
@@ -12,15 +20,66 @@ import json
 import math
 import os
 import secrets
+import shutil
 import socket
 import sys
+import tempfile
 import time
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from pathlib import Path, PurePath
+from typing import Any, Iterable, Iterator, Sequence, TypeAlias
+
+from etils import epath
 
 from fusion_jax.errors import ConfigError, InputError, RunDirError, UserError
 
 LOCK_FILE = ".lock"
+
+AnyPath: TypeAlias = "Path | epath.Path"  # what as_path returns: a local path or an object-store URL's
+URL_SCHEMES = ("gs",)  # the object stores run paths may name (tested against a GCS emulator)
+
+
+def is_url(path: str | PurePath) -> bool:
+    """Whether `path` names an object in a store (``gs://bucket/dir``) rather than a local (or mounted) file."""
+    return "://" in str(path)
+
+
+def as_path(path: str | os.PathLike) -> AnyPath:
+    """A configured path as a path object: :class:`pathlib.Path` for a local one, :class:`etils.epath.Path` for a
+    URL (``Path("gs://b/x")`` would be the local ``gs:/b/x``)."""
+    if isinstance(path, (Path, epath.Path)):
+        return path
+    return epath.Path(str(path)) if is_url(path) else Path(path)
+
+
+def file_size(path: AnyPath) -> int:
+    return path.stat().length if is_url(path) else path.stat().st_size
+
+
+def _copy_file(src: AnyPath, dst: AnyPath) -> None:
+    """Copy one file between any two of local disk and object store (server-side within one store)."""
+    if is_url(src) and is_url(dst):
+        src.copy(dst, overwrite=True)
+        return
+    with src.open("rb") as r, dst.open("wb") as w:
+        shutil.copyfileobj(r, w, 1 << 24)
+
+
+def staging_root() -> Path:
+    """Where files bound for an object store are written first: $FUSION_JAX_STAGING_DIR, else the temp directory."""
+    root = Path(os.environ.get("FUSION_JAX_STAGING_DIR") or Path(tempfile.gettempdir()) / "fusion_jax-staging")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def staging_path(out: AnyPath) -> Path:
+    """The local path that `out` (an output directory, or a file appended to) is written at before it goes to
+    `out`: beside it (``<out>.partial``, on the same file system, so :func:`commit_directory` is a rename) for a local
+    `out`; in :func:`staging_root` for an object-store one (ArrayRecord and safetensors write only local files, and
+    an object cannot be appended to)."""
+    if not is_url(out):
+        return Path(f"{out}.partial")
+    key = hashlib.sha256(str(out).encode()).hexdigest()[:16]
+    return staging_root() / f"{key}-{out.name}.partial"
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -43,8 +102,20 @@ def atomic_path(path: str | os.PathLike, tmp: str | os.PathLike | None = None) -
     temporary file and leaves `path` as it was. The one temp → fsync → rename in the package.
 
     `tmp`: the temporary name (default `.<name>.<pid>.<random>.tmp`, unique per writer), for a writer whose resume
-    logic recognises and removes leftovers of a `kill -9` by their name."""
-    path = Path(path)
+    logic recognises and removes leftovers of a `kill -9` by their name.
+
+    An object-store `path`: the temporary file is local (in :func:`staging_root`) and is uploaded on success; the
+    object appears whole or not at all, and a crash leaves the old one."""
+    path = as_path(path)
+    if is_url(path):
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=staging_root())
+        os.close(fd)
+        try:
+            yield Path(name)
+            _copy_file(Path(name), path)
+        finally:
+            os.unlink(name)
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp") if tmp is None else Path(tmp)
     try:
         yield tmp
@@ -63,16 +134,64 @@ def atomic_path(path: str | os.PathLike, tmp: str | os.PathLike | None = None) -
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory: a
-    reader sees the old file or the new one, never a part."""
+    reader sees the old file or the new one, never a part. An object is written whole (it appears at the end of
+    its upload)."""
+    path = as_path(path)
+    if is_url(path):
+        path.write_bytes(data)
+        return
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
 
-def commit_directory(partial: str | os.PathLike, out: str | os.PathLike) -> None:
+def commit_directory(partial: str | os.PathLike, out: str | os.PathLike, markers: Sequence[str] = ()) -> None:
     """Rename the completed directory `partial` to `out` (which must not exist, or be an empty directory) and fsync
-    `out`'s parent, so the new name survives a crash."""
-    os.rename(partial, out)
-    fsync_dir(Path(out).parent)
+    `out`'s parent, so the new name survives a crash.
+
+    To an object store, where there is no rename: every file is copied (uploaded from a local `partial`) with the
+    files named in `markers` (what readers take as "complete") last, then `partial` is removed; an interrupted
+    commit leaves `out` without its marker, which readers and the next run treat as unfinished."""
+    partial, out = as_path(partial), as_path(out)
+    if not is_url(partial) and not is_url(out):
+        os.rename(partial, out)
+        fsync_dir(out.parent)
+        return
+    files = sorted((p for p in partial.rglob("*") if p.is_file()), key=lambda p: (p.name in markers, str(p)))
+    for src in files:
+        _copy_file(src, out / src.relative_to(partial).as_posix())
+    remove_tree(partial)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove the directory `path` and everything in it, local or in an object store (nothing when it is absent)."""
+    path = as_path(path)
+    if is_url(path):
+        path.rmtree(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def local_copy(path: str | os.PathLike) -> Path:
+    """A local file with the content of `path`: `path` itself when local; an object-store file downloaded once into
+    ``<cache>/remote`` (:func:`cache_root`) and reused while the object's size and time are unchanged, for the
+    readers that open only local files (ArrayRecord, safetensors, numpy's memory maps)."""
+    path = as_path(path)
+    if not is_url(path):
+        return path
+    stat = path.stat()
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:40]
+    local, record = cache_root() / "remote" / key / path.name, cache_root() / "remote" / key / ".source.json"
+    want = {"url": str(path), "size": stat.length, "mtime": stat.mtime}
+    try:
+        if json.loads(record.read_text()) == want and local.stat().st_size == stat.length:
+            return local
+    except (OSError, ValueError):
+        pass
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(local) as tmp:
+        _copy_file(path, tmp)
+    atomic_write_json(record, want)
+    return local
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -108,35 +227,72 @@ class DirectoryLock:
 
     A second command on the same directory fails at once with a `RunDirError` naming the holder (host, pid,
     command, since when). In a multi-host run only one process should take it: every host runs the same command
-    on the same shared directory."""
+    on the same shared directory.
+
+    In an object store the lock is the object `<dir>/.lock`, created only if absent (a conditional write) and
+    deleted on release. A process killed without releasing leaves it: the next command on the same host takes it over
+    when the holder's pid is gone; from another host it is refused, naming the object to delete once that run is
+    known to be gone (a preempted VM)."""
 
     def __init__(self, directory: str | os.PathLike, what: str = "directory"):
-        self.directory = Path(directory)
+        self.directory = as_path(directory)
         self.what = what
         self._fd: int | None = None
+        self._object: epath.Path | None = None
+
+    def _in_use(self, holder: str, hint: str = "") -> RunDirError:
+        return RunDirError(f"{self.directory}: this {self.what} is in use by {holder or 'another process'}; wait for "
+                           f"it to finish or stop it, or use another {self.what}{hint}")
+
+    @staticmethod
+    def _holder() -> str:
+        return (f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)[:300]})")
 
     def acquire(self) -> "DirectoryLock":
+        if is_url(self.directory):
+            return self._acquire_object()
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise RunDirError(f"{self.directory}: this {self.what} is in use by {holder}; wait for it to finish or "
-                              f"stop it, or use another {self.what}") from None
-        holder = (f"pid {os.getpid()} on {socket.gethostname()} since "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)[:300]})")
+            raise self._in_use(holder) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode(), 0)
+        os.pwrite(fd, self._holder().encode(), 0)
         self._fd = fd
+        return self
+
+    def _acquire_object(self) -> "DirectoryLock":
+        lock = self.directory / LOCK_FILE
+        if lock.exists():
+            holder = lock.read_bytes().decode(errors="replace").strip()
+            pid, _, host = holder.partition(" on ")
+            if not (host.split(" since ")[0] == socket.gethostname() and pid.startswith("pid ")
+                    and not _alive(int(pid.split()[1]))):
+                raise self._in_use(holder, f". If that command is gone (a preempted or deleted VM), delete {lock} "
+                                           f"(gcloud storage rm {lock})")
+            lock.unlink(missing_ok=True)  # left by a command of this host that no longer runs
+        import fsspec  # epath's open has no "x" mode; gcsfs makes "xb" a write only if the object is absent
+
+        try:
+            with fsspec.open(str(lock), "xb") as f:  # fails when another command created it meanwhile
+                f.write(self._holder().encode())
+        except FileExistsError:  # gcsfs: HTTP 412, precondition failed
+            raise self._in_use("another command") from None
+        self._object = lock
         return self
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+        if self._object is not None:
+            self._object.unlink(missing_ok=True)
+            self._object = None
 
     def __enter__(self) -> "DirectoryLock":
         return self.acquire()
@@ -145,10 +301,20 @@ class DirectoryLock:
         self.release()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_json(path: str | os.PathLike, error: type[UserError] = InputError, fix: str = "") -> Any:
     """The JSON in `path`; a truncated or otherwise invalid file is an `error` naming the file (and `fix`, what to do
     about it). A missing file stays the OSError it is."""
-    path = Path(path)
+    path = as_path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -159,17 +325,22 @@ def read_json(path: str | os.PathLike, error: type[UserError] = InputError, fix:
 # ------------------------------------------------------------------------------------------------ outputs
 
 
-def _contains(outer: Path, inner: Path) -> bool:
+def _contains(outer: AnyPath, inner: AnyPath) -> bool:
     return outer == inner or outer in inner.parents
+
+
+def _real(path: str | os.PathLike) -> AnyPath:
+    path = as_path(path)
+    return epath.Path(str(path).rstrip("/")) if is_url(path) else path.resolve()
 
 
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
                       error: type[UserError] = RunDirError) -> None:
     """Refuse an output that is, contains or lies inside one of the command's `inputs` (compared as real paths, so
     `./a`, `a` and a symlink to `a` are one path): writing it would replace or change what is being read."""
-    real_out = Path(out).resolve()
+    real_out = _real(out)
     for given in inputs:
-        real_in = Path(given).resolve()
+        real_in = _real(given)
         if real_out == real_in:
             problem = f"is the input {given} itself"
         elif _contains(real_out, real_in):
@@ -186,14 +357,15 @@ def check_replaceable(out: str | os.PathLike, overwrite: bool, *, markers: Seque
     """Refuse to write `out` where that would lose something: it exists and `overwrite` is off, or it is not what
     this command writes (`what`, recognised by one of the `markers` files in it; an empty directory is fine too), so
     overwrite never deletes a directory of someone else's files."""
-    out = Path(out)
-    if not out.exists() and not out.is_symlink():
+    out = as_path(out)
+    link = not is_url(out) and out.is_symlink()  # an object store has no links
+    if not out.exists() and not link:
         return
-    ours = out.is_dir() and not out.is_symlink() and any((out / m).is_file() for m in markers)
+    ours = out.is_dir() and not link and any((out / m).is_file() for m in markers)
     if not overwrite:
         raise error(f"{out}: already exists ({what if ours else 'not ' + what}); keep it, choose another output, "
                     f"or pass overwrite ({overwrite_flag}) to replace it")
-    if out.is_symlink() or not out.is_dir() or (not ours and any(out.iterdir())):
+    if link or not out.is_dir() or (not ours and any(out.iterdir())):
         raise error(f"{out}: exists and is not {what} (no {' or '.join(markers)}); refusing to replace it even "
                     "with overwrite: remove it yourself or choose another output")
 
@@ -209,12 +381,18 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def cache_root() -> Path:
+    """This machine's fusion_jax cache (vocabulary maps, document lengths, content hashes, downloaded objects):
+    $FUSION_JAX_CACHE (or its older name $FUSION_JAX_CACHE_DIR), else $XDG_CACHE_HOME/fusion_jax, else
+    ~/.cache/fusion_jax."""
+    root = (os.environ.get("FUSION_JAX_CACHE") or os.environ.get("FUSION_JAX_CACHE_DIR")
+            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fusion_jax")
+    return Path(root)
+
+
 def hash_cache_dir() -> Path:
-    """Where content hashes are remembered: $FUSION_JAX_CACHE_DIR, else $XDG_CACHE_HOME/fusion_jax, else
-    ~/.cache/fusion_jax (one small JSON per hashed file under `sha256/`)."""
-    root = os.environ.get("FUSION_JAX_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or
-                                                           Path.home() / ".cache") / "fusion_jax"
-    return Path(root) / "sha256"
+    """Where content hashes are remembered (one small JSON per hashed file)."""
+    return cache_root() / "sha256"
 
 
 def _stat_key(st: os.stat_result) -> list[int]:
@@ -252,23 +430,45 @@ def cached_file_sha256(path: str | os.PathLike) -> str:
 # in any section; a corpus's own paths (hub datasets, TFDS names, remote data files) are the datasets library's.
 PATH_FIELDS = ("run_dir", "cache_dir", "documents", "output", "checkpoint", "target", "target_tokenizer", "tokenizer",
                "source", "cache", "prompts_file", "include", "dataset_dir", "tokenizers")
+# Of those, the ones that may be an object-store URL (config class → fields): a run's directory and everything under
+# it, teacher caches and document stores, and the commands that write them.
+URL_FIELDS = {"TrainConfig": ("run_dir", "cache_dir"), "DataConfig": ("documents",), "TeacherConfig": ("cache",),
+              "PrepareConfig": ("output",), "CaptureConfig": ("documents", "output")}
 
 
-def check_local_paths(cfg: Any, prefix: str = "") -> None:
-    """Refuse a URL (``gs://…``, ``s3://…``) in any :data:`PATH_FIELDS` field of the config dataclass `cfg`: every
-    path is a local (or mounted) one for now, and a URL taken as a local path would write into a directory named
-    ``gs:``. A corpus section is left to its reader."""
+def check_paths(cfg: Any, prefix: str = "") -> None:
+    """Refuse a URL in a :data:`PATH_FIELDS` field of the config dataclass `cfg` that cannot take one (only
+    :data:`URL_FIELDS` can, and only in a :data:`URL_SCHEMES` store whose file system is installed): taken as a local
+    path, ``gs://b/x`` would write into a directory named ``gs:``. A corpus section is left to its reader."""
     if not dataclasses.is_dataclass(cfg) or type(cfg).__name__ == "CorpusConfig":
         return
+    allowed = URL_FIELDS.get(type(cfg).__name__, ())
     for f in dataclasses.fields(cfg):
         value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
         values = value if isinstance(value, tuple) else (value,)
         if f.name in PATH_FIELDS:
             for v in values:
-                if isinstance(v, str) and "://" in v:
-                    raise ConfigError(
-                        f"{key}={v!r}: URL paths (object stores such as gs://) are not supported yet; give a local "
-                        "path, or mount the bucket (gcsfuse, Filestore) and give the mount's path")
+                if isinstance(v, str) and is_url(v):
+                    _check_url(key, v, f.name in allowed)
         for i, v in enumerate(values):
             if dataclasses.is_dataclass(v):
-                check_local_paths(v, f"{key}[{i}]." if isinstance(value, tuple) else f"{key}.")
+                check_paths(v, f"{key}[{i}]." if isinstance(value, tuple) else f"{key}.")
+    if type(cfg).__name__ == "TrainConfig" and is_url(cfg.run_dir) and (cfg.baseline or cfg.demo.enabled):
+        raise ConfigError(f"{prefix}run_dir={cfg.run_dir!r}: the demo's assets and the comparison report (baseline) "
+                          "are written on local disk only; give them a local run_dir, or run without them")
+
+
+def _check_url(key: str, url: str, allowed: bool) -> None:
+    if not allowed:
+        raise ConfigError(
+            f"{key}={url!r}: this setting takes a local path (or a Hugging Face hub id where it names a model); URLs "
+            "are for run_dir, cache_dir, documents, teacher caches and prepare/capture outputs. Copy it to local "
+            "disk, or mount the bucket (gcsfuse) and give the mount's path")
+    scheme = url.split("://", 1)[0]
+    if scheme not in URL_SCHEMES:
+        raise ConfigError(f"{key}={url!r}: {scheme}:// is not a supported store ({', '.join(URL_SCHEMES)}:// is); "
+                          "mount it and give the mount's path instead")
+    try:
+        import gcsfs  # noqa: F401 - etils.epath reaches gs:// through fsspec's gcsfs
+    except ImportError:
+        raise ConfigError(f"{key}={url!r}: gs:// paths need gcsfs: pip install 'fusion_jax[gcs]'") from None

@@ -6,8 +6,8 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Content hashes of checkpoints (files.cached_file_sha256) go to a temporary directory, not the user's ~/.cache.
-os.environ.setdefault("FUSION_JAX_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="fusion_jax_test_cache_"))
+# fusion_jax's caches (content hashes, vocab maps, lengths, downloaded objects) go to a temporary directory, not ~/.cache.
+os.environ.setdefault("FUSION_JAX_CACHE", __import__("tempfile").mkdtemp(prefix="fusion_jax_test_cache_"))
 
 import pytest  # noqa: E402
 

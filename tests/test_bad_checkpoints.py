@@ -216,7 +216,7 @@ def test_read_only_output_directory_is_one_error_line(fj_dir, tmp_path):
 def test_content_hash_is_remembered_and_notices_a_change_in_place(tmp_path, monkeypatch):
     """What the teacher cache's identity uses: read once, then remembered by path + size + mtime (+ ctime, inode),
     so a file rewritten in place with the same size and the same mtime is still hashed again."""
-    monkeypatch.setenv("FUSION_JAX_CACHE_DIR", str(tmp_path / "hashes"))
+    monkeypatch.setenv("FUSION_JAX_CACHE", str(tmp_path / "hashes"))
     reads = []
     real = files.file_sha256
     monkeypatch.setattr(files, "file_sha256", lambda p: reads.append(p) or real(p))

@@ -110,22 +110,28 @@ def test_a_command_takes_a_hub_id(tmp_path):
     assert "HF_HUB_OFFLINE" in r.stderr
 
 
-def test_url_paths_are_refused_until_supported(tmp_path, monkeypatch):
-    """A gs:// run_dir (or cache, or output) is refused with the alternative, not written into a local "gs:" dir."""
-    from fusion_jax.config.schema import CorpusConfig, DataConfig, GenerateConfig
-    from fusion_jax.files import check_local_paths
+def test_url_paths_where_a_setting_takes_none_are_refused(tmp_path, monkeypatch):
+    """A URL where a local path is needed (a model, a generation output), a store other than gs://, or a gs://
+    run_dir with the demo or the baseline report is refused with the alternative, not written into a local "gs:"
+    directory; run paths in gs:// are tests/test_cloud.py's."""
+    from fusion_jax.config.schema import CorpusConfig, DataConfig, DemoConfig, GenerateConfig
+    from fusion_jax.files import check_paths
     from fusion_jax.pipeline import open_run
 
     monkeypatch.chdir(tmp_path)
-    for cfg, key in [(TrainConfig(target="/m", run_dir="gs://bucket/run"), "run_dir"),
-                     (TrainConfig(target="/m", sources=(TeacherConfig(name="a", checkpoint="/s", cache="s3://b/c"),)),
-                      "sources[0].cache"),
-                     (GenerateConfig(checkpoint="/m", output="gs://b/out.jsonl"), "output")]:
-        with pytest.raises(ConfigError, match=rf"^{key.replace('[', '.').replace(']', '.')}=.*not supported yet.*mount"):
-            check_local_paths(cfg)
-    check_local_paths(TrainConfig(target="/m", data=DataConfig(corpus=CorpusConfig(
+    for cfg, key, why in [
+            (TrainConfig(target="gs://bucket/model"), "target", "takes a local path.*gcsfuse"),
+            (TrainConfig(target="/m", sources=(TeacherConfig(name="a", checkpoint="/s", cache="s3://b/c"),)),
+             "sources[0].cache", "s3:// is not a supported store"),
+            (GenerateConfig(checkpoint="/m", output="gs://b/out.jsonl"), "output", "takes a local path"),
+            (TrainConfig(target="/m", run_dir="gs://bucket/run", baseline=True), "run_dir", "local disk only"),
+            (TrainConfig(run_dir="gs://bucket/run", demo=DemoConfig(enabled=True)), "run_dir", "local disk only")]:
+        with pytest.raises(ConfigError, match=rf"^{key.replace('[', '.').replace(']', '.')}=.*{why}"):
+            check_paths(cfg)
+    check_paths(TrainConfig(target="/m", data=DataConfig(corpus=CorpusConfig(
         format="hf", paths=("json",), data_files=("hf://datasets/x/y.jsonl",)))))  # a corpus is its reader's
-    with pytest.raises(ConfigError, match="not supported yet"):
-        with open_run(TrainConfig(target="/m", run_dir="gs://bucket/run")):
+    with pytest.raises(ConfigError, match="takes a local path"):
+        with open_run(TrainConfig(target="gs://bucket/m", run_dir="run")):
             pass
+    assert not (tmp_path / "gs:").exists()
     assert not (tmp_path / "gs:").exists()

@@ -24,7 +24,6 @@ version, which are checked on load.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 
 from fusion_jax.align.dtw import edit_distances
 from fusion_jax.errors import ConfigError
-from fusion_jax.files import atomic_path
+from fusion_jax.files import atomic_path, cache_root
 from fusion_jax.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -161,11 +160,6 @@ def identity_map(src: Tokenizer, tgt: Tokenizer) -> np.ndarray:
 _BUILDERS = {"prefix": prefix_map, "exact": exact_map, "mined": mined_map, "identity": identity_map}
 
 
-def default_cache_dir() -> Path:
-    """``$FUSION_JAX_CACHE`` or ``~/.cache/fusion_jax``."""
-    return Path(os.environ.get("FUSION_JAX_CACHE") or Path.home() / ".cache" / "fusion_jax")
-
-
 def cache_path(src: Tokenizer, tgt: Tokenizer, method: str, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / "vocab_maps" / f"{method}-{src.fingerprint[:16]}-{tgt.fingerprint[:16]}.npz"
 
@@ -176,14 +170,14 @@ def vocab_map(
 ) -> np.ndarray:
     """Build (or load from the cache) the ``method`` map src → tgt: int32[V_src], values in [−1, V_tgt).
 
-    ``cache_dir=None`` uses :func:`default_cache_dir`. A cache file whose fingerprints, method, shape or value range do not match is rebuilt (with a warning), never
+    ``cache_dir=None`` uses :func:`fusion_jax.files.cache_root`. A cache file whose fingerprints, method, shape or value range do not match is rebuilt (with a warning), never
     trusted; writes go to a temporary file that is renamed into place, so a crash never leaves a partial map.
     """
     if method not in _BUILDERS:
         raise ValueError(f"vocab map method must be one of {MAP_METHODS}, got {method!r}")
     if not use_cache:
         return _build(src, tgt, method)
-    path = cache_path(src, tgt, method, default_cache_dir() if cache_dir is None else cache_dir)
+    path = cache_path(src, tgt, method, cache_root() if cache_dir is None else cache_dir)
     if path.exists():
         problem = None
         try:

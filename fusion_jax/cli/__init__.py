@@ -14,7 +14,7 @@ import yaml
 from fusion_jax import hub
 from fusion_jax.config import loader as config_loader
 from fusion_jax.errors import UserError
-from fusion_jax.files import check_local_paths
+from fusion_jax.files import check_paths
 
 C = TypeVar("C")
 
@@ -59,7 +59,7 @@ def override_text(key: str, value: Any) -> str:
 
 
 def run(main: Callable[[C], object], parse: Callable[[], C]) -> None:
-    """Parse the config, resolve its Hugging Face hub ids (:mod:`fusion_jax.hub`), refuse URL paths and run `main`. What the user can
+    """Parse the config, resolve its Hugging Face hub ids (:mod:`fusion_jax.hub`), check its paths (`files.check_paths`) and run `main`. What the user can
     fix ends in one `error: …` line (exit 1): the errors we raise on purpose (`fusion_jax.errors.UserError` and its
     subclasses) and file-system errors (naming the path).
     Ctrl-C exits 130 with a note that the command resumes. Anything else, a bare ValueError included, is our bug
@@ -69,7 +69,7 @@ def run(main: Callable[[C], object], parse: Callable[[], C]) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         cfg = hub.resolve_config(parse())
-        check_local_paths(cfg)
+        check_paths(cfg)
         main(cfg)
     except KeyboardInterrupt:
         print("\ninterrupted: everything written so far is kept; run the same command again to resume",

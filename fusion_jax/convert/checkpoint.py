@@ -42,7 +42,8 @@ from fusion_jax.convert import gguf, hf, integrity
 from fusion_jax.convert.architectures import architecture
 from fusion_jax.convert.hf import CheckpointError
 from fusion_jax.errors import RunDirError, UserError
-from fusion_jax.files import check_output_path, check_replaceable, commit_directory, read_json
+from fusion_jax.files import (AnyPath, as_path, check_output_path, check_replaceable, commit_directory, is_url,
+                              staging_path, read_json, remove_tree)
 from fusion_jax.models import decoder
 from fusion_jax.tokenizers import Tokenizer, load_tokenizer
 from fusion_jax.tokenizers.gguf import write_tokenizer as write_gguf_tokenizer
@@ -215,10 +216,11 @@ def check_output(out: str | os.PathLike, overwrite: bool, inputs: tuple[str | os
     check_replaceable(out, overwrite, markers=(META, EXPORT_MARKER), what=OUR_OUTPUT, error=RunDirError)
 
 
-def _start(out: Path, overwrite: bool, inputs: tuple[str | os.PathLike, ...]) -> Path:
-    """Prepare `<out>.partial` (removing one left by a crash); refuse to replace `out` unless `check_output` allows."""
+def _start(out: AnyPath, overwrite: bool, inputs: tuple[str | os.PathLike, ...], tmp: Path | None = None) -> Path:
+    """Prepare `tmp` (default `<out>.partial`), removing one left by a crash; refuse to replace `out` unless
+    `check_output` allows."""
     check_output(out, overwrite, inputs)
-    tmp = Path(f"{out}.partial")
+    tmp = Path(f"{out}.partial") if tmp is None else tmp
     if jax.process_index() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -227,13 +229,13 @@ def _start(out: Path, overwrite: bool, inputs: tuple[str | os.PathLike, ...]) ->
     return tmp
 
 
-def _finish(tmp: Path, out: Path, overwrite: bool) -> None:
+def _finish(tmp: Path, out: AnyPath, overwrite: bool) -> None:
     multihost_utils.sync_global_devices(f"fusion_jax:finish:{out}")
     if jax.process_index() == 0:
         if out.exists():
             check_replaceable(out, overwrite, markers=(META, EXPORT_MARKER), what=OUR_OUTPUT, error=RunDirError)
-            shutil.rmtree(out)
-        commit_directory(tmp, out)
+            remove_tree(out)
+        commit_directory(tmp, out, markers=(META, EXPORT_MARKER))
     multihost_utils.sync_global_devices(f"fusion_jax:renamed:{out}")
 
 
@@ -320,10 +322,12 @@ def save_hf(
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     inputs: tuple[str | os.PathLike, ...] = (),
-) -> Path:
-    """Write a Hugging Face directory (safetensors + config.json + tokenizer) that transformers loads."""
-    out = Path(out).absolute()
-    tmp = _start(out, overwrite, inputs)
+) -> AnyPath:
+    """Write a Hugging Face directory (safetensors + config.json + tokenizer) that transformers loads; `out` may be
+    in an object store (written locally, then uploaded with its marker last)."""
+    out = as_path(out)
+    out = out if is_url(out) else out.absolute()
+    tmp = _start(out, overwrite, inputs, staging_path(out))
     hf.write_hf_dir(tmp, cfg, params, model_type, hf_config, max_shard_bytes)
     _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp)
     if jax.process_index() == 0:

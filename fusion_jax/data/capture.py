@@ -36,7 +36,7 @@ from fusion_jax.data.documents import DocumentStore
 from fusion_jax.data import scoring
 from fusion_jax.data.scoring import Batch, RowStep, score_rows
 from fusion_jax.errors import ConfigError, InputError
-from fusion_jax.files import DirectoryLock, read_json
+from fusion_jax.files import AnyPath, DirectoryLock, as_path, read_json
 from fusion_jax.models.head import topk_step
 from fusion_jax.tokenizers import Tokenizer, check_vocab_size, load_tokenizer
 
@@ -121,7 +121,7 @@ def model_identity(path: str) -> dict:
             "weights_sha256": checkpoint.weights_fingerprint(p)}
 
 
-def _source_changed(out: Path, recorded: dict, spec: dict, source: str) -> tc.CacheError | None:
+def _source_changed(out: AnyPath, recorded: dict, spec: dict, source: str) -> tc.CacheError | None:
     """The error for a cache captured from this very source before its weights changed (None otherwise)."""
     old, new = recorded.get("model") if isinstance(recorded, dict) else None, spec["model"]
     if not isinstance(old, dict) or old == new or old.get("name") != new["name"]:
@@ -148,7 +148,7 @@ def capture_spec(cfg: CaptureConfig, store: DocumentStore, tok: Tokenizer, model
     }
 
 
-def _check_resume(out: Path, spec: dict, source: str) -> None:
+def _check_resume(out: AnyPath, spec: dict, source: str) -> None:
     """A directory with an earlier capture's files continues only if it was the same capture."""
     path = out / CAPTURE_SPEC
     if not path.exists():
@@ -205,7 +205,7 @@ def _capture(cfg: CaptureConfig) -> dict:
     if cfg.estimate:
         return _estimate(cfg, store, tok, model_cfg, n_docs, run)
     spec = capture_spec(cfg, store, tok, model_cfg, n_docs)  # (hashes the weights the first time)
-    out = Path(cfg.output)
+    out = as_path(cfg.output)
     all_shards = list(range(tc.num_shards(n_docs, cfg.docs_per_shard)))
     out.mkdir(parents=True, exist_ok=True)
     if (out / tc.MANIFEST).exists():
@@ -252,7 +252,7 @@ def _row_step(cfg: CaptureConfig, mesh, model_cfg: ModelConfig, params) -> RowSt
                    cfg.batch_size // jax.process_count(), _row_arrays)
 
 
-def _already_complete(out: Path, spec: dict, source: str, n_docs: int) -> dict:
+def _already_complete(out: AnyPath, spec: dict, source: str, n_docs: int) -> dict:
     """The report of a run whose output holds a finished capture of the same spec (an error for another one)."""
     changed = _source_changed(out, read_json(out / tc.MANIFEST, tc.CacheError, tc.MANIFEST_FIX), spec, source)
     if changed is not None:
@@ -265,7 +265,7 @@ def _already_complete(out: Path, spec: dict, source: str, n_docs: int) -> dict:
     return {"output": str(out), "skipped": True}
 
 
-def _pending_shards(cfg: CaptureConfig, out: Path, spec: dict, all_shards: list[int], n_docs: int) -> list[int]:
+def _pending_shards(cfg: CaptureConfig, out: AnyPath, spec: dict, all_shards: list[int], n_docs: int) -> list[int]:
     """This process's shards still to capture, after checking (process 0: writing) the capture's spec."""
     pid, nproc = jax.process_index(), jax.process_count()
     if pid == 0:
@@ -312,7 +312,7 @@ class _Progress:
         return records
 
 
-def _finish(out: Path, spec: dict, all_shards: list[int], written: int, progress: _Progress) -> dict:
+def _finish(out: AnyPath, spec: dict, all_shards: list[int], written: int, progress: _Progress) -> dict:
     """The run's report; process 0 writes the manifest once every process has written its shards."""
     seconds = time.perf_counter() - progress.t0
     mesh_lib.sync("capture_shards")

@@ -24,12 +24,12 @@ import json
 import shutil
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 from fusion_jax.data.corpus import Document
 from fusion_jax.errors import InputError
-from fusion_jax.files import check_replaceable, commit_directory
+from fusion_jax.files import (AnyPath, as_path, check_replaceable, commit_directory, local_copy, staging_path,
+                              remove_tree)
 
 __all__ = ["DocumentStore", "DocumentWriter", "StoreError", "SPLITS", "read_meta", "write_documents"]
 
@@ -83,11 +83,7 @@ class _SplitStats:
                 "domains": {k: self.domains[k] for k in sorted(self.domains)}}
 
 
-def _partial(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".partial")
-
-
-def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
+def _check_replaceable(out_dir: AnyPath, overwrite: bool) -> None:
     # Only ever delete what this module wrote (or nothing at all).
     check_replaceable(out_dir, overwrite, markers=(META_FILE,), what="a documents store", error=StoreError)
 
@@ -101,8 +97,8 @@ class DocumentWriter:
     After a clean exit, `.meta` holds the written documents.json content.
     """
 
-    def __init__(self, out_dir: str | Path, meta: Mapping[str, Any] | None = None, overwrite: bool = False):
-        self.out_dir = Path(out_dir)
+    def __init__(self, out_dir: str | AnyPath, meta: Mapping[str, Any] | None = None, overwrite: bool = False):
+        self.out_dir = as_path(out_dir)
         self.extra = dict(meta or {})
         reserved = {"format", "version", "splits"} & set(self.extra)
         if reserved:
@@ -114,7 +110,7 @@ class DocumentWriter:
 
     def __enter__(self) -> DocumentWriter:
         _check_replaceable(self.out_dir, self.overwrite)
-        partial = _partial(self.out_dir)
+        partial = staging_path(self.out_dir)  # local: ArrayRecord writes local files
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
@@ -134,7 +130,7 @@ class DocumentWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         for w in self._writers.values():
             w.close()
-        partial = _partial(self.out_dir)
+        partial = staging_path(self.out_dir)
         if exc_type is not None:
             shutil.rmtree(partial, ignore_errors=True)
             return
@@ -143,12 +139,12 @@ class DocumentWriter:
         (partial / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         _check_replaceable(self.out_dir, self.overwrite)  # again: it may have appeared meanwhile
         if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        commit_directory(partial, self.out_dir)
+            remove_tree(self.out_dir)
+        commit_directory(partial, self.out_dir, markers=(META_FILE,))
         self.meta = meta
 
 
-def write_documents(out_dir: str | Path, train_docs: Iterable[Document], validation_docs: Iterable[Document],
+def write_documents(out_dir: str | AnyPath, train_docs: Iterable[Document], validation_docs: Iterable[Document],
                     meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict:
     """Write a store from two document iterables (consumed in order); returns the documents.json content."""
     with DocumentWriter(out_dir, meta, overwrite) as w:
@@ -158,11 +154,12 @@ def write_documents(out_dir: str | Path, train_docs: Iterable[Document], validat
     return w.meta
 
 
-def read_meta(path: str | Path) -> dict:
+def read_meta(path: str | AnyPath) -> dict:
     """documents.json of a complete store; StoreError / FileNotFoundError name what is wrong and the fix."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_dir():
-        hint = f" ({_partial(path).name} exists: prepare did not finish; run it again)" if _partial(path).exists() else ""
+        partial = staging_path(path)
+        hint = f" ({partial.name} exists: prepare did not finish; run it again)" if partial.exists() else ""
         raise FileNotFoundError(f"{path}: no documents store here{hint}; create it with python -m fusion_jax.prepare")
     meta_file = path / META_FILE
     if not meta_file.is_file():
@@ -190,16 +187,17 @@ class DocumentStore:
     file is opened again, lazily, after unpickling).
     """
 
-    def __init__(self, path: str | Path, split: str = "train"):
+    def __init__(self, path: str | AnyPath, split: str = "train"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.path, self.split = Path(path), split
+        self.path, self.split = as_path(path), split
         self.meta = read_meta(self.path)
         self._info = self.meta["splits"][split]
         self._file = self.path / f"{split}.array_record"
         if not self._file.is_file():
             raise StoreError(f"{self.path}: incomplete documents store ({self._file.name} is missing); "
                              "run python -m fusion_jax.prepare again with overwrite=true")
+        self._local = local_copy(self._file)  # ArrayRecord reads local files: an object store's is downloaded
         self._lock, self._reader = threading.Lock(), None
         n = self._open().num_records()
         if n != len(self):
@@ -217,7 +215,7 @@ class DocumentStore:
         if self._reader is None:
             with self._lock:
                 if self._reader is None:
-                    self._reader = _array_record().ArrayRecordReader(str(self._file), _READER_OPTIONS)
+                    self._reader = _array_record().ArrayRecordReader(str(self._local), _READER_OPTIONS)
         return self._reader
 
     def _index(self, i: int) -> int:

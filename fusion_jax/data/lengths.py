@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fusion_jax.align.vocab import default_cache_dir
-from fusion_jax.files import atomic_path
+from fusion_jax.files import atomic_path, cache_root
 from fusion_jax.tokenizers import load_tokenizer
 from fusion_jax.workers import spawn_map
 
@@ -25,7 +24,7 @@ _LENGTHS_VERSION = 1
 
 
 def _cache_root(cache_dir: str | Path | None) -> Path:
-    return default_cache_dir() if cache_dir is None else Path(cache_dir)
+    return cache_root() if cache_dir is None else Path(cache_dir)
 
 
 def _count_tokens(tokenizer, texts) -> list[int]:

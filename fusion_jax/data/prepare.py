@@ -20,6 +20,7 @@ from fusion_jax.config.schema import PrepareConfig
 from fusion_jax.data.corpus import Document, read_documents, split_of
 from fusion_jax.data.documents import SPLITS, DocumentWriter
 from fusion_jax.data.splitting import split_long
+from fusion_jax.files import is_url
 from fusion_jax.tokenizers import TokenizationError, Tokenizer, load_tokenizer
 from fusion_jax.workers import spawn_map
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def _absolute(path: str) -> str:
-    return os.path.abspath(path) if path else path
+    return os.path.abspath(path) if path and not is_url(path) else path
 
 
 def normalised(settings: Mapping[str, Any]) -> dict:

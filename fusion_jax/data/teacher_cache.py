@@ -39,17 +39,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import struct
-from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import numpy as np
 
 from fusion_jax.errors import InputError
-from fusion_jax.files import atomic_path, read_json
+from fusion_jax.files import AnyPath, as_path, atomic_path, file_sha256, file_size, local_copy, read_json
 
 FORMAT = "fusion_jax.teacher_cache"
 VERSION = 1
@@ -211,12 +209,12 @@ def shard_docs(shard: int, num_docs: int, docs_per_shard: int) -> range:
     return range(shard * docs_per_shard, min((shard + 1) * docs_per_shard, num_docs))
 
 
-def _partial(path: Path) -> Path:
+def _partial(path: AnyPath) -> AnyPath:
     """The temporary name `path` is written under: a leftover one (a `kill -9`) is removed by `done_shards`."""
     return path.with_name(path.name + ".partial")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: AnyPath, data: bytes) -> None:
     with atomic_path(path, tmp=_partial(path)) as tmp:
         try:
             with open(tmp, "wb") as f:
@@ -227,7 +225,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             raise
 
 
-def _os_error(e: RuntimeError, path: Path) -> OSError:
+def _os_error(e: RuntimeError, path: AnyPath) -> OSError:
     """ArrayRecord's RuntimeError (e.g. "write() failed: No space left on device; …") as the OSError it stands for,
     naming our file, so the CLI prints one line with the fix."""
     message = str(e)
@@ -237,19 +235,11 @@ def _os_error(e: RuntimeError, path: Path) -> OSError:
     return OSError(errno.EIO, f"cannot write ({message.splitlines()[0] if message else type(e).__name__})", str(path))
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_shard(cache_dir: str | Path, shard: int, records: Iterable[bytes], doc_tokens: list[int]) -> dict:
+def write_shard(cache_dir: str | AnyPath, shard: int, records: Iterable[bytes], doc_tokens: list[int]) -> dict:
     """Write one complete shard (records in document order) and then its sidecar; → the sidecar dict."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    cache_dir = Path(cache_dir)
+    cache_dir = as_path(cache_dir)
     path = cache_dir / shard_name(shard)
     count = record_bytes = 0
     with atomic_path(path, tmp=_partial(path)) as tmp:
@@ -266,17 +256,18 @@ def write_shard(cache_dir: str | Path, shard: int, records: Iterable[bytes], doc
             raise _os_error(e, tmp) from e
         if count != len(doc_tokens):
             raise ValueError(f"shard {shard}: {count} records but {len(doc_tokens)} token counts")
-    sidecar = {"shard": shard, "file": path.name, "size": path.stat().st_size, "sha256": file_sha256(path),
+        size, sha256 = tmp.stat().st_size, file_sha256(tmp)  # the local file (also when bound for an object store)
+    sidecar = {"shard": shard, "file": path.name, "size": size, "sha256": sha256,
                "num_docs": count, "record_bytes": record_bytes, "tokens": int(sum(doc_tokens)),
                "doc_tokens": [int(t) for t in doc_tokens]}
     write_atomic(cache_dir / sidecar_name(shard), json.dumps(sidecar).encode())
     return sidecar
 
 
-def done_shards(cache_dir: str | Path, shards: Iterable[int]) -> dict[int, dict]:
+def done_shards(cache_dir: str | AnyPath, shards: Iterable[int]) -> dict[int, dict]:
     """The shards among ``shards`` that are complete (shard + agreeing sidecar) → their sidecars. Leftover
     ``*.partial`` files of these shards are removed, and a shard without a valid sidecar is deleted to be redone."""
-    cache_dir = Path(cache_dir)
+    cache_dir = as_path(cache_dir)
     out = {}
     for s in shards:
         path, side = cache_dir / shard_name(s), cache_dir / sidecar_name(s)
@@ -284,7 +275,7 @@ def done_shards(cache_dir: str | Path, shards: Iterable[int]) -> dict[int, dict]
             leftover.unlink(missing_ok=True)
         try:
             sidecar = json.loads(side.read_text())
-            if sidecar["shard"] == s and path.stat().st_size == sidecar["size"]:
+            if sidecar["shard"] == s and file_size(path) == sidecar["size"]:
                 out[s] = sidecar
                 continue
         except (OSError, ValueError, KeyError):
@@ -294,7 +285,7 @@ def done_shards(cache_dir: str | Path, shards: Iterable[int]) -> dict[int, dict]
     return out
 
 
-def write_manifest(cache_dir: str | Path, spec: dict[str, Any], sidecars: list[dict]) -> dict:
+def write_manifest(cache_dir: str | AnyPath, spec: dict[str, Any], sidecars: list[dict]) -> dict:
     """The manifest: ``spec`` (what was captured) + every shard's sidecar + totals. Written last, atomically."""
     sidecars = sorted(sidecars, key=lambda s: s["shard"])
     manifest = {
@@ -303,7 +294,7 @@ def write_manifest(cache_dir: str | Path, spec: dict[str, Any], sidecars: list[d
         "bytes": sum(s["size"] for s in sidecars), "record_bytes": sum(s["record_bytes"] for s in sidecars),
         "shards": sidecars,
     }
-    write_atomic(Path(cache_dir) / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_atomic(as_path(cache_dir) / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
 
@@ -318,8 +309,8 @@ class TeacherCache:
     shard's sha256 now, ``"size"`` only sizes (fast, for worker processes that re-open a verified cache).
     """
 
-    def __init__(self, path: str | Path, expect: dict[str, Any] | None = None, verify: str = "full"):
-        self.path = Path(path)
+    def __init__(self, path: str | AnyPath, expect: dict[str, Any] | None = None, verify: str = "full"):
+        self.path = as_path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             partial = any(self.path.glob("shard-*.json")) if self.path.is_dir() else False
@@ -359,12 +350,13 @@ class TeacherCache:
         path = self.path / side["file"]
         if not path.is_file():
             raise CacheError(f"{self.path}: shard {s} ({side['file']}) is missing")
-        if path.stat().st_size != side["size"]:
+        size = file_size(path)
+        if size != side["size"]:
             raise CacheError(
-                f"{self.path}: shard {s} ({side['file']}) has {path.stat().st_size} bytes, the manifest says "
+                f"{self.path}: shard {s} ({side['file']}) has {size} bytes, the manifest says "
                 f"{side['size']}: the file is truncated or was replaced; capture again"
             )
-        if full and file_sha256(path) != side["sha256"]:
+        if full and file_sha256(local_copy(path)) != side["sha256"]:  # (downloaded once from a store)
             raise CacheError(
                 f"{self.path}: shard {s} ({side['file']}) fails its sha256 checksum: the file is corrupted; "
                 "delete it and its .json sidecar and re-run the capture to redo it"
@@ -385,7 +377,7 @@ class TeacherCache:
         if reader is None:
             from array_record.python.array_record_module import ArrayRecordReader
 
-            reader = ArrayRecordReader(str(self.path / self._shards[s]["file"]),
+            reader = ArrayRecordReader(str(local_copy(self.path / self._shards[s]["file"])),
                                        "readahead_buffer_size:0,max_parallelism:0")
             self._readers[s] = reader
         try:

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -17,7 +16,7 @@ from fusion_jax import mesh as mesh_lib
 from fusion_jax.config.model import ModelConfig
 from fusion_jax.config.schema import TrainConfig
 from fusion_jax.convert import checkpoint
-from fusion_jax.files import atomic_write_json
+from fusion_jax.files import as_path, atomic_write_json, remove_tree
 from fusion_jax.tokenizers.gguf import is_gguf
 
 log = logging.getLogger(__name__)
@@ -27,7 +26,7 @@ EXPORT_DTYPE = "dtype"  # and of its weights' dtype
 
 def _marker(export_dir: str | os.PathLike) -> dict:
     try:
-        marker = json.loads((Path(export_dir) / checkpoint.EXPORT_MARKER).read_text())
+        marker = json.loads((as_path(export_dir) / checkpoint.EXPORT_MARKER).read_text())
         return marker if isinstance(marker, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -45,14 +44,14 @@ def export_step(export_dir: str | os.PathLike) -> int | None:
 def export_stage(cfg: TrainConfig, model_cfg: ModelConfig, params, step: int) -> str:
     """The params of ``step`` as a Hugging Face checkpoint in ``<run_dir>/export``, the step recorded in its marker;
     an export of another step (or of an unknown one) is replaced: written beside it, then swapped in."""
-    out = Path(cfg.run_dir) / "export"
+    out = as_path(cfg.run_dir) / "export"
     dtype = cfg.train.export_dtype
     if export_step(out) == step and _marker(out).get(EXPORT_DTYPE, "float32") == dtype:
         log.info("export: %s holds step %d in %s already; kept", out, step, dtype)
         return str(out)
     if out.exists() and not (out / checkpoint.EXPORT_MARKER).exists() and jax.process_index() == 0:
         log.info("export: %s is of an earlier fusion_jax (no marker): replacing it", out)
-        shutil.rmtree(out)  # the run's own; convert's overwrite check knows an export by its marker
+        remove_tree(out)  # the run's own; convert's overwrite check knows an export by its marker
     mesh_lib.sync(f"fusion_jax:export:{out}")
     model_type, hf_config = checkpoint.source_info(cfg.target)
     tok_dir = Path(cfg.target_tokenizer or cfg.target)

@@ -38,7 +38,6 @@ allocating anything.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import jax
 
@@ -49,7 +48,7 @@ from fusion_jax.config.schema import TeacherConfig, TrainConfig
 from fusion_jax.convert import checkpoint
 from fusion_jax.data.loader import FusionLoader
 from fusion_jax.errors import RunDirError
-from fusion_jax.files import atomic_write_json
+from fusion_jax.files import AnyPath, as_path, atomic_write_json
 from fusion_jax.pipeline.evaluator import Evaluator
 from fusion_jax.pipeline.export import export_stage
 from fusion_jax.pipeline.memory import dry_run
@@ -79,7 +78,7 @@ def fusion_run(cfg: TrainConfig) -> dict:
 
 
 def _fusion_run(cfg: TrainConfig, record: dict) -> dict:
-    run = Path(cfg.run_dir)  # made, and its settings recorded (run_config.json), by open_run
+    run = as_path(cfg.run_dir)  # made, and its settings recorded (run_config.json), by open_run
     check_inputs(cfg)
     documents = documents_stage(cfg)
     teachers = capture_stage(cfg, documents)
@@ -144,7 +143,7 @@ def _resume(ckpts: Checkpoints, abstract, loader: FusionLoader):
     return state, start
 
 
-def _start_at(cfg: TrainConfig, run: Path, start: int, ckpts: Checkpoints) -> None:
+def _start_at(cfg: TrainConfig, run: AnyPath, start: int, ckpts: Checkpoints) -> None:
     """Refuse a checkpoint beyond ``train.steps``; drop the reports of fewer steps than the run is about to train."""
     if start > cfg.train.steps:  # open_run refuses this; a guard against logging step `start`'s results as `steps`
         ckpts.close()
@@ -160,7 +159,7 @@ def _report(cfg: TrainConfig, model_cfg: ModelConfig, params, start: int, last: 
     """The run's report, after the export (when asked for, or to bring an earlier one up to date); process 0 writes
     it to ``<run_dir>/report.json``, and lm-eval's results of the final evaluation (train.tasks) to
     ``<run_dir>/lm_eval.json``."""
-    run = Path(cfg.run_dir)
+    run = as_path(cfg.run_dir)
     report = {"run_dir": str(run), "steps": cfg.train.steps, "step": cfg.train.steps, "resumed_from": start,
               "train": last, "eval": final_eval}
     if cfg.train.export or (run / "export").exists():  # an export of an earlier step is brought up to date too

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any, Iterator
 
 import jax
@@ -18,7 +17,8 @@ from fusion_jax.config import loader as config_loader
 from fusion_jax.config.schema import OptimizerConfig, TrainConfig
 from fusion_jax.convert.checkpoint import META
 from fusion_jax.errors import RunDirError, UserError
-from fusion_jax.files import check_local_paths, LOCK_FILE, DirectoryLock, atomic_write_json, json_dumps, read_json
+from fusion_jax.files import (LOCK_FILE, AnyPath, DirectoryLock, as_path, atomic_write_json, check_paths, is_url,
+                              json_dumps, read_json)
 from fusion_jax.pipeline.identity import differences, run_identity
 from fusion_jax.train.optim import warmup_steps
 
@@ -48,13 +48,13 @@ def schedule_optimizer(opt: OptimizerConfig, steps: int, warmup: int) -> Optimiz
     return out
 
 
-def _is_model_dir(path: Path) -> bool:
+def _is_model_dir(path: AnyPath) -> bool:
     weights = (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
                or any(path.glob("pytorch_model*.bin")))
     return (path / META).exists() or ((path / "config.json").is_file() and weights)
 
 
-def _legacy_settings(run: Path) -> dict | None:
+def _legacy_settings(run: AnyPath) -> dict | None:
     """The config.json that runs wrote before run_config.json, or None (none there, or not one of ours)."""
     path = run / LEGACY_RUN_CONFIG
     try:
@@ -64,7 +64,7 @@ def _legacy_settings(run: Path) -> dict | None:
     return settings if isinstance(settings, dict) and {"run_dir", "train", "optimizer"} <= set(settings) else None
 
 
-def _check_run_dir(run: Path) -> None:
+def _check_run_dir(run: AnyPath) -> None:
     """Refuse, before anything is written there, a run_dir that is not a run of ours (nor new, nor empty)."""
     if not run.exists():
         return
@@ -82,7 +82,7 @@ def _check_run_dir(run: Path) -> None:
                           "would mix its checkpoints, metrics and export with them: give a new or empty directory")
 
 
-def _warmup_of(settings: dict, where: Path) -> int:
+def _warmup_of(settings: dict, where: AnyPath) -> int:
     try:
         opt = config_loader.from_dict(OptimizerConfig, settings["optimizer"])
         return warmup_steps(opt, int(settings["train"]["steps"]))
@@ -91,7 +91,7 @@ def _warmup_of(settings: dict, where: Path) -> int:
                           "use another run_dir (or delete this one)") from None
 
 
-def _read_run(run: Path) -> dict | None:
+def _read_run(run: AnyPath) -> dict | None:
     """The run recorded in ``run`` (run_config.json, or a pre-run_config.json run's config.json, marked legacy), or
     None for a new run."""
     path = run / RUN_CONFIG
@@ -109,13 +109,13 @@ def _read_run(run: Path) -> dict | None:
     return {**_new_record(legacy, run / LEGACY_RUN_CONFIG), "legacy": True}
 
 
-def _new_record(settings: dict, where: Path) -> dict:
+def _new_record(settings: dict, where: AnyPath) -> dict:
     return {"format": RUN_FORMAT, "version": RUN_VERSION, "identity": run_identity(settings),
             "warmup_steps": _warmup_of(settings, where), "steps": [int(settings["train"]["steps"])],
             "config": settings}
 
 
-def _checkpoint_steps(run: Path) -> list[int]:
+def _checkpoint_steps(run: AnyPath) -> list[int]:
     directory = run / "checkpoints"
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
@@ -125,7 +125,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "…"
 
 
-def _admit(cfg: TrainConfig, run: Path, record: dict | None) -> tuple[dict, bool]:
+def _admit(cfg: TrainConfig, run: AnyPath, record: dict | None) -> tuple[dict, bool]:
     """This invocation's settings against the run recorded in ``run`` → (the run's record, whether to write it);
     refuses other settings, naming the keys that differ."""
     settings = json.loads(json_dumps(config_loader.to_dict(cfg)))
@@ -153,7 +153,7 @@ def _admit(cfg: TrainConfig, run: Path, record: dict | None) -> tuple[dict, bool
                       f"{run}){hint}")
 
 
-def _take(cfg: TrainConfig, run: Path) -> tuple[DirectoryLock | None, dict | None, BaseException | None]:
+def _take(cfg: TrainConfig, run: AnyPath) -> tuple[DirectoryLock | None, dict | None, BaseException | None]:
     """Process 0's part of :func:`open_run` → (the lock, the run's record, why it refused); the others' (None, None,
     None)."""
     lock, record, failure = None, None, None
@@ -183,9 +183,9 @@ def open_run(cfg: TrainConfig) -> Iterator[dict]:
     process fails when it refuses. Nested runs hold their own directories (the demo's pretraining runs, the CLM
     baseline in ``<run_dir>/clm``); a directory this process holds already is held once (``main`` →
     ``fusion_run``)."""
-    check_local_paths(cfg)  # a gs:// run_dir taken as a local path would be a directory named gs:
-    run = Path(cfg.run_dir)
-    key = os.path.realpath(run)
+    check_paths(cfg)  # a URL where a local path is needed would be taken as a directory named gs:
+    run = as_path(cfg.run_dir)
+    key = str(run).rstrip("/") if is_url(run) else os.path.realpath(run)
     if key in _open_runs:
         yield _open_runs[key]
         return

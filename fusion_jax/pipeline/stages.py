@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import jax
 
@@ -17,6 +16,7 @@ from fusion_jax.data import capture, prepare
 from fusion_jax.data.documents import SPLITS, read_meta
 from fusion_jax.data.loader import FusionLoader
 from fusion_jax.errors import InputError, RunDirError
+from fusion_jax.files import as_path
 from fusion_jax.fusion.online import OnlineTeacher, load_frozen
 from fusion_jax.pipeline.identity import differing_keys
 from fusion_jax.tokenizers import check_vocab_size, load_tokenizer
@@ -30,7 +30,7 @@ def check_inputs(cfg: TrainConfig) -> None:
     named = [("target", cfg.target), ("target_tokenizer", cfg.target_tokenizer), ("data.documents", cfg.data.documents)]
     for i, s in enumerate(cfg.sources):
         named += [(f"sources[{i}].checkpoint", s.checkpoint), (f"sources[{i}].tokenizer", s.tokenizer)]
-    missing = [(key, path) for key, path in named if path and not Path(path).exists()]
+    missing = [(key, path) for key, path in named if path and not as_path(path).exists()]
     if missing:
         hint = (" (`make real-model` writes SmolLM2-135M-Instruct.Q4_1.gguf to ~/.cache/fusion_jax/models)"
                 if any(path.endswith(".gguf") for _, path in missing) else "")
@@ -39,7 +39,7 @@ def check_inputs(cfg: TrainConfig) -> None:
 
 
 def teacher_list(cfg: TrainConfig) -> list[TeacherConfig]:
-    caches = Path(cfg.cache_dir or Path(cfg.run_dir) / "cache")
+    caches = as_path(cfg.cache_dir) if cfg.cache_dir else as_path(cfg.run_dir) / "cache"
     out = [TeacherConfig(name="target", checkpoint=cfg.target, tokenizer=cfg.target_tokenizer, vocab_map="identity",
                         mode=cfg.target_teacher_mode)] if cfg.target_as_teacher else []
     out += list(cfg.sources)
@@ -49,7 +49,7 @@ def teacher_list(cfg: TrainConfig) -> list[TeacherConfig]:
 def documents_stage(cfg: TrainConfig) -> str:
     if cfg.data.documents:
         return cfg.data.documents
-    out = Path(cfg.run_dir) / "documents"
+    out = as_path(cfg.run_dir) / "documents"
     tokenizers = tuple(t.tokenizer or t.checkpoint for t in teacher_list(cfg))
     if not cfg.target_as_teacher:
         tokenizers = (cfg.target_tokenizer or cfg.target, *tokenizers)
@@ -79,14 +79,14 @@ def capture_stage(cfg: TrainConfig, documents: str) -> list[TeacherConfig]:
             capture.main(CaptureConfig(
                 **{f.name: getattr(cfg.capture, f.name) for f in dataclasses.fields(cfg.capture)},
                 documents=documents, split=split, source=t.checkpoint, tokenizer=t.tokenizer,
-                output=str(Path(t.cache) / split), append_eos=cfg.loader.append_eos, mesh=cfg.mesh,
+                output=str(as_path(t.cache) / split), append_eos=cfg.loader.append_eos, mesh=cfg.mesh,
                 allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch))
     return teachers
 
 
 def loader_config(cfg: TrainConfig, teachers: list[TeacherConfig], split: str) -> LoaderConfig:
     """The loader's config for ``split``: each cached teacher reads ``<its cache>/<split>``."""
-    specs = tuple(dataclasses.replace(t, cache="" if t.online else str(Path(t.cache) / split)) for t in teachers)
+    specs = tuple(dataclasses.replace(t, cache="" if t.online else str(as_path(t.cache) / split)) for t in teachers)
     return dataclasses.replace(cfg.loader, teachers=specs)
 
 

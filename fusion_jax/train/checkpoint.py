@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Any, Iterator
 
 import jax
@@ -27,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from fusion_jax import mesh as mesh_lib
 from fusion_jax.errors import CheckpointError
+from fusion_jax.files import AnyPath, as_path, commit_directory, is_url
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +72,19 @@ def _drop_closed_loop_reports() -> None:
     sys.unraisablehook = hook
 
 
+# Orbax's default layout (OCDBT: a few large files per step). It commits with conditional writes, which the Cloud
+# Storage emulator of tests/test_cloud.py does not implement: that test writes one zarr directory per array instead.
+USE_OCDBT = True
+
+
 class Checkpoints:
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | AnyPath, keep: int = 3, async_save: bool = True):
+        directory = as_path(directory)  # an object store's (gs://) is written by Orbax itself, through TensorStore
+        self.directory = directory if is_url(directory) else directory.absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "loader"))
+        handlers = {"state": ocp.StandardCheckpointHandler(use_ocdbt=USE_OCDBT), "loader": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "loader"),
+                                             item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -114,7 +121,7 @@ class Checkpoints:
             f"truncated copy, a full disk), delete {self.directory} to train this run from the start") from error
 
     @property
-    def damaged_directory(self) -> Path:
+    def damaged_directory(self) -> AnyPath:
         return self.directory.with_name(self.directory.name + ".damaged")
 
     def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -131,7 +138,7 @@ class Checkpoints:
                 n = 1
                 while dest.exists():
                     dest, n = self.damaged_directory / f"{step}-{n}", n + 1
-                shutil.move(str(self.directory / str(step)), dest)
+                commit_directory(self.directory / str(step), dest)
         mesh_lib.sync(f"fusion_jax:checkpoints_set_aside:{self.directory}")
         self.manager.reload()
 

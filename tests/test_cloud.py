@@ -1,0 +1,161 @@
+"""Run paths in an object store: a whole run (documents, teacher caches, checkpoints, metrics, export, report) with
+``run_dir=gs://…`` against a local Cloud Storage emulator (gcp-storage-emulator, in memory), equal to the same run
+on local disk; resumed from the bucket; its lock; the file helpers on gs:// paths; the settings that refuse a URL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fusion_jax import files
+from fusion_jax.config import schema
+from fusion_jax.errors import ConfigError, RunDirError
+from fusion_jax.experiments import run as experiment
+from fusion_jax.train import checkpoint
+from test_train import _train_losses, assets, config  # noqa: F401
+
+pytest.importorskip("gcsfs", reason="gs:// paths need the gcs extra (gcsfs)")
+pytest.importorskip("gcp_storage_emulator", reason="the Cloud Storage emulator (test extra gcp-storage-emulator)")
+
+BUCKET = "fj-test-bucket"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    """gs://BUCKET served by an in-memory emulator; gcsfs (epath), google-cloud-storage (tensorboardX) and
+    TensorStore (Orbax) all pointed at it."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+                             f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("the Cloud Storage emulator did not start")
+            time.sleep(0.2)
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+           "GOOGLE_CLOUD_PROJECT": "test"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    logging.getLogger("gcsfs").setLevel(logging.ERROR)  # "could not determine bucket type" without credentials
+    try:
+        yield f"gs://{BUCKET}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.kill()
+        proc.wait()
+
+
+def _read(url: str) -> bytes:
+    return files.as_path(url).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ file helpers
+
+
+def test_atomic_writes_commit_and_local_copy_on_gs(bucket, tmp_path):
+    out = files.as_path(f"{bucket}/helpers/out")
+    files.atomic_write_json(out / "a.json", {"x": 1})
+    assert json.loads(_read(f"{bucket}/helpers/out/a.json")) == {"x": 1}
+    with files.atomic_path(out / "b.bin") as tmp:
+        assert not files.is_url(tmp)  # writers that need a local file (ArrayRecord, safetensors) get one
+        tmp.write_bytes(b"payload")
+    assert _read(f"{bucket}/helpers/out/b.bin") == b"payload"
+    with pytest.raises(RuntimeError), files.atomic_path(out / "c.bin") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash")
+    assert not (out / "c.bin").exists()  # a failed write leaves nothing
+
+    partial = files.staging_path(files.as_path(f"{bucket}/helpers/dir"))
+    assert not files.is_url(partial)
+    partial.mkdir(parents=True)
+    (partial / "sub").mkdir()
+    (partial / "sub" / "data").write_bytes(b"1")
+    (partial / "DONE").write_text("ok")
+    files.commit_directory(partial, f"{bucket}/helpers/dir", markers=("DONE",))
+    assert _read(f"{bucket}/helpers/dir/sub/data") == b"1" and _read(f"{bucket}/helpers/dir/DONE") == b"ok"
+    assert not partial.exists()
+
+    local = files.local_copy(f"{bucket}/helpers/out/b.bin")
+    assert local.read_bytes() == b"payload" and files.local_copy(f"{bucket}/helpers/out/b.bin") == local
+    files.atomic_write_bytes(out / "b.bin", b"changed!")  # another size: downloaded again
+    assert files.local_copy(f"{bucket}/helpers/out/b.bin").read_bytes() == b"changed!"
+
+
+def test_lock_in_a_bucket(bucket):
+    directory = f"{bucket}/locked"
+    with files.DirectoryLock(directory, "run directory"):
+        assert b"pid %d" % os.getpid() in _read(f"{directory}/{files.LOCK_FILE}")
+        with pytest.raises(RunDirError, match="in use by pid"):
+            files.DirectoryLock(directory, "run directory").acquire()
+    assert not files.as_path(f"{directory}/{files.LOCK_FILE}").exists()  # released: deleted
+
+    # Left by a command of this host that is gone: taken over. By another host: refused, naming what to delete.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = f"pid {int(dead.stdout)} on {socket.gethostname()} since 2026-01-01 00:00:00 (train)"
+    files.atomic_write_text(f"{directory}/{files.LOCK_FILE}", stale)
+    files.DirectoryLock(directory).acquire().release()
+    files.atomic_write_text(f"{directory}/{files.LOCK_FILE}", "pid 1 on another-host since 2026-01-01 00:00:00 (x)")
+    with pytest.raises(RunDirError, match=r"another-host.*gcloud storage rm gs://"):
+        files.DirectoryLock(directory).acquire()
+
+
+def test_settings_that_take_no_url_are_refused(bucket):
+    files.check_paths(schema.TrainConfig(run_dir=f"{bucket}/r", cache_dir=f"{bucket}/c"))
+    with pytest.raises(ConfigError, match=r"target='gs://.*takes a local path.*gcsfuse"):
+        files.check_paths(schema.TrainConfig(target=f"{bucket}/model"))
+    with pytest.raises(ConfigError, match=r"s3:// is not a supported store"):
+        files.check_paths(schema.TrainConfig(run_dir="s3://b/r"))
+
+
+# ------------------------------------------------------------------------------------------------ a whole run
+
+
+def test_a_run_in_a_bucket_equals_the_local_run_and_resumes(assets, bucket, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(checkpoint, "USE_OCDBT", False)  # the emulator lacks the conditional writes OCDBT commits with
+    local = tmp_path / "run"
+    remote = f"{bucket}/runs/smoke"
+    want = experiment.main(config(assets, local))
+    got = experiment.main(config(assets, remote))
+    assert got["eval"]["bits_per_byte"] == pytest.approx(want["eval"]["bits_per_byte"], rel=1e-6)
+    run = files.as_path(remote)
+    for p in ("run_config.json", "documents/documents.json", "cache/target/train/manifest.json",
+              "cache/src/validation/manifest.json", "checkpoints/2", "metrics.jsonl", "export/config.json",
+              "export/model.safetensors", "report.json"):
+        assert (run / p).exists(), p
+    assert not (run / files.LOCK_FILE).exists()
+    assert list((run / "tensorboard").iterdir())
+    remote_losses = {int(json.loads(line)["step"]): json.loads(line)["loss"]
+                     for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line}
+    np.testing.assert_allclose([remote_losses[s] for s in (1, 2)], [_train_losses(local)[s] for s in (1, 2)],
+                               rtol=1e-6)
+    assert (run / "export" / "model.safetensors").read_bytes() == (local / "export" / "model.safetensors").read_bytes()
+
+    # Extended to 4 steps: every stage before training is found complete in the bucket; training resumes at step 2.
+    more = experiment.main(config(assets, remote, train=schema.LoopConfig(
+        steps=4, checkpoint_every=2, log_every=1, eval_batches=1, progress=False, extend=True)))
+    assert more["resumed_from"] == 2 and more["export_step"] == 4 and (run / "checkpoints" / "4").exists()
