@@ -156,10 +156,22 @@ def commit_directory(partial: str | os.PathLike, out: str | os.PathLike, markers
         os.rename(partial, out)
         fsync_dir(out.parent)
         return
-    files = sorted((p for p in partial.rglob("*") if p.is_file()), key=lambda p: (p.name in markers, str(p)))
-    for src in files:
-        _copy_file(src, out / src.relative_to(partial).as_posix())
+    for rel in sorted(_files_under(partial), key=lambda rel: (rel.rpartition("/")[2] in markers, rel)):
+        _copy_file(partial / rel, out / rel)
     remove_tree(partial)
+
+
+def _files_under(directory: AnyPath) -> list[str]:
+    """The relative paths (``a/b.json``) of every file under `directory`, local or in an object store (where a
+    recursive glob is refused: it walks the listing instead)."""
+    def bare(path: Any) -> str:  # epath's walk gives "bucket/dir", without the scheme
+        return str(path).split("://", 1)[-1].rstrip("/")
+
+    base, out = bare(directory), []
+    for root, _, names in (directory.walk() if is_url(directory) else os.walk(directory)):
+        prefix = bare(root)[len(base):].strip("/")
+        out += [f"{prefix}/{name}" if prefix else name for name in names]
+    return out
 
 
 def remove_tree(path: str | os.PathLike) -> None:
@@ -172,26 +184,34 @@ def remove_tree(path: str | os.PathLike) -> None:
 
 
 def local_copy(path: str | os.PathLike) -> Path:
-    """A local file with the content of `path`: `path` itself when local; an object-store file downloaded once into
-    ``<cache>/remote`` (:func:`cache_root`) and reused while the object's size and time are unchanged, for the
-    readers that open only local files (ArrayRecord, safetensors, numpy's memory maps)."""
+    """A local file or directory with the content of `path`: `path` itself when local; from an object store, every
+    file downloaded once into ``<cache>/remote`` (:func:`cache_root`) and reused while the object's size and time are
+    unchanged. For readers that open only local files (ArrayRecord, safetensors, tokenizers)."""
     path = as_path(path)
     if not is_url(path):
         return path
-    stat = path.stat()
-    key = hashlib.sha256(str(path).encode()).hexdigest()[:40]
-    local, record = cache_root() / "remote" / key / path.name, cache_root() / "remote" / key / ".source.json"
-    want = {"url": str(path), "size": stat.length, "mtime": stat.mtime}
+    local = cache_root() / "remote" / hashlib.sha256(str(path).encode()).hexdigest()[:40] / path.name
+    if not path.is_dir():
+        _download(path, local)
+        return local
+    for rel in _files_under(path):
+        _download(path / rel, local / rel)
+    return local
+
+
+def _download(src: epath.Path, local: Path) -> None:
+    stat = src.stat()
+    record = local.with_name(f".{local.name}.source.json")
+    want = {"url": str(src), "size": stat.length, "mtime": stat.mtime}
     try:
         if json.loads(record.read_text()) == want and local.stat().st_size == stat.length:
-            return local
+            return
     except (OSError, ValueError):
         pass
     local.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(local) as tmp:
-        _copy_file(path, tmp)
+        _copy_file(src, tmp)
     atomic_write_json(record, want)
-    return local
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -433,7 +453,8 @@ PATH_FIELDS = ("run_dir", "cache_dir", "documents", "output", "checkpoint", "tar
 # Of those, the ones that may be an object-store URL (config class → fields): a run's directory and everything under
 # it, teacher caches and document stores, and the commands that write them.
 URL_FIELDS = {"TrainConfig": ("run_dir", "cache_dir"), "DataConfig": ("documents",), "TeacherConfig": ("cache",),
-              "PrepareConfig": ("output",), "CaptureConfig": ("documents", "output")}
+              "PrepareConfig": ("output",), "CaptureConfig": ("documents", "output"),
+              "EvaluateConfig": ("documents", "output")}
 
 
 def check_paths(cfg: Any, prefix: str = "") -> None:
@@ -449,7 +470,7 @@ def check_paths(cfg: Any, prefix: str = "") -> None:
         if f.name in PATH_FIELDS:
             for v in values:
                 if isinstance(v, str) and is_url(v):
-                    _check_url(key, v, f.name in allowed)
+                    check_url(key, v, f.name in allowed)
         for i, v in enumerate(values):
             if dataclasses.is_dataclass(v):
                 check_paths(v, f"{key}[{i}]." if isinstance(value, tuple) else f"{key}.")
@@ -458,12 +479,15 @@ def check_paths(cfg: Any, prefix: str = "") -> None:
                           "are written on local disk only; give them a local run_dir, or run without them")
 
 
-def _check_url(key: str, url: str, allowed: bool) -> None:
+def check_url(key: str, url: str, allowed: bool = True) -> None:
+    """Refuse `url` as the value of setting `key`: where the setting takes no URL (`allowed` false), in a store
+    other than :data:`URL_SCHEMES`, or without the store's file system installed."""
     if not allowed:
         raise ConfigError(
-            f"{key}={url!r}: this setting takes a local path (or a Hugging Face hub id where it names a model); URLs "
-            "are for run_dir, cache_dir, documents, teacher caches and prepare/capture outputs. Copy it to local "
-            "disk, or mount the bucket (gcsfuse) and give the mount's path")
+            f"{key}={url!r}: this setting takes a local path. URLs are for run_dir, cache_dir, documents, teacher "
+            "caches and prepare/capture outputs, and for models and tokenizers, which the commands (python -m "
+            "fusion_jax.…) download before they start (from Python: fusion_jax.hub.resolve_config(cfg)). Copy it to "
+            "local disk, or mount the bucket (gcsfuse) and give the mount's path")
     scheme = url.split("://", 1)[0]
     if scheme not in URL_SCHEMES:
         raise ConfigError(f"{key}={url!r}: {scheme}:// is not a supported store ({', '.join(URL_SCHEMES)}:// is); "

@@ -1,5 +1,7 @@
-"""Hugging Face hub ids where a model or tokenizer directory is expected: ``org/name`` (``org/name@revision``) that
-is not a local path is downloaded with ``huggingface_hub`` into its cache (``$HF_HOME``) and read from there.
+"""Hugging Face hub ids and bucket URLs where a model or tokenizer directory is expected: ``org/name``
+(``org/name@revision``) that is not a local path is downloaded with ``huggingface_hub`` into its cache
+(``$HF_HOME``) and read from there; ``gs://bucket/model`` is downloaded into fusion_jax's cache
+(:func:`fusion_jax.files.local_copy`), again only what changed.
 
 Offline (``HF_HUB_OFFLINE=1``), a snapshot already in the cache is used; anything else fails at once with an error
 that names the setting, ``HF_HUB_OFFLINE`` and how to pass a local directory instead. An unreachable hub fails the
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion_jax.errors import ConfigError
+from fusion_jax.files import check_url, is_url, local_copy
 
 # The config fields that name a model or tokenizer directory (in any section, lists of sections included).
 MODEL_FIELDS = ("target", "target_tokenizer", "checkpoint", "tokenizer", "source")
@@ -27,8 +30,15 @@ def is_hub_id(spec: str) -> bool:
 
 
 def resolve(spec: str, setting: str) -> str:
-    """A local path for `spec`: itself when it is not a hub id, else the hub snapshot's directory (downloaded when
-    online; from the cache when offline). `setting` names the config key for the error."""
+    """A local path for `spec`: itself when it is a local path, the hub snapshot's directory for a hub id (downloaded
+    when online; from the cache when offline), a local copy for a bucket URL. `setting` names the config key for the
+    error."""
+    if spec and is_url(spec):
+        check_url(setting, spec)
+        try:
+            return str(local_copy(spec))
+        except FileNotFoundError:
+            raise ConfigError(f"{setting}={spec!r}: no such file or directory in the bucket; check the path") from None
     if not spec or not is_hub_id(spec):
         return spec
     from huggingface_hub import constants, snapshot_download
@@ -53,8 +63,8 @@ def resolve(spec: str, setting: str) -> str:
 
 
 def resolve_config(cfg: Any, prefix: str = "") -> Any:
-    """`cfg` (a config dataclass) with every hub id in a :data:`MODEL_FIELDS` field, in any section or list of
-    sections, replaced by its local snapshot directory."""
+    """`cfg` (a config dataclass) with every hub id or bucket URL in a :data:`MODEL_FIELDS` field, in any section or
+    list of sections, replaced by its local directory."""
     if not dataclasses.is_dataclass(cfg):
         return cfg
     changes = {}

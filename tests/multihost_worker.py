@@ -4,7 +4,8 @@
 
 The parent sets the environment before JAX starts: ``XLA_FLAGS`` (4 fake CPU devices), ``JAX_PLATFORMS=cpu``,
 ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (read by ``mesh.initialize_distributed``).
-ARGS.json: ``{"cfg": TrainConfig as a dict, "out": directory for this process's results}``.
+ARGS.json: ``{"cfg": TrainConfig as a dict, "out": directory for this process's results, "ocdbt": Orbax's default
+checkpoint layout}``.
 
 The worker runs ``experiment.main`` while recording
 * which packed blocks this process built (``BlockBuilder.__call__``): per host loading means only the rows of
@@ -109,6 +110,9 @@ def _loader_check(cfg: schema.TrainConfig, out: Path, pid: int) -> dict:
 
 
 def main() -> None:
+    from fusion_jax.train import checkpoint
+
+    checkpoint.USE_OCDBT = ARGS.get("ocdbt", True)
     cfg = from_dict(schema.TrainConfig, ARGS["cfg"])
     out = Path(ARGS["out"])
     report = experiment.main(cfg)  # initializes jax.distributed from the JAX_* variables

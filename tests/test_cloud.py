@@ -11,13 +11,15 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fusion_jax import files
+from fusion_jax import files, hub
 from fusion_jax.config import schema
 from fusion_jax.errors import ConfigError, RunDirError
+from fusion_jax.evaluate import bpb
 from fusion_jax.experiments import run as experiment
 from fusion_jax.train import checkpoint
 from test_train import _train_losses, assets, config  # noqa: F401
@@ -54,7 +56,7 @@ def bucket():
                 pytest.fail("the Cloud Storage emulator did not start")
             time.sleep(0.2)
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
-           "GOOGLE_CLOUD_PROJECT": "test"}
+           "GOOGLE_CLOUD_PROJECT": "test", "NO_GCE_CHECK": "true"}  # no metadata-server probes: not on GCE
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     logging.getLogger("gcsfs").setLevel(logging.ERROR)  # "could not determine bucket type" without credentials
@@ -155,7 +157,65 @@ def test_a_run_in_a_bucket_equals_the_local_run_and_resumes(assets, bucket, tmp_
                                rtol=1e-6)
     assert (run / "export" / "model.safetensors").read_bytes() == (local / "export" / "model.safetensors").read_bytes()
 
+    # python -m fusion_jax.evaluate on the documents in the bucket, its report written there: as on local disk.
+    scores = [bpb.main(schema.EvaluateConfig(checkpoint=str(assets / "target"), documents=documents, output=output,
+                                             batch_size=8, seq_len=32))
+              for documents, output in ((f"{remote}/documents", f"{remote}/eval.json"),
+                                        (str(local / "documents"), str(tmp_path / "eval.json")))]
+    assert scores[0]["bits_per_byte"] == pytest.approx(scores[1]["bits_per_byte"], rel=1e-6)
+    assert json.loads((run / "eval.json").read_text())["bits_per_byte"] == scores[0]["bits_per_byte"]
+
     # Extended to 4 steps: every stage before training is found complete in the bucket; training resumes at step 2.
     more = experiment.main(config(assets, remote, train=schema.LoopConfig(
         steps=4, checkpoint_every=2, log_every=1, eval_batches=1, progress=False, extend=True)))
     assert more["resumed_from"] == 2 and more["export_step"] == 4 and (run / "checkpoints" / "4").exists()
+
+
+def test_two_hosts_share_a_run_in_a_bucket(assets, bucket, tmp_path, monkeypatch):  # noqa: F811
+    """What a TPU pod does with ``run_dir=gs://…``: 2 JAX processes × 4 devices prepare the documents, capture the
+    caches (each process its shards), train, checkpoint and evaluate in the bucket; the losses, the evaluation and
+    the caches (byte for byte) equal one process's run on local disk."""
+    from test_multihost import _assert_close_eval, _assert_same_cache, _cfg, _evals, _two_processes
+
+    monkeypatch.setattr(checkpoint, "USE_OCDBT", False)
+    ref_dir = tmp_path / "ref"
+    experiment.main(_cfg(assets, ref_dir, steps=4, export=False))
+    remote = f"{bucket}/runs/two_hosts"
+    results = _two_processes(_cfg(assets, remote, steps=4, export=False), tmp_path / "multi",
+                             tmp_path / "fusion_jax_cache", ocdbt=False)
+    assert [r["process_count"] for r in results] == [2, 2]
+    run = files.as_path(remote)
+    losses = {int(json.loads(line)["step"]): json.loads(line)["loss"]
+              for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line}
+    ref_losses = _train_losses(ref_dir)
+    np.testing.assert_allclose([losses[s] for s in range(1, 5)], [ref_losses[s] for s in range(1, 5)], rtol=1e-5)
+    evals = {json.loads(line)["step"]: json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line}
+    _assert_close_eval(evals[4], _evals(ref_dir)[4])
+    for teacher in ("target", "src"):
+        for split in ("train", "validation"):
+            _assert_same_cache(ref_dir / "cache" / teacher / split, run / "cache" / teacher / split)
+    assert (run / "checkpoints" / "4").exists() and not (run / files.LOCK_FILE).exists()
+
+
+def test_models_and_tokenizers_from_a_bucket_are_downloaded_once(assets, bucket, tmp_path):  # noqa: F811
+    """``target``/``checkpoint``/``tokenizer`` as gs:// URLs: the commands resolve them to local copies (like hub
+    ids), identical file for file, downloaded again only when an object changed; a missing one is a clear error."""
+    for name in ("target", "source"):
+        for f in (assets / name).rglob("*"):
+            if f.is_file():
+                files.atomic_write_bytes(f"{bucket}/models/{name}/{f.relative_to(assets / name)}", f.read_bytes())
+    cfg = config(assets, tmp_path / "run", target=f"{bucket}/models/target",
+                 sources=(schema.TeacherConfig(name="src", checkpoint=f"{bucket}/models/source"),))
+    resolved = hub.resolve_config(cfg)
+    for name, got in (("target", resolved.target), ("source", resolved.sources[0].checkpoint)):
+        assert not files.is_url(got) and Path(got).name == name  # the name a cache's manifest records
+        want = {p.relative_to(assets / name): p.read_bytes() for p in (assets / name).rglob("*") if p.is_file()}
+        assert {p.relative_to(got): p.read_bytes() for p in Path(got).rglob("*")
+                if p.is_file() and not p.name.endswith(".source.json")} == want
+    files.check_paths(resolved)
+    meta = next(p for p in Path(resolved.target).rglob("*") if p.is_file() and not p.name.startswith("."))
+    before = meta.stat().st_mtime_ns
+    assert hub.resolve_config(cfg) == resolved and meta.stat().st_mtime_ns == before  # not downloaded again
+    with pytest.raises(ConfigError, match=r"target='gs://.*/nothing': no such file or directory in the bucket"):
+        hub.resolve(f"{bucket}/nothing", "target")

@@ -33,6 +33,7 @@ from fusion_jax.config import schema
 from fusion_jax import pipeline
 from fusion_jax.config.loader import to_dict
 from fusion_jax.data import teacher_cache as tc
+from fusion_jax.files import LOCK_FILE
 from fusion_jax.mesh import MeshConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,11 +98,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(cfg: schema.TrainConfig, out: Path, cache: Path) -> list[dict]:
-    """Run ``cfg`` in 2 processes × 4 CPU devices → each process's result (multihost_worker.py)."""
+def _two_processes(cfg: schema.TrainConfig, out: Path, cache: Path, ocdbt: bool = True) -> list[dict]:
+    """Run ``cfg`` in 2 processes × 4 CPU devices → each process's result (multihost_worker.py); ``ocdbt``: Orbax's
+    default checkpoint layout (off for the Cloud Storage emulator: tests/test_cloud.py)."""
     out.mkdir(parents=True)
     args = out / "args.json"
-    args.write_text(json.dumps({"cfg": to_dict(cfg), "out": str(out)}))
+    args.write_text(json.dumps({"cfg": to_dict(cfg), "out": str(out), "ocdbt": ocdbt}))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_", "TPU_"))}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
@@ -159,8 +161,10 @@ def _assert_close_eval(got: dict, want: dict) -> None:
 
 
 def _assert_same_cache(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
+    """The same shards, sidecars and manifest (the capture's lock file, kept on disk and deleted from a bucket, is
+    not part of the cache)."""
+    names = sorted(p.name for p in a.iterdir() if p.name != LOCK_FILE)
+    assert names == sorted(p.name for p in b.iterdir() if p.name != LOCK_FILE)
     assert any(n.endswith(".array_record") for n in names)
     for name in names:
         if name.endswith(".array_record"):

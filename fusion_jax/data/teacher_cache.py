@@ -11,7 +11,8 @@ A cache directory holds, for documents ``0..N-1`` of one split of a prepared doc
   documents fingerprint, encodings) plus every sidecar. Readers refuse a cache without it.
 
 Every file is written to a temporary name, fsynced and renamed, so ``kill -9`` at any moment leaves either a complete
-file or a ``*.partial`` that the next run removes and redoes.
+file or a ``*.partial`` that the next run removes and redoes (in a bucket, ``gs://``: written locally, then uploaded
+whole; readers read downloaded copies, :func:`fusion_jax.files.local_copy`).
 
 Record layout (little-endian; n tokens, k candidates; ``I`` = uint16 when the vocabulary has ≤ 65,536 ids, else int32):
 

@@ -44,7 +44,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -58,7 +57,7 @@ from fusion_jax.data.corpus import Document, read_documents
 from fusion_jax.data.documents import DocumentStore
 from fusion_jax.data.scoring import Batch, RowStep, compiled_ce_step, pack_batches, row_lengths, score_rows
 from fusion_jax.errors import CheckpointError, ConfigError, InputError
-from fusion_jax.files import atomic_write_text
+from fusion_jax.files import AnyPath, as_path, atomic_write_text
 from fusion_jax.models.head import ce_step
 from fusion_jax.evaluate.model import bos_token_id, load_model
 from fusion_jax.tokenizers import Tokenizer, check_vocab_size
@@ -286,7 +285,7 @@ def check_finite_report(report: dict, model: str, compute_dtype: str) -> None:
         f"{', '.join(bad)}: its logits are NaN or infinite, so there is no score to report; {fix}")
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def _write_json(path: AnyPath, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
@@ -343,5 +342,5 @@ def main(cfg: EvaluateConfig) -> dict:
             print(f"lm-eval tasks of {cfg.checkpoint}: {time.perf_counter() - t0:.1f} s")
             print(harness.format_tasks_table(report["tasks"]))
     if cfg.output and jax.process_index() == 0:
-        _write_json(Path(cfg.output), report)
+        _write_json(as_path(cfg.output), report)
     return report
