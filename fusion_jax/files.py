@@ -55,7 +55,7 @@ def file_size(path: AnyPath) -> int:
     return path.stat().length if is_url(path) else path.stat().st_size
 
 
-def _copy_file(src: AnyPath, dst: AnyPath) -> None:
+def copy_file(src: AnyPath, dst: AnyPath) -> None:
     """Copy one file between any two of local disk and object store (server-side within one store)."""
     if is_url(src) and is_url(dst):
         src.copy(dst, overwrite=True)
@@ -112,7 +112,7 @@ def atomic_path(path: str | os.PathLike, tmp: str | os.PathLike | None = None) -
         os.close(fd)
         try:
             yield Path(name)
-            _copy_file(Path(name), path)
+            copy_file(Path(name), path)
         finally:
             os.unlink(name)
         return
@@ -157,7 +157,7 @@ def commit_directory(partial: str | os.PathLike, out: str | os.PathLike, markers
         fsync_dir(out.parent)
         return
     for rel in sorted(_files_under(partial), key=lambda rel: (rel.rpartition("/")[2] in markers, rel)):
-        _copy_file(partial / rel, out / rel)
+        copy_file(partial / rel, out / rel)
     remove_tree(partial)
 
 
@@ -210,7 +210,7 @@ def _download(src: epath.Path, local: Path) -> None:
         pass
     local.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(local) as tmp:
-        _copy_file(src, tmp)
+        copy_file(src, tmp)
     atomic_write_json(record, want)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ import jax
 
 from fusion_jax.config.schema import TrainConfig, WandbConfig
 from fusion_jax.errors import ConfigError
-from fusion_jax.files import AnyPath, as_path, atomic_path, atomic_write_text, is_url, json_dumps, staging_path
+from fusion_jax.files import AnyPath, as_path, atomic_write_text, copy_file, is_url, json_dumps, staging_path
 
 # Dense bf16 peak FLOP/s per chip, for MFU (override with train.peak_flops).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -82,8 +81,7 @@ class MetricsLog:
         for f in sorted(p for p in self._local.rglob("*") if p.is_file()):
             st = f.stat()
             if self._uploaded.get(f) != (st.st_size, st.st_mtime_ns):
-                with atomic_path(self._remote / f.relative_to(self._local).as_posix()) as tmp:
-                    shutil.copyfile(f, tmp)
+                copy_file(f, self._remote / f.relative_to(self._local).as_posix())  # an object is replaced whole
                 self._uploaded[f] = (st.st_size, st.st_mtime_ns)
         self._upload_time = time.monotonic()
 
