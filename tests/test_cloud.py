@@ -1,6 +1,8 @@
-"""Run paths in an object store: a whole run (documents, teacher caches, checkpoints, metrics, export, report) with
-``run_dir=gs://…`` against a local Cloud Storage emulator (gcp-storage-emulator, in memory), equal to the same run
-on local disk; resumed from the bucket; its lock; the file helpers on gs:// paths; the settings that refuse a URL."""
+"""Run paths in an object store, against a local Cloud Storage emulator (gcp-storage-emulator, in memory): a whole run
+(documents, teacher caches, checkpoints, metrics, export, report, lm-eval tasks) with ``run_dir=gs://…`` in one
+process and in two (a TPU pod's way), each equal to test_multihost's run on local disk, and run again from the
+bucket; ``evaluate`` on documents in the bucket; models downloaded from it; the file helpers and the lock on gs://
+paths; the settings that refuse a URL."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from fusion_jax.errors import ConfigError, RunDirError
 from fusion_jax.evaluate import bpb
 from fusion_jax.experiments import run as experiment
 from fusion_jax.train import checkpoint
-from test_train import _train_losses, assets, config  # noqa: F401
+from test_multihost import _assert_close_eval, _assert_same_cache, _cfg, _two_processes
+from test_train import assets, config  # noqa: F401
 
 pytest.importorskip("gcsfs", reason="gs:// paths need the gcs extra (gcsfs)")
 pytest.importorskip("gcp_storage_emulator", reason="the Cloud Storage emulator (test extra gcp-storage-emulator)")
@@ -36,10 +39,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def bucket():
-    """gs://BUCKET served by an in-memory emulator; gcsfs (epath), google-cloud-storage (tensorboardX) and
-    TensorStore (Orbax) all pointed at it."""
+    """gs://BUCKET served by an in-memory emulator of its own (the emulator lists by scanning every object it holds:
+    a fresh one per test keeps that fast); gcsfs (epath) and TensorStore (Orbax) pointed at it."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
@@ -137,64 +140,68 @@ def test_settings_that_take_no_url_are_refused(bucket):
 # ------------------------------------------------------------------------------------------------ a whole run
 
 
-def test_a_run_in_a_bucket_equals_the_local_run_and_resumes(assets, bucket, tmp_path, monkeypatch):  # noqa: F811
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory) -> Path:  # noqa: F811
+    """test_multihost's 4-step run (lm-eval tasks at its end, an export), in one process on local disk."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    experiment.main(_cfg(assets, run, steps=4, export=True))
+    return run
+
+
+def _metrics(run, kind: str) -> dict[int, dict]:
+    return {rec["step"]: rec for rec in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if rec["kind"] == kind}
+
+
+def test_a_run_in_a_bucket_equals_the_local_run_and_resumes(assets, bucket, reference, tmp_path,  # noqa: F811
+                                                             monkeypatch):
     monkeypatch.setattr(checkpoint, "USE_OCDBT", False)  # the emulator lacks the conditional writes OCDBT commits with
-    local = tmp_path / "run"
-    remote = f"{bucket}/runs/smoke"
-    want = experiment.main(config(assets, local))
-    got = experiment.main(config(assets, remote))
-    assert got["eval"]["bits_per_byte"] == pytest.approx(want["eval"]["bits_per_byte"], rel=1e-6)
+    remote = f"{bucket}/runs/one_host"
+    got = experiment.main(_cfg(assets, remote, steps=4, export=True))
     run = files.as_path(remote)
     for p in ("run_config.json", "documents/documents.json", "cache/target/train/manifest.json",
-              "cache/src/validation/manifest.json", "checkpoints/2", "metrics.jsonl", "export/config.json",
-              "export/model.safetensors", "report.json"):
+              "cache/src/validation/manifest.json", "checkpoints/4", "metrics.jsonl", "export/config.json",
+              "export/model.safetensors", "report.json", "lm_eval.json"):
         assert (run / p).exists(), p
     assert not (run / files.LOCK_FILE).exists()
     assert list((run / "tensorboard").iterdir())
-    remote_losses = {int(json.loads(line)["step"]): json.loads(line)["loss"]
-                     for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line}
-    np.testing.assert_allclose([remote_losses[s] for s in (1, 2)], [_train_losses(local)[s] for s in (1, 2)],
+    losses, want = _metrics(run, "train"), _metrics(reference, "train")
+    np.testing.assert_allclose([losses[s]["loss"] for s in range(1, 5)], [want[s]["loss"] for s in range(1, 5)],
                                rtol=1e-6)
-    assert (run / "export" / "model.safetensors").read_bytes() == (local / "export" / "model.safetensors").read_bytes()
+    _assert_close_eval(got["eval"], _metrics(reference, "eval")[4])
+    assert (run / "export" / "model.safetensors").read_bytes() == \
+        (reference / "export" / "model.safetensors").read_bytes()
+
+    # Run again: every stage is found complete in the bucket, the step-4 checkpoint restores from it.
+    again = experiment.main(_cfg(assets, remote, steps=4, export=True))
+    assert again["resumed_from"] == 4
+    _assert_close_eval(again["eval"], got["eval"])
 
     # python -m fusion_jax.evaluate on the documents in the bucket, its report written there: as on local disk.
     scores = [bpb.main(schema.EvaluateConfig(checkpoint=str(assets / "target"), documents=documents, output=output,
                                              batch_size=8, seq_len=32))
               for documents, output in ((f"{remote}/documents", f"{remote}/eval.json"),
-                                        (str(local / "documents"), str(tmp_path / "eval.json")))]
+                                        (str(reference / "documents"), str(tmp_path / "eval.json")))]
     assert scores[0]["bits_per_byte"] == pytest.approx(scores[1]["bits_per_byte"], rel=1e-6)
     assert json.loads((run / "eval.json").read_text())["bits_per_byte"] == scores[0]["bits_per_byte"]
 
-    # Extended to 4 steps: every stage before training is found complete in the bucket; training resumes at step 2.
-    more = experiment.main(config(assets, remote, train=schema.LoopConfig(
-        steps=4, checkpoint_every=2, log_every=1, eval_batches=1, progress=False, extend=True)))
-    assert more["resumed_from"] == 2 and more["export_step"] == 4 and (run / "checkpoints" / "4").exists()
 
-
-def test_two_hosts_share_a_run_in_a_bucket(assets, bucket, tmp_path, monkeypatch):  # noqa: F811
+def test_two_hosts_share_a_run_in_a_bucket(assets, bucket, reference, tmp_path, monkeypatch):  # noqa: F811
     """What a TPU pod does with ``run_dir=gs://…``: 2 JAX processes × 4 devices prepare the documents, capture the
     caches (each process its shards), train, checkpoint and evaluate in the bucket; the losses, the evaluation and
     the caches (byte for byte) equal one process's run on local disk."""
-    from test_multihost import _assert_close_eval, _assert_same_cache, _cfg, _evals, _two_processes
-
-    monkeypatch.setattr(checkpoint, "USE_OCDBT", False)
-    ref_dir = tmp_path / "ref"
-    experiment.main(_cfg(assets, ref_dir, steps=4, export=False))
     remote = f"{bucket}/runs/two_hosts"
     results = _two_processes(_cfg(assets, remote, steps=4, export=False), tmp_path / "multi",
                              tmp_path / "fusion_jax_cache", ocdbt=False)
     assert [r["process_count"] for r in results] == [2, 2]
     run = files.as_path(remote)
-    losses = {int(json.loads(line)["step"]): json.loads(line)["loss"]
-              for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line}
-    ref_losses = _train_losses(ref_dir)
-    np.testing.assert_allclose([losses[s] for s in range(1, 5)], [ref_losses[s] for s in range(1, 5)], rtol=1e-5)
-    evals = {json.loads(line)["step"]: json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-             if '"eval"' in line}
-    _assert_close_eval(evals[4], _evals(ref_dir)[4])
+    losses, want = _metrics(run, "train"), _metrics(reference, "train")
+    np.testing.assert_allclose([losses[s]["loss"] for s in range(1, 5)], [want[s]["loss"] for s in range(1, 5)],
+                               rtol=1e-5)
+    _assert_close_eval(_metrics(run, "eval")[4], _metrics(reference, "eval")[4])
     for teacher in ("target", "src"):
         for split in ("train", "validation"):
-            _assert_same_cache(ref_dir / "cache" / teacher / split, run / "cache" / teacher / split)
+            _assert_same_cache(reference / "cache" / teacher / split, run / "cache" / teacher / split)
     assert (run / "checkpoints" / "4").exists() and not (run / files.LOCK_FILE).exists()
 
 
