@@ -349,7 +349,9 @@ def _contains(outer: AnyPath, inner: AnyPath) -> bool:
     return outer == inner or outer in inner.parents
 
 
-def _real(path: str | os.PathLike) -> AnyPath:
+def canonical_path(path: str | os.PathLike) -> AnyPath:
+    """One spelling per file: a local path resolved (``./a``, ``a`` and a link to ``a`` are one path), a URL
+    without a trailing slash."""
     path = as_path(path)
     return epath.Path(str(path).rstrip("/")) if is_url(path) else path.resolve()
 
@@ -358,9 +360,9 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
                       error: type[UserError] = RunDirError) -> None:
     """Refuse an output that is, contains or lies inside one of the command's `inputs` (compared as real paths, so
     `./a`, `a` and a symlink to `a` are one path): writing it would replace or change what is being read."""
-    real_out = _real(out)
+    real_out = canonical_path(out)
     for given in inputs:
-        real_in = _real(given)
+        real_in = canonical_path(given)
         if real_out == real_in:
             problem = f"is the input {given} itself"
         elif _contains(real_out, real_in):

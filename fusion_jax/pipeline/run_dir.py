@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 from typing import Any, Iterator
 
 import jax
@@ -17,8 +16,8 @@ from fusion_jax.config import loader as config_loader
 from fusion_jax.config.schema import OptimizerConfig, TrainConfig
 from fusion_jax.convert.checkpoint import META
 from fusion_jax.errors import RunDirError, UserError
-from fusion_jax.files import (LOCK_FILE, AnyPath, DirectoryLock, as_path, atomic_write_json, check_paths, is_url,
-                              json_dumps, read_json)
+from fusion_jax.files import (LOCK_FILE, AnyPath, DirectoryLock, as_path, atomic_write_json, canonical_path,
+                              check_paths, json_dumps, read_json)
 from fusion_jax.pipeline.identity import differences, run_identity
 from fusion_jax.train.optim import warmup_steps
 
@@ -185,7 +184,7 @@ def open_run(cfg: TrainConfig) -> Iterator[dict]:
     ``fusion_run``)."""
     check_paths(cfg)  # a URL where a local path is needed would be taken as a directory named gs:
     run = as_path(cfg.run_dir)
-    key = str(run).rstrip("/") if is_url(run) else os.path.realpath(run)
+    key = str(canonical_path(run))
     if key in _open_runs:
         yield _open_runs[key]
         return
