@@ -14,7 +14,7 @@
 #   --src DIR            the checkout to copy (default: the one holding this script)
 #   --dir DIR            where the code goes on each worker, relative to the home directory (default fusion_jax)
 #   --python PYTHON      the interpreter for the venv (default python3.11; installed with apt when missing)
-#   --extras EXTRAS      pip extras to install (default tpu: jax[tpu])
+#   --extras EXTRAS      pip extras to install (default tpu: jax[tpu], gcsfs for gs:// paths)
 #   --post-setup TEXT    shell text each worker runs last, in DIR, e.g. mounting the shared storage for run_dir:
 #                        'sudo mkdir -p /mnt/shared && sudo mount -t nfs 10.1.2.3:/share /mnt/shared'
 #   --project PROJECT    default: gcloud's configured project
