@@ -216,11 +216,11 @@ def check_output(out: str | os.PathLike, overwrite: bool, inputs: tuple[str | os
     check_replaceable(out, overwrite, markers=(META, EXPORT_MARKER), what=OUR_OUTPUT, error=RunDirError)
 
 
-def _start(out: AnyPath, overwrite: bool, inputs: tuple[str | os.PathLike, ...], tmp: Path | None = None) -> Path:
-    """Prepare `tmp` (default `<out>.partial`), removing one left by a crash; refuse to replace `out` unless
-    `check_output` allows."""
+def _start(out: AnyPath, overwrite: bool, inputs: tuple[str | os.PathLike, ...]) -> Path:
+    """Prepare the directory `out` is written in (`files.staging_path`: `<out>.partial` beside a local `out`),
+    removing one left by a crash; refuse to replace `out` unless `check_output` allows."""
     check_output(out, overwrite, inputs)
-    tmp = Path(f"{out}.partial") if tmp is None else tmp
+    tmp = staging_path(out)
     if jax.process_index() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -327,7 +327,7 @@ def save_hf(
     in an object store (written locally, then uploaded with its marker last)."""
     out = as_path(out)
     out = out if is_url(out) else out.absolute()
-    tmp = _start(out, overwrite, inputs, staging_path(out))
+    tmp = _start(out, overwrite, inputs)
     hf.write_hf_dir(tmp, cfg, params, model_type, hf_config, max_shard_bytes)
     _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp)
     if jax.process_index() == 0:
